@@ -70,12 +70,15 @@ def _is_real_or_seq(value: object) -> bool:
 
 def batch_size(sizes: dict[str, int]) -> int:
     """Broadcast batch sizes: each must be 1 or the common size."""
-    big = {n: b for n, b in sizes.items() if b != 1}
-    values = set(big.values())
-    if len(values) > 1:
-        desc = ", ".join(f"{n} has {b}" for n, b in sizes.items())
-        raise ValueError(f"batch sizes do not match: {desc}")
-    return values.pop() if values else 1
+    # A plain loop rather than a set: under torch.export the sizes are SymInts.
+    n = 1
+    for b in sizes.values():
+        if b != 1:
+            if n != 1 and b != n:
+                desc = ", ".join(f"{k} has {v}" for k, v in sizes.items())
+                raise ValueError(f"batch sizes do not match: {desc}")
+            n = b
+    return n
 
 
 def angle(value: object, like: Tensor, dtype: torch.dtype, batch: int | None) -> Tensor:
