@@ -149,6 +149,46 @@ def test_interpreter_is_confined_to_its_copy_of_the_kernels():
         assert isinstance(triton_warp.kernels(interpret=False).warp_forward, JITFunction)
 
 
+def _signature(kernel, pointers, constexprs):
+    # Every argument that is not a pointer or a constexpr is an int32 size or stride.
+    return {
+        name: pointers.get(name, "constexpr" if name in constexprs else "i32") for name in kernel.arg_names
+    }
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("image", "padding", "align", "need_image", "need_geometry"),
+    [("fp32", 0, False, True, True), ("bf16", 1, True, True, False), ("fp16", 2, False, False, True)],
+)
+def test_kernels_compile_for_hopper(image, padding, align, need_image, need_geometry):
+    # The interpreter runs the kernels with Python semantics; the compiler is
+    # stricter (globals, types, loop-carried pointers). Compiling down to an
+    # sm_90 cubin needs no GPU, so those errors fail here too.
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    module = triton_warp.kernels(interpret=False)
+    if not isinstance(module.warp_forward, triton.runtime.jit.JITFunction):
+        pytest.skip("TRITON_INTERPRET=1 is set for the whole process")
+    target = GPUTarget("cuda", 90, 32)
+    coords = {"angle_ptr": "*fp32", "center_ptr": "*fp32"}
+    fwd_consts = {"PADDING": padding, "ALIGN": align, "BLOCK": 256}
+    fwd_ptrs = {"img_ptr": f"*{image}", "out_ptr": f"*{image}", **coords}
+    bwd_consts = {**fwd_consts, "NEED_IMAGE": need_image, "NEED_GEOMETRY": need_geometry}
+    bwd_ptrs = {"img_ptr": f"*{image}", "gout_ptr": f"*{image}", "gimg_ptr": "*fp32", "gpart_ptr": "*fp32"}
+    for kernel, ptrs, consts in (
+        (module.warp_forward, fwd_ptrs, fwd_consts),
+        (module.warp_backward, {**bwd_ptrs, **coords}, bwd_consts),
+    ):
+        src = ASTSource(fn=kernel, signature=_signature(kernel, ptrs, consts), constexprs=consts)
+        compiled = triton.compile(src, target=target, options={"num_warps": 4, "enable_fp_fusion": True})
+        assert compiled.asm["cubin"]
+
+
 def test_forced_backend_rejects_what_it_does_not_serve():
     x = torch.rand(1, 1, 5, 5)
     with use_backend("triton"):

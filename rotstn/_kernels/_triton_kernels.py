@@ -13,9 +13,9 @@ compiled and, for CPU tensors, once more under ``TRITON_INTERPRET=1``.
 import triton
 import triton.language as tl
 
-ZEROS: tl.constexpr = 0
-BORDER: tl.constexpr = 1
-REFLECTION: tl.constexpr = 2
+ZEROS = tl.constexpr(0)
+BORDER = tl.constexpr(1)
+REFLECTION = tl.constexpr(2)
 
 
 @triton.jit
