@@ -3,6 +3,13 @@
 ``warp`` is the only entry point the rest of rotstn uses. It picks the
 implementation for the tensors it is given; ``use_backend`` forces one, for
 tests and benchmarks.
+
+"triton" (``triton_warp``) is chosen automatically for CUDA tensors when
+triton imports and the call is one it serves (bilinear; float32, float16 or
+bfloat16 images); anything else takes the reference path. Forced with
+``use_backend("triton")``, it runs CPU tensors under Triton's interpreter and
+raises ``ValueError`` for a call it does not serve, so a test or benchmark
+never measures a silent fallback.
 """
 
 from __future__ import annotations
@@ -12,9 +19,9 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from . import reference
+from . import reference, triton_warp
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 _forced = "auto"
 
 
@@ -40,4 +47,20 @@ def warp(
     align_corners: bool,
 ) -> Tensor:
     """Rotate (B, C, H, W) by (B,) radians about (B, 2) pixel centres."""
+    if _forced == "triton":
+        reason = triton_warp.unsupported(image, angle, mode, align_corners)
+        if reason is not None:
+            raise ValueError(f"backend 'triton' does not support {reason}; use backend 'auto' or 'reference'")
+        if not triton_warp.available():
+            raise RuntimeError(
+                "backend 'triton' needs the optional triton package: pip install 'rotstn[triton]'"
+            )
+        return triton_warp.warp(image, angle, center, padding_mode, align_corners)
+    if (
+        _forced == "auto"
+        and image.is_cuda
+        and triton_warp.unsupported(image, angle, mode, align_corners) is None
+        and triton_warp.available()
+    ):
+        return triton_warp.warp(image, angle, center, padding_mode, align_corners)
     return reference.warp(image, angle, center, mode, padding_mode, align_corners)
