@@ -8,7 +8,9 @@ independent of rotstn's. Both packages are needed only here (the ``dev`` and
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,7 @@ __all__ = ["IMAGES", "RotatedPairs", "bundled_image", "rotated_pairs"]
 IMAGES = ("camera", "coins", "moon", "astronaut", "retina", "brick", "grass", "gravel", "chelsea", "coffee")
 
 
+@functools.lru_cache(maxsize=32)
 def bundled_image(name: str) -> np.ndarray:
     """One of scikit-image's bundled pictures as a float64 grey image in [0, 1].
 
@@ -28,8 +31,8 @@ def bundled_image(name: str) -> np.ndarray:
             ships with the package works).
 
     Returns:
-        ``(H, W)`` float64 array; colour pictures are converted with
-        ``skimage.color.rgb2gray``.
+        ``(H, W)`` read-only float64 array (it is cached); colour pictures are
+        converted with ``skimage.color.rgb2gray``.
     """
     from skimage import color, data
 
@@ -40,7 +43,9 @@ def bundled_image(name: str) -> np.ndarray:
     if img.ndim == 3:
         img = color.rgb2gray(img[..., :3])
     img = np.asarray(img, dtype=np.float64)
-    return img / 255.0 if img.max() > 1.0 else img
+    img = img / 255.0 if img.max() > 1.0 else img.copy()
+    img.setflags(write=False)
+    return img
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class RotatedPairs:
     Attributes:
         fixed: ``(N, 1, H, W)``.
         moving: ``(N, 1, H, W)``.
-        angle: ``(N,)`` radians in (-π, π], the rotation that maps moving onto fixed.
+        angle: ``(N,)`` radians, the rotation that maps moving onto fixed.
         names: the picture each pair was cut from.
     """
 
@@ -68,6 +73,7 @@ def rotated_pairs(
     noise: float = 0.0,
     photometric: bool = False,
     max_angle: float = math.pi,
+    angles: Sequence[float] | None = None,
     min_std: float = 0.05,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -90,9 +96,11 @@ def rotated_pairs(
         photometric: apply a random gamma (0.6–1.6), contrast (0.6–1.0) and
             brightness offset (0–0.2) to ``fixed`` only.
         max_angle: angles are drawn uniformly from [-max_angle, max_angle] radians.
+        angles: the ``n`` angles in radians to use instead of random ones.
         min_std: crops whose central disc has a grey-level standard deviation
             below this are redrawn (nothing to register on a flat patch).
-        seed: seeds crops, angles, noise and photometric changes.
+        seed: seeds crops, angles, noise and photometric changes; crops and
+            angles do not depend on ``noise`` and ``photometric``.
         dtype: floating dtype of the returned tensors.
 
     Returns:
@@ -108,7 +116,12 @@ def rotated_pairs(
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     h, w = size
+    if angles is not None and len(angles) != n:
+        raise ValueError(f"angles must hold n={n} values, got {len(angles)}")
     rng = np.random.default_rng(seed)
+    # A second stream for noise and photometric changes, so that the same seed
+    # gives the same crops and angles clean or noisy.
+    rng_pixels = np.random.default_rng([seed, 1])
     diag = math.hypot(h, w)
     # A margin of a few pixels keeps the spline's boundary handling out of the window.
     pad_h, pad_w = math.ceil(max(diag - h, 0) / 2) + 3, math.ceil(max(diag - w, 0) / 2) + 3
@@ -116,7 +129,7 @@ def rotated_pairs(
     pictures = {name: bundled_image(name) for name in images}
     yy, xx = np.mgrid[:h, :w]
     disc = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2) <= (min(h, w) - 1) / 2
-    fixed, moving, angles, names = [], [], [], []
+    fixed, moving, used, names = [], [], [], []
     for i in range(n):
         name = images[i % len(images)]
         pic = pictures[name]
@@ -133,21 +146,23 @@ def rotated_pairs(
         else:
             raise ValueError(f"no crop of {name!r} has a central disc with std > {min_std}")
         angle = float(rng.uniform(-max_angle, max_angle))
+        if angles is not None:
+            angle = float(angles[i])
         rotated = ndimage.rotate(crop, math.degrees(angle), reshape=False, order=3, mode="reflect")
         f = rotated[pad_h : pad_h + h, pad_w : pad_w + w]
         m = crop[pad_h : pad_h + h, pad_w : pad_w + w]
         if photometric:
-            gamma = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
-            f = rng.uniform(0.6, 1.0) * np.clip(f, 0.0, 1.0) ** gamma + rng.uniform(0.0, 0.2)
+            gamma = math.exp(rng_pixels.uniform(math.log(0.6), math.log(1.6)))
+            f = rng_pixels.uniform(0.6, 1.0) * np.clip(f, 0.0, 1.0) ** gamma + rng_pixels.uniform(0.0, 0.2)
         if noise > 0:
-            f = f + rng.normal(0.0, noise, f.shape)
-            m = m + rng.normal(0.0, noise, m.shape)
+            f = f + rng_pixels.normal(0.0, noise, f.shape)
+            m = m + rng_pixels.normal(0.0, noise, m.shape)
         fixed.append(f)
         moving.append(m)
-        angles.append(angle)
+        used.append(angle)
         names.append(name)
 
     def stack(arrays: list[np.ndarray]) -> Tensor:
         return torch.from_numpy(np.stack(arrays)[:, None]).to(dtype)
 
-    return RotatedPairs(stack(fixed), stack(moving), torch.tensor(angles, dtype=dtype), tuple(names))
+    return RotatedPairs(stack(fixed), stack(moving), torch.tensor(used, dtype=dtype), tuple(names))

@@ -363,7 +363,8 @@ def _run_init(init: InitLike, fixed: Tensor, moving: Tensor, b: int, dtype: torc
     if not callable(init):
         raise TypeError(f"init must be callable as init(moving, fixed), got {type(init).__name__}")
     out = init(moving.expand(b, *moving.shape[1:]), fixed.expand(b, *fixed.shape[1:]))
-    angle = getattr(out, "angle", out)
+    # A tensor has an .angle method (the complex argument): test for it first.
+    angle = out if isinstance(out, Tensor) else getattr(out, "angle", None)
     if not isinstance(angle, Tensor):
         raise TypeError(
             f"init must return a (B,) angle tensor or an object with .angle, got {type(out).__name__}"
