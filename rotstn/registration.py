@@ -23,16 +23,18 @@ How it works
    to settle.
 3. Refinement. Gauss–Newton on θ maximises the NCC over the disc's pixels,
    sampling ``moving`` through :func:`rotstn.rotation_matrix` (the same
-   geometry as :func:`rotstn.rotate`). The derivative of the image with
-   respect to the angle is taken from ``fixed``
-   (``∂/∂δ rotate(fixed, δ) = -v·∂f/∂x + u·∂f/∂y``), so it is computed once
-   and every step costs one sampling of ``moving`` and one small matrix
-   product.
+   geometry as :func:`rotstn.rotate`; only the disc is sampled). The
+   derivative of the image with respect to the angle is taken from ``fixed``
+   (``∂/∂δ rotate(fixed, δ) = -v·∂f/∂x + u·∂f/∂y`` at pixel offset (u, v)
+   from the centre), so it is computed once and every step costs one
+   sampling of ``moving`` and two dot products; secant updates of the slope
+   make the convergence superlinear (2–4 steps from the global estimate).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -362,6 +364,12 @@ def _indices(mask: Tensor) -> str:
 def _run_init(init: InitLike, fixed: Tensor, moving: Tensor, b: int, dtype: torch.dtype) -> Tensor:
     if not callable(init):
         raise TypeError(f"init must be callable as init(moving, fixed), got {type(init).__name__}")
+    if isinstance(init, torch.nn.Module) and init.training:
+        warnings.warn(
+            "init is in training mode: batch-norm statistics would be updated and dropout applied; "
+            "call init.eval() before register()",
+            stacklevel=3,
+        )
     out = init(moving.expand(b, *moving.shape[1:]), fixed.expand(b, *fixed.shape[1:]))
     # A tensor has an .angle method (the complex argument): test for it first.
     angle = out if isinstance(out, Tensor) else getattr(out, "angle", None)
