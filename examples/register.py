@@ -37,12 +37,16 @@ from rotstn.data import rotated_pairs
 SIZE = (64, 64)
 
 
+def disc_mask(h: int, w: int) -> torch.Tensor:
+    """(H, W) bool: the central disc that register() compares."""
+    yy = torch.arange(h).view(-1, 1) - (h - 1) / 2
+    xx = torch.arange(w).view(1, -1) - (w - 1) / 2
+    return (yy.square() + xx.square()) <= ((min(h, w) - 1) / 2 - 0.5) ** 2
+
+
 def disc_ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(B,) normalised cross-correlation over the central disc (what register() maximises)."""
-    h, w = a.shape[-2:]
-    yy = torch.arange(h, dtype=a.dtype).view(-1, 1) - (h - 1) / 2
-    xx = torch.arange(w, dtype=a.dtype).view(1, -1) - (w - 1) / 2
-    disc = (yy.square() + xx.square()) <= ((min(h, w) - 1) / 2 - 0.5) ** 2
+    disc = disc_mask(*a.shape[-2:])
     a, b = a.mean(1)[:, disc], b.mean(1)[:, disc]
     a = a - a.mean(-1, keepdim=True)
     b = b - b.mean(-1, keepdim=True)
@@ -130,23 +134,29 @@ def main() -> None:
         )
 
     grid_path = out_dir / "register_grid.png"
-    show = [0, 1, 2, 3, 4, 5]
+    show = range(6)
+    disc = disc_mask(*SIZE)
     fig, axes = plt.subplots(len(show), 4, figsize=(8, 2.1 * len(show)))
     for row, i in enumerate(show):
         fixed, moving, aligned = test.fixed[i, 0], test.moving[i, 0], result.aligned[i, 0]
-        # Brightness and contrast of the aligned image matched to fixed on the disc, so the
-        # difference shows geometry, not the photometric change.
-        a = aligned - aligned.mean()
-        scale = (a * (fixed - fixed.mean())).sum() / a.square().sum()
-        diff = fixed - (fixed.mean() + scale * a)
+        # Brightness and contrast of the aligned image fitted to fixed on the disc, so that
+        # the difference shows the geometry and not the photometric change.
+        a, f = aligned[disc] - aligned[disc].mean(), fixed[disc] - fixed[disc].mean()
+        diff = torch.full(SIZE, math.nan)
+        diff[disc] = f - (a * f).sum() / a.square().sum() * a
+        limit = float(fixed[disc].std()) * 2
         panels = [
-            (fixed, f"fixed ({test.names[i]})"),
-            (moving, f"moving (θ = {math.degrees(test.angle[i]):.1f}°)"),
-            (aligned, f"aligned ({math.degrees(result.angle[i]):.2f}°)"),
-            (diff, f"difference (NCC {result.score[i]:.3f})"),
+            (fixed, f"fixed ({test.names[i]})", {"cmap": "gray"}),
+            (moving, f"moving (θ = {math.degrees(test.angle[i]):.1f}°)", {"cmap": "gray"}),
+            (aligned, f"aligned ({math.degrees(result.angle[i]):.2f}°)", {"cmap": "gray"}),
+            (
+                diff,
+                f"fixed − aligned (NCC {result.score[i]:.3f})",
+                {"cmap": "coolwarm", "vmin": -limit, "vmax": limit},
+            ),
         ]
-        for ax, (img, title) in zip(axes[row], panels, strict=True):
-            ax.imshow(img, cmap="gray" if img is not diff else "coolwarm")
+        for ax, (img, title, style) in zip(axes[row], panels, strict=True):
+            ax.imshow(img, **style)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     fig.tight_layout()
