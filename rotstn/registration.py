@@ -140,8 +140,8 @@ def register(
         _check_not_flat(fg, disc, "fixed")
         _check_not_flat(mg, disc, "moving")
         fs, ms = _blur(fg, smooth), _blur(mg, smooth)
-        angle = _global_search(fs, ms, disc.radius, guess, init_window)
-        angle = _gauss_newton(fs, ms, angle, disc, iterations)
+        angle, spacing = _global_search(fs, ms, disc.radius, guess, init_window)
+        angle = _gauss_newton(fs, ms, angle, disc, iterations, reach=2 * spacing)
         angle = wrap_angle(angle)
         score = _ncc(disc.take(fg), disc.sample(mg, angle))
         aligned = rotate(m.expand(b, *m.shape[1:]), angle)
@@ -226,8 +226,8 @@ def _polar(image: Tensor, radius: float, n_angles: int) -> tuple[Tensor, Tensor]
 
 def _global_search(
     fixed: Tensor, moving: Tensor, radius: float, guess: Tensor | None, window: float
-) -> Tensor:
-    """(B,) angle maximising the disc NCC over the whole circle (or near ``guess``)."""
+) -> tuple[Tensor, float]:
+    """(B,) angle maximising the disc NCC over the whole circle (or near ``guess``), and the grid spacing."""
     # A sample every ~2 px of arc on the rim (like the rings); a power of two for the FFT.
     n_angles = 1 << max(math.ceil(math.log2(math.pi * radius)), 3)
     pf, r = _polar(fixed, radius, n_angles)
@@ -250,7 +250,7 @@ def _global_search(
     offset = torch.where(
         torch.isfinite(curvature) & (curvature < 0), 0.5 * (left - right) / curvature, torch.zeros_like(mid)
     )
-    return wrap_angle((k + offset).squeeze(1) * step)
+    return wrap_angle((k + offset).squeeze(1) * step), step
 
 
 def _polar_standardise(polar: Tensor, r: Tensor) -> Tensor:
@@ -265,8 +265,11 @@ def _polar_standardise(polar: Tensor, r: Tensor) -> Tensor:
     return out / out.square().sum((1, 2), keepdim=True).sqrt().clamp_min(torch.finfo(out.dtype).tiny)
 
 
-def _gauss_newton(fixed: Tensor, moving: Tensor, angle: Tensor, disc: _Disc, iterations: int) -> Tensor:
-    """Refine (B,) angles by Gauss–Newton on the disc NCC."""
+def _gauss_newton(
+    fixed: Tensor, moving: Tensor, start: Tensor, disc: _Disc, iterations: int, reach: float
+) -> Tensor:
+    """Refine (B,) angles by Gauss–Newton on the disc NCC, staying within ``reach`` of ``start``."""
+    angle = start
     if iterations == 0:
         return angle
     f = disc.take(fixed)
@@ -296,7 +299,8 @@ def _gauss_newton(fixed: Tensor, moving: Tensor, angle: Tensor, disc: _Disc, ite
             slope = torch.where(usable, secant, curvature)
         step = (-g / slope).clamp(-max_step, max_step)
         previous = (angle, g)
-        angle = angle + step
+        # The global search has settled which peak this is: never walk off to another one.
+        angle = start + (angle + step - start).clamp(-reach, reach)
         # A thousandth of a pixel at the rim is far below what any pair resolves.
         if float(step.abs().max()) * disc.radius < 1e-3:
             break

@@ -292,3 +292,17 @@ def test_rotated_pairs_agree_with_rotate():
     clean = rotated_pairs(3, (40, 60), seed=13)
     assert torch.equal(noisy.angle, clean.angle)
     assert 0.03 < (noisy.moving - clean.moving).std() < 0.07
+
+
+def test_init_with_a_rotation_stn():
+    # A fresh RotationSTN predicts θ ≈ 0; register() searches init_window around it.
+    stn = rotstn.RotationSTN(1).eval()
+    pairs = rotated_pairs(2, (48, 48), angles=[0.2, 2.0], seed=14)
+    near = rotstn.register(pairs.fixed, pairs.moving, init=stn)
+    assert error_deg(near.angle[:1], pairs.angle[:1]).item() < 0.1
+    # 2 rad lies outside the window: not found, and the low score says so.
+    assert near.angle[1].abs() < math.radians(26) and near.score[1] < 0.9 < near.score[0]
+    wide = rotstn.register(pairs.fixed, pairs.moving, init=stn, init_window=math.pi)
+    assert error_deg(wide.angle, pairs.angle).max() < 0.1
+    with pytest.warns(UserWarning, match=r"init is in training mode.*init.eval\(\)"):
+        rotstn.register(pairs.fixed, pairs.moving, init=stn.train())
