@@ -29,6 +29,8 @@ How it works
    from the centre), so it is computed once and every step costs one
    sampling of ``moving`` and two dot products; secant updates of the slope
    make the convergence superlinear (2–4 steps from the global estimate).
+   The refinement never moves more than two polar grid steps from the
+   global peak, so it cannot wander to another one.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def register(
             tensor or an object with an ``.angle`` attribute. The global search
             is then restricted to ``init_window`` around its answer, which
             settles near-symmetric images the way the initialiser learned to.
+            A module still in training mode gets a warning (call ``.eval()``).
         init_window: half-width in radians of the search around ``init``'s
             angle; ignored without ``init``.
         smooth: standard deviation in pixels of the Gaussian applied to both
