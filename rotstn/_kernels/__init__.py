@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
-from . import reference
+from . import cpu, reference
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "cpu")
 _forced = "auto"
 
 
@@ -40,4 +41,11 @@ def warp(
     align_corners: bool,
 ) -> Tensor:
     """Rotate (B, C, H, W) by (B,) radians about (B, 2) pixel centres."""
+    if _forced == "cpu" or (_forced == "auto" and _cpu_fits(image)):
+        return cpu.warp(image, angle, center, mode, padding_mode, align_corners)
     return reference.warp(image, angle, center, mode, padding_mode, align_corners)
+
+
+def _cpu_fits(image: Tensor) -> bool:
+    # Under torch.compile the reference graph is the better input: inductor fuses it.
+    return image.device.type == "cpu" and not torch.compiler.is_compiling()

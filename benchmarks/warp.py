@@ -1,0 +1,183 @@
+"""How fast is the rotation warp? rotstn.rotate against the usual recipes.
+
+    python benchmarks/warp.py            # full grid (a few minutes on 2 threads)
+    python benchmarks/warp.py --quick    # B = 64, 128², C ∈ {1, 3}: the target cells
+
+Methods, all rotating by a (B,) angle about the image centre with
+``align_corners=False``, bilinear, zero padding:
+
+* ``plain``: ``rotstn.rotation_matrix`` + ``F.affine_grid`` + ``F.grid_sample``,
+  the aspect-correct textbook recipe every ratio is measured against;
+* ``rotstn``: ``rotstn.rotate`` with its automatic backend (the CPU fast path on
+  CPU tensors);
+* ``reference``: ``rotstn.rotate`` with the reference backend forced (grid by
+  broadcasting + ``F.grid_sample``), to show what the fast path itself buys;
+* ``kornia``: ``kornia.geometry.transform.rotate`` (degrees, converted outside
+  the timed call);
+* ``compiled``: ``torch.compile`` of ``plain`` (static shapes, one compile per
+  cell, compile time excluded); cells where it fails say so.
+
+``fwd`` is inference (no tensor requires grad). ``fwd+bwd`` is forward and
+``backward`` with gradients to the image and the angle; gradients are reset to
+None between calls, as ``optimizer.zero_grad()`` does. Each cell times the
+methods round-robin (so a burst of load from elsewhere hits all of them alike)
+and reports the median; the ratio is plain's median over the method's (above 1
+is faster than plain). GB/s is the minimal traffic over the median time: read
+the input and write the output for ``fwd``; in addition read the output
+gradient and the input again and write the input gradient for ``fwd+bwd``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import rotstn
+from rotstn import _kernels
+
+Method = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def plain(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    m = rotstn.rotation_matrix(angle, tuple(x.shape[-2:])).to(x.dtype)
+    grid = F.affine_grid(m, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
+
+
+def fast(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    return rotstn.rotate(x, angle)
+
+
+def reference(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    with _kernels.use_backend("reference"):
+        return rotstn.rotate(x, angle)
+
+
+def kornia_rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    import kornia
+
+    return kornia.geometry.transform.rotate(x, degrees, align_corners=False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(f: Method, x: torch.Tensor, angle: torch.Tensor, backward: bool) -> Callable[[], None]:
+    """One timed call: forward only under no_grad, or forward + backward to image and angle."""
+    if not backward:
+
+        def step() -> None:
+            with torch.no_grad():
+                f(x, angle)
+
+        return step
+    xg, ag = x.detach().requires_grad_(), angle.detach().requires_grad_()
+    grad_out = torch.rand_like(x)
+
+    def step() -> None:
+        xg.grad = ag.grad = None
+        f(xg, ag).backward(grad_out)
+
+    return step
+
+
+def time_cell(
+    steps: dict[str, Callable[[], None]], device: torch.device, budget_s: float
+) -> dict[str, float]:
+    """Median seconds per call of each step, timed round-robin."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    start = time.perf_counter()
+    for step in steps.values():  # warm-up (allocator, compile)
+        step()
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() - start < budget_s and rounds < 50):
+        for name, step in steps.items():
+            sync(device)
+            t = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+        rounds += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="only B=64, 128x128, C in {1, 3}")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per cell and pass")
+    parser.add_argument("--max-pixels", type=int, default=64 * 256 * 256, help="skip cells with B*H*W above")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile column")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    batches, channels, sizes = (
+        ((64,), (1, 3), (128,)) if args.quick else ((1, 64, 256), (1, 3), (64, 128, 256, 512))
+    )
+    names = ["plain", "rotstn", "reference", "kornia"] + ([] if args.no_compile else ["compiled"])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    skipped = []
+    for device in devices:
+        dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
+        for dtype in dtypes:
+            print(f"\n### {device.type}, {str(dtype).removeprefix('torch.')}\n")
+            header = "| B | C | H×W | pass | " + " | ".join(f"{n} ms" for n in names)
+            header += " | " + " | ".join(f"{n} ×" for n in names[1:]) + " | rotstn GB/s | plain GB/s |"
+            print(header)
+            print("|" + "---|" * (header.count("|") - 1))
+            for b in batches:
+                for c in channels:
+                    for s in sizes:
+                        if b * s * s > args.max_pixels:
+                            skipped.append(f"{device.type} {dtype} B={b} C={c} {s}²")
+                            continue
+                        run_cell(device, dtype, b, c, s, names, args.budget)
+    if skipped:
+        print(f"\nSkipped (B·H·W above --max-pixels={args.max_pixels}): " + ", ".join(skipped))
+
+
+def run_cell(
+    device: torch.device, dtype: torch.dtype, b: int, c: int, s: int, names: list[str], budget: float
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(b, c, s, s, generator=gen).to(device, dtype)
+    angle = (torch.rand(b, generator=gen) * 6 - 3).to(device)
+    degrees = torch.rad2deg(angle).to(dtype)
+    for backward in (False, True):
+        methods: dict[str, tuple[Method, torch.Tensor]] = {
+            "plain": (plain, angle),
+            "rotstn": (fast, angle),
+            "reference": (reference, angle),
+            "kornia": (kornia_rotate, degrees),
+        }
+        if "compiled" in names:
+            torch._dynamo.reset()
+            methods["compiled"] = (torch.compile(plain, dynamic=False), angle)
+        steps = {}
+        for name, (f, a) in methods.items():
+            step = make_step(f, x, a, backward)
+            try:
+                step()
+            except Exception as err:  # a method that fails is reported in the table, not fatal
+                print(f"<!-- {name} failed: {type(err).__name__}: {str(err).splitlines()[0][:100]} -->")
+                continue
+            steps[name] = step
+        med = time_cell(steps, device, budget)
+        traffic = x.numel() * x.element_size() * (5 if backward else 2)
+        cells = [f"{med[n] * 1e3:.2f}" if n in med else "fails" for n in names]
+        ratios = [f"{med['plain'] / med[n]:.2f}" if n in med else "–" for n in names[1:]]
+        gbs = [f"{traffic / med[n] / 1e9:.1f}" for n in ("rotstn", "plain")]
+        row = [str(b), str(c), f"{s}²", "fwd+bwd" if backward else "fwd", *cells, *ratios, *gbs]
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
