@@ -2,6 +2,7 @@
 
     python benchmarks/warp.py            # full grid (a few minutes on 2 threads)
     python benchmarks/warp.py --quick    # B = 64, 128², C ∈ {1, 3}: the target cells
+    python benchmarks/warp.py --breakdown  # where the time goes at B = 64, 128² (CPU)
 
 Methods, all rotating by a (B,) angle about the image centre with
 ``align_corners=False``, bilinear, zero padding:
@@ -108,6 +109,42 @@ def time_cell(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def pieces(c: int) -> dict[str, Callable[[], object]]:
+    """The separately timed pieces of plain and of the fast path (B = 64, 128², float32)."""
+    from rotstn._kernels import cpu
+
+    b, s = 64, 128
+    angle = torch.rand(b, generator=torch.Generator().manual_seed(0)) * 6 - 3
+    center = torch.full((b, 2), (s - 1) / 2)
+    theta = rotstn.rotation_matrix(angle, (s, s))
+    grid = cpu._grid(angle, center, s, s, False, torch.float32)
+    grad_grid = torch.rand(b, s, s, 2)
+    x, g = torch.rand(b, c, s, s), torch.rand(b, c, s, s)
+    sampler_backward = torch.ops.aten.grid_sampler_2d_backward
+    return {
+        "affine_grid forward (plain)": lambda: F.affine_grid(theta, [b, c, s, s], align_corners=False),
+        "affine_grid backward (plain)": lambda: torch.ops.aten.affine_grid_generator_backward(
+            grad_grid, [b, c, s, s], False
+        ),
+        "planar grid (fast path)": lambda: cpu._grid(angle, center, s, s, False, torch.float32),
+        "grid gradient → dθ, dc (fast path)": lambda: cpu._reduce_grid_grad(grad_grid, angle, center, False),
+        "aten grid_sampler_2d": lambda: torch.grid_sampler_2d(x, grid, 0, 0, False),
+        "aten grid_sampler_2d_backward, both": lambda: sampler_backward(
+            g, x, grid, 0, 0, False, [True, True]
+        ),
+        "… grid gradient only": lambda: sampler_backward(g, x, grid, 0, 0, False, [False, True]),
+    }
+
+
+def breakdown(budget: float) -> None:
+    """Print the median time of each piece at C = 1 and C = 3."""
+    meds = [time_cell(pieces(c), torch.device("cpu"), budget) for c in (1, 3)]
+    print("| piece (B = 64, 128², float32) | C=1 ms | C=3 ms |")
+    print("|---|---|---|")
+    for name in meds[0]:
+        print(f"| {name} | {meds[0][name] * 1e3:.2f} | {meds[1][name] * 1e3:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="only B=64, 128x128, C in {1, 3}")
@@ -115,8 +152,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per cell and pass")
     parser.add_argument("--max-pixels", type=int, default=64 * 256 * 256, help="skip cells with B*H*W above")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile column")
+    parser.add_argument("--breakdown", action="store_true", help="time the pieces instead (CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.breakdown:
+        breakdown(args.budget)
+        return
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     batches, channels, sizes = (

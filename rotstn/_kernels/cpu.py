@@ -53,24 +53,20 @@ def _grid(angle: Tensor, center: Tensor, h: int, w: int, align_corners: bool, dt
     planar grids without a copy.
     """
     wide = torch.promote_types(dtype, torch.float64)
-    a, c = angle.to(wide), center.to(wide)
-    cos, sin = torch.cos(a), torch.sin(a)
-    cx, cy = c[:, 0], c[:, 1]
-    # pixel source = (cos·j - sin·i + tx, sin·j + cos·i + ty), then normalised = scale·pixel + offset
-    tx = cx - cos * cx + sin * cy
-    ty = cy - sin * cx - cos * cy
+    b, device = angle.shape[0], angle.device
+    cos, sin = torch.cos(angle.to(wide)), torch.sin(angle.to(wide))
+    cx, cy = center.to(wide).unbind(1)
     ax, bx = _scale(w, align_corners)
     ay, by = _scale(h, align_corners)
-    scale = torch.tensor([ax, ay], dtype=wide, device=a.device)
-    offset = torch.tensor([bx, by], dtype=wide, device=a.device)
-    per_col = torch.stack((cos, sin), dim=-1) * scale  # (B, 2)
-    per_row = torch.stack((-sin, cos), dim=-1) * scale
-    const = torch.stack((tx, ty), dim=-1) * scale + offset
-    j = torch.arange(w, dtype=wide, device=a.device)
-    i = torch.arange(h, dtype=wide, device=a.device)
-    cols = torch.addcmul(const[:, :, None], per_col[:, :, None], j).to(dtype)  # (B, 2, W)
-    rows = (per_row[:, :, None] * i).to(dtype)  # (B, 2, H)
-    return torch.add(cols[:, :, None, :], rows[:, :, :, None]).permute(0, 2, 3, 1)
+    # normalised (x, y) = (a_x·cx + b_x, a_y·cy + b_y) + (a_x·cos, a_y·sin)·u_j + (-a_x·sin, a_y·cos)·v_i
+    base = torch.stack((cx * ax + bx, cy * ay + by), dim=1).view(b, 2, 1)
+    per_u = torch.stack((cos * ax, sin * ay), dim=1).view(b, 2, 1)
+    per_v = torch.stack((sin * -ax, cos * ay), dim=1).view(b, 2, 1)
+    u = torch.arange(w, dtype=wide, device=device).view(1, 1, w) - cx.view(b, 1, 1)
+    v = torch.arange(h, dtype=wide, device=device).view(1, 1, h) - cy.view(b, 1, 1)
+    cols = torch.addcmul(base, per_u, u).to(dtype).view(b, 2, 1, w)
+    rows = (per_v * v).to(dtype).view(b, 2, h, 1)
+    return torch.add(cols, rows).permute(0, 2, 3, 1)
 
 
 class _Warp(torch.autograd.Function):
