@@ -102,16 +102,22 @@ def run_delay_ns() -> int:
 
 
 def time_cell(
-    steps: dict[str, Callable[[], object]], device: torch.device, budget_s: float, min_clean: int = 7
+    steps: dict[str, Callable[[], object]],
+    device: torch.device,
+    budget_s: float,
+    min_clean: int = 7,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, tuple[float, bool]]:
     """Median seconds per call of each step, timed round-robin, and whether it is clean.
 
     On a shared machine other processes take our cores now and then; a call
     during which our threads waited more than 2 % of its time for a CPU is
     dropped. The median is over the clean calls when at least ``min_clean``
-    of them came in within the budget, else over all calls (flagged).
+    of them came in within the budget, else over all calls (flagged). With
+    ``clock=time.process_time`` (CPU seconds of all threads) waiting costs
+    nothing and every call counts.
     """
-    measure_delay = os.path.exists("/proc/self/task")
+    measure_delay = clock is time.perf_counter and os.path.exists("/proc/self/task")
     times: dict[str, list[tuple[float, bool]]] = {name: [] for name in steps}
     start = time.perf_counter()
     for step in steps.values():  # warm-up (allocator, compile)
@@ -125,10 +131,10 @@ def time_cell(
         for name, step in steps.items():
             sync(device)
             delay = run_delay_ns() if measure_delay else 0
-            t = time.perf_counter()
+            t = clock()
             step()
             sync(device)
-            dt = time.perf_counter() - t
+            dt = clock() - t
             delay = (run_delay_ns() - delay) if measure_delay else 0
             times[name].append((dt, delay <= 0.02 * dt * 1e9))
         rounds += 1
@@ -167,9 +173,9 @@ def pieces(c: int) -> dict[str, Callable[[], object]]:
     }
 
 
-def breakdown(budget: float) -> None:
+def breakdown(budget: float, clock: Callable[[], float]) -> None:
     """Print the median time of each piece at C = 1 and C = 3."""
-    meds = [time_cell(pieces(c), torch.device("cpu"), budget) for c in (1, 3)]
+    meds = [time_cell(pieces(c), torch.device("cpu"), budget, clock=clock) for c in (1, 3)]
     print("| piece (B = 64, 128², float32) | C=1 ms | C=3 ms |")
     print("|---|---|---|")
     for name in meds[0]:
@@ -194,18 +200,26 @@ def main() -> None:
     parser.add_argument("--max-pixels", type=int, default=64 * 256 * 256, help="skip cells with B*H*W above")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile column")
     parser.add_argument("--breakdown", action="store_true", help="time the pieces instead (CPU)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: CPU seconds of all threads per call (CPU only; for a busy machine)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     if args.breakdown:
-        breakdown(args.budget)
+        breakdown(args.budget, clock)
         return
 
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available() and args.clock == "wall"
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
     batches, channels, sizes = (
         ((64,), (1, 3), (128,)) if args.quick else ((1, 64, 256), (1, 3), (64, 128, 256, 512))
     )
     names = ["plain", "rotstn", "reference", "kornia"] + ([] if args.no_compile else ["compiled"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.clock} clock")
     skipped = []
     for device in devices:
         dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
@@ -221,14 +235,22 @@ def main() -> None:
                         if b * s * s > args.max_pixels:
                             skipped.append(f"{device.type} {dtype} B={b} C={c} {s}²")
                             continue
-                        run_cell(device, dtype, b, c, s, names, args.budget)
-    print("\n* fewer than 7 calls ran without waiting for a CPU: median of all calls, less reliable.")
+                        run_cell(device, dtype, b, c, s, names, args.budget, clock)
+    if args.clock == "wall":
+        print("\n* fewer than 7 calls ran without waiting for a CPU: median of all calls, less reliable.")
     if skipped:
         print(f"Skipped (B·H·W above --max-pixels={args.max_pixels}): " + ", ".join(skipped))
 
 
 def run_cell(
-    device: torch.device, dtype: torch.dtype, b: int, c: int, s: int, names: list[str], budget: float
+    device: torch.device,
+    dtype: torch.dtype,
+    b: int,
+    c: int,
+    s: int,
+    names: list[str],
+    budget: float,
+    clock: Callable[[], float],
 ) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(b, c, s, s, generator=gen).to(device, dtype)
@@ -253,7 +275,7 @@ def run_cell(
                 print(f"<!-- {name} failed: {type(err).__name__}: {str(err).splitlines()[0][:100]} -->")
                 continue
             steps[name] = step
-        timed = time_cell(steps, device, budget)
+        timed = time_cell(steps, device, budget, clock=clock)
         med = {name: t for name, (t, _) in timed.items()}
         traffic = x.numel() * x.element_size() * (5 if backward else 2)
         cells = [ms(*timed[n]) if n in med else "fails" for n in names]

@@ -14,10 +14,11 @@ Here:
   directly;
 * backward asks ``grid_sampler_2d_backward`` only for the gradients that are
   needed (its ``output_mask``) and reduces the (B, H, W, 2) grid gradient to
-  dθ, d(cx), d(cy) with two sums: the source coordinates are separable,
+  dθ, d(cx), d(cy) in one pass: the source coordinates are separable,
   ``x_src = cx + cos θ·u_j - sin θ·v_i`` with ``u_j = j - cx`` and
-  ``v_i = i - cy``, so every sum needed is a column sum weighted by ``u_j`` or
-  a row sum weighted by ``v_i`` (or by 1).
+  ``v_i = i - cy``, so every sum needed is a sum over i weighted by 1 or
+  ``v_i`` (one batched matmul over the gradient) followed by a small sum over
+  j weighted by 1 or ``u_j``.
 
 Double backward (``create_graph=True``) recomputes the gradient through the
 reference path, which is made of differentiable ops.
@@ -126,25 +127,23 @@ def _reduce_grid_grad(
     grad_grid: Tensor, angle: Tensor, center: Tensor, align_corners: bool
 ) -> tuple[Tensor, Tensor]:
     """dθ (B,) and d(centre) (B, 2) from the (B, H, W, 2) gradient of the normalised grid."""
-    _, h, w, _ = grad_grid.shape
+    b, h, w, _ = grad_grid.shape
     ax, _ = _scale(w, align_corners)
     ay, _ = _scale(h, align_corners)
-    scale = torch.tensor([ax, ay], dtype=grad_grid.dtype, device=grad_grid.device)
-    u = torch.arange(w, dtype=angle.dtype, device=angle.device) - center[:, 0:1]  # (B, W)
-    v = torch.arange(h, dtype=angle.dtype, device=angle.device) - center[:, 1:2]  # (B, H)
-    # Two passes over the grid gradient; everything after is (B, H) or (B, W) sized.
-    per_col = grad_grid.sum(1) * scale  # (B, W, 2): Σ_i of (dL/dx_src, dL/dy_src)
-    per_row = grad_grid.sum(2) * scale  # (B, H, 2): Σ_j
-    (su_x, su_y), (sv_x, sv_y) = (
-        torch.bmm(u[:, None, :], per_col)[:, 0].unbind(-1),
-        torch.bmm(v[:, None, :], per_row)[:, 0].unbind(-1),
-    )
-    s_x, s_y = per_row.sum(1).unbind(-1)
+    dtype, device = angle.dtype, angle.device
+    u = torch.arange(w, dtype=dtype, device=device) - center[:, 0:1]  # (B, W)
+    v = torch.arange(h, dtype=dtype, device=device) - center[:, 1:2]  # (B, H)
+    # The one pass over the grid gradient: Σ_i and Σ_i v_i of it, per column and coordinate.
+    ones_v = torch.stack((torch.ones_like(v), v), dim=1)  # (B, 2, H)
+    by_col = torch.bmm(ones_v, grad_grid.reshape(b, h, 2 * w)).view(b, 2, w, 2)
+    s_x, s_y = by_col[:, 0].sum(1).unbind(-1)  # Σ dL/dgx, Σ dL/dgy
+    sv_x, sv_y = by_col[:, 1].sum(1).unbind(-1)  # Σ v·dL/dgx, ...
+    su_x, su_y = torch.bmm(u[:, None, :], by_col[:, 0])[:, 0].unbind(-1)  # Σ u·dL/dgx, ...
+    # Chain rule through normalised = a·pixel + b, x_src = cx + cos·u - sin·v, y_src = cy + sin·u + cos·v.
     cos, sin = torch.cos(angle), torch.sin(angle)
-    # x_src = cx + cos·u - sin·v, y_src = cy + sin·u + cos·v with u = j - cx, v = i - cy
-    grad_angle = -sin * (su_x + sv_y) - cos * sv_x + cos * su_y
-    grad_cx = (1 - cos) * s_x - sin * s_y
-    grad_cy = sin * s_x + (1 - cos) * s_y
+    grad_angle = ax * (-sin * su_x - cos * sv_x) + ay * (cos * su_y - sin * sv_y)
+    grad_cx = ax * (1 - cos) * s_x - ay * sin * s_y
+    grad_cy = ax * sin * s_x + ay * (1 - cos) * s_y
     return grad_angle, torch.stack((grad_cx, grad_cy), dim=-1)
 
 
