@@ -127,7 +127,7 @@ def time_cell(
     def enough() -> bool:
         return all(sum(clean for _, clean in ts) >= min_clean for ts in times.values())
 
-    while rounds < 5 or (time.perf_counter() - start < budget_s and not enough() and rounds < 2000):
+    while rounds < min_clean or (time.perf_counter() - start < budget_s and not enough() and rounds < 2000):
         for name, step in steps.items():
             sync(device)
             delay = run_delay_ns() if measure_delay else 0
