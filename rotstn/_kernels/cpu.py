@@ -8,8 +8,8 @@ gradient back through all of them. The sampler itself is the smaller part.
 Here:
 
 * forward writes the normalised grid with one broadcast add of a (B, 2, 1, W)
-  column term and a (B, 2, H, 1) row term (both computed in float64, so the
-  grid is rounded once) into two planes, and hands aten's
+  column term and a (B, 2, H, 1) row term (both computed in float64 and
+  rounded once each, then once more in the add) into two planes, and hands aten's
   ``grid_sampler_2d`` a permuted (B, H, W, 2) view of them, which it reads
   directly;
 * backward asks ``grid_sampler_2d_backward`` only for the gradients that are
