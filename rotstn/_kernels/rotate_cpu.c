@@ -1,0 +1,298 @@
+/* Fused bilinear rotation with zero padding, forward and backward, for rotstn.
+ *
+ * Plain C99 + pthreads, no Python or torch headers: rotstn compiles this file
+ * at first use (rotstn/_kernels/compiled.py) and calls it through ctypes.
+ *
+ * Geometry (as rotstn/_kernels/reference.py, in pixels): output pixel (i, j)
+ * reads the input at x = cx + cos·u - sin·v, y = cy + sin·u + cos·v with
+ * u = j - cx, v = i - cy. Bilinear with x0 = floor(x); corners outside
+ * [0, W-1] × [0, H-1] contribute 0, which is grid_sample's "zeros" padding for
+ * either align_corners (that flag only changes the normalised coordinates).
+ *
+ * par holds (cos, sin, cx, cy) per sample in double. Images are (C, H, W)
+ * contiguous per sample, sample b at img + b·img_bstride (0 for a broadcast
+ * image). Work is split over samples (each thread owns whole samples, so the
+ * image-gradient scatter is race-free) or, with fewer samples than threads
+ * and no image gradient, over rows with private partial sums.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_THREADS 256
+
+/* Coordinates beyond this are outside any image; also keeps the int cast defined. */
+#define FAR 1.0e9
+
+typedef struct {
+    const void *img;
+    int64_t img_bstride;
+    void *out;        /* forward output, or NULL */
+    const void *gout; /* backward: output gradient */
+    void *gimg;       /* backward: image gradient, or NULL */
+    double *partial;  /* backward: 6 sums per (thread, sample), or NULL */
+    const double *par;
+    int64_t B, C, H, W;
+    int nthreads, tid, by_rows;
+} job_t;
+
+/* Corner offsets and weights of one output pixel; invalid corners get weight 0 and offset 0. */
+typedef struct {
+    int64_t off[4];
+    double w[4];
+    double wx, wy;
+    int valid[4];
+} taps_t;
+
+static inline int taps(double x, double y, int64_t H, int64_t W, taps_t *t) {
+    if (!(x > -2.0 && x < (double)W + 1.0 && y > -2.0 && y < (double)H + 1.0) || fabs(x) > FAR ||
+        fabs(y) > FAR)
+        return 0;
+    double fx = floor(x), fy = floor(y);
+    int64_t x0 = (int64_t)fx, y0 = (int64_t)fy;
+    double wx = x - fx, wy = y - fy;
+    int vx0 = x0 >= 0 && x0 < W, vx1 = x0 + 1 >= 0 && x0 + 1 < W;
+    int vy0 = y0 >= 0 && y0 < H, vy1 = y0 + 1 >= 0 && y0 + 1 < H;
+    t->wx = wx;
+    t->wy = wy;
+    t->valid[0] = vx0 && vy0;
+    t->valid[1] = vx1 && vy0;
+    t->valid[2] = vx0 && vy1;
+    t->valid[3] = vx1 && vy1;
+    t->off[0] = y0 * W + x0;
+    t->off[1] = y0 * W + x0 + 1;
+    t->off[2] = (y0 + 1) * W + x0;
+    t->off[3] = (y0 + 1) * W + x0 + 1;
+    t->w[0] = (1.0 - wx) * (1.0 - wy);
+    t->w[1] = wx * (1.0 - wy);
+    t->w[2] = (1.0 - wx) * wy;
+    t->w[3] = wx * wy;
+    int any = 0;
+    for (int k = 0; k < 4; k++) {
+        if (!t->valid[k]) {
+            t->w[k] = 0.0;
+            t->off[k] = 0;
+        }
+        any |= t->valid[k];
+    }
+    return any;
+}
+
+static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
+    if (j->by_rows) {
+        *r0 = j->H * j->tid / j->nthreads;
+        *r1 = j->H * (j->tid + 1) / j->nthreads;
+    } else {
+        *r0 = 0;
+        *r1 = j->H;
+    }
+}
+
+#define DEFINE_KERNELS(T, SUFFIX)                                                                       \
+    static void *forward_worker_##SUFFIX(void *arg) {                                                   \
+        const job_t *jb = (const job_t *)arg;                                                           \
+        const int64_t C = jb->C, H = jb->H, W = jb->W, HW = H * W;                                      \
+        int64_t r0, r1;                                                                                 \
+        row_range(jb, &r0, &r1);                                                                        \
+        int64_t b0 = jb->by_rows ? 0 : jb->tid, bstep = jb->by_rows ? 1 : jb->nthreads;                 \
+        for (int64_t b = b0; b < jb->B; b += bstep) {                                                   \
+            const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
+            T *out = (T *)jb->out + b * C * HW;                                                         \
+            const double c = jb->par[4 * b], s = jb->par[4 * b + 1];                                    \
+            const double cx = jb->par[4 * b + 2], cy = jb->par[4 * b + 3];                              \
+            for (int64_t i = r0; i < r1; i++) {                                                         \
+                const double v = (double)i - cy;                                                       \
+                for (int64_t j = 0; j < W; j++) {                                                       \
+                    const double u = (double)j - cx;                                                    \
+                    taps_t t;                                                                           \
+                    T *o = out + i * W + j;                                                             \
+                    if (!taps(cx + c * u - s * v, cy + s * u + c * v, H, W, &t)) {                      \
+                        for (int64_t ch = 0; ch < C; ch++)                                              \
+                            o[ch * HW] = 0;                                                             \
+                        continue;                                                                       \
+                    }                                                                                   \
+                    const T w0 = (T)t.w[0], w1 = (T)t.w[1], w2 = (T)t.w[2], w3 = (T)t.w[3];             \
+                    for (int64_t ch = 0; ch < C; ch++) {                                                \
+                        const T *p = img + ch * HW;                                                     \
+                        o[ch * HW] = w0 * p[t.off[0]] + w1 * p[t.off[1]] + w2 * p[t.off[2]] +           \
+                                     w3 * p[t.off[3]];                                                  \
+                    }                                                                                   \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        return NULL;                                                                                    \
+    }                                                                                                   \
+                                                                                                        \
+    static void *backward_worker_##SUFFIX(void *arg) {                                                  \
+        const job_t *jb = (const job_t *)arg;                                                           \
+        const int64_t C = jb->C, H = jb->H, W = jb->W, HW = H * W;                                      \
+        int64_t r0, r1;                                                                                 \
+        row_range(jb, &r0, &r1);                                                                        \
+        int64_t b0 = jb->by_rows ? 0 : jb->tid, bstep = jb->by_rows ? 1 : jb->nthreads;                 \
+        for (int64_t b = b0; b < jb->B; b += bstep) {                                                   \
+            const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
+            const T *gout = (const T *)jb->gout + b * C * HW;                                           \
+            T *gimg = jb->gimg ? (T *)jb->gimg + b * C * HW : NULL;                                     \
+            const double c = jb->par[4 * b], s = jb->par[4 * b + 1];                                    \
+            const double cx = jb->par[4 * b + 2], cy = jb->par[4 * b + 3];                              \
+            /* Σ gx, Σ gy, Σ gx·u, Σ gx·v, Σ gy·u, Σ gy·v, gx/gy the gradient w.r.t. (x, y). */         \
+            double sx = 0, sy = 0, sxu = 0, sxv = 0, syu = 0, syv = 0;                                  \
+            if (gimg)                                                                                   \
+                memset(gimg, 0, (size_t)(C * HW) * sizeof(T));                                          \
+            for (int64_t i = r0; i < r1; i++) {                                                         \
+                const double v = (double)i - cy;                                                        \
+                double rx = 0, ry = 0, rxu = 0, ryu = 0;                                                \
+                for (int64_t j = 0; j < W; j++) {                                                       \
+                    const double u = (double)j - cx;                                                    \
+                    taps_t t;                                                                           \
+                    if (!taps(cx + c * u - s * v, cy + s * u + c * v, H, W, &t))                        \
+                        continue;                                                                       \
+                    const int64_t pix = i * W + j;                                                      \
+                    if (gimg) {                                                                         \
+                        const T w0 = (T)t.w[0], w1 = (T)t.w[1], w2 = (T)t.w[2], w3 = (T)t.w[3];         \
+                        for (int64_t ch = 0; ch < C; ch++) {                                            \
+                            const T g = gout[ch * HW + pix];                                            \
+                            T *q = gimg + ch * HW;                                                      \
+                            /* Invalid corners have weight 0 and offset 0: adding 0 is harmless. */     \
+                            q[t.off[0]] += g * w0;                                                      \
+                            q[t.off[1]] += g * w1;                                                      \
+                            q[t.off[2]] += g * w2;                                                      \
+                            q[t.off[3]] += g * w3;                                                      \
+                        }                                                                               \
+                    }                                                                                   \
+                    if (jb->partial) {                                                                  \
+                        const T wx = (T)t.wx, wy = (T)t.wy;                                             \
+                        const T m0 = (T)t.valid[0], m1 = (T)t.valid[1];                                 \
+                        const T m2 = (T)t.valid[2], m3 = (T)t.valid[3];                                 \
+                        T gx = 0, gy = 0;                                                               \
+                        for (int64_t ch = 0; ch < C; ch++) {                                            \
+                            const T *p = img + ch * HW;                                                 \
+                            const T g = gout[ch * HW + pix];                                            \
+                            const T i00 = m0 * p[t.off[0]], i01 = m1 * p[t.off[1]];                     \
+                            const T i10 = m2 * p[t.off[2]], i11 = m3 * p[t.off[3]];                     \
+                            gx += g * ((1 - wy) * (i01 - i00) + wy * (i11 - i10));                      \
+                            gy += g * ((1 - wx) * (i10 - i00) + wx * (i11 - i01));                      \
+                        }                                                                               \
+                        rx += gx;                                                                       \
+                        ry += gy;                                                                       \
+                        rxu += (double)gx * u;                                                          \
+                        ryu += (double)gy * u;                                                          \
+                    }                                                                                   \
+                }                                                                                       \
+                sx += rx;                                                                               \
+                sy += ry;                                                                               \
+                sxu += rxu;                                                                             \
+                syu += ryu;                                                                             \
+                sxv += rx * v;                                                                          \
+                syv += ry * v;                                                                          \
+            }                                                                                           \
+            if (jb->partial) {                                                                          \
+                double *acc = jb->partial + 6 * ((int64_t)jb->tid * jb->B + b);                         \
+                acc[0] = sx;                                                                            \
+                acc[1] = sy;                                                                            \
+                acc[2] = sxu;                                                                           \
+                acc[3] = sxv;                                                                           \
+                acc[4] = syu;                                                                           \
+                acc[5] = syv;                                                                           \
+            }                                                                                           \
+        }                                                                                               \
+        return NULL;                                                                                    \
+    }
+
+DEFINE_KERNELS(float, f32)
+DEFINE_KERNELS(double, f64)
+
+/* Run worker on n threads (the caller's thread is one of them); 1 if threads cannot be made. */
+static int run(void *(*worker)(void *), job_t *base, int n, int by_rows) {
+    job_t jobs[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 0; t < n; t++) {
+        jobs[t] = *base;
+        jobs[t].nthreads = n;
+        jobs[t].tid = t;
+        jobs[t].by_rows = by_rows;
+        started[t] = 0;
+    }
+    for (int t = 1; t < n; t++)
+        started[t] = pthread_create(&threads[t], NULL, worker, &jobs[t]) == 0;
+    worker(&jobs[0]);
+    int ok = 1;
+    for (int t = 1; t < n; t++) {
+        if (started[t])
+            pthread_join(threads[t], NULL);
+        else
+            ok = 0;
+    }
+    if (!ok) /* a thread failed to start: do its share here */
+        for (int t = 1; t < n; t++)
+            if (!started[t])
+                worker(&jobs[t]);
+    return n;
+}
+
+/* Below this many output pixels one thread is faster than starting more. */
+#define MIN_PIXELS_PER_THREAD 4096
+
+static int thread_count(int64_t work_pixels, int nthreads) {
+    if (nthreads < 1)
+        nthreads = 1;
+    if (nthreads > MAX_THREADS)
+        nthreads = MAX_THREADS;
+    int64_t most = work_pixels / MIN_PIXELS_PER_THREAD;
+    if (most < 1)
+        most = 1;
+    return (int)(nthreads < most ? nthreads : most);
+}
+
+#define DEFINE_ENTRY(T, SUFFIX)                                                                         \
+    int rotstn_forward_##SUFFIX(const T *img, int64_t img_bstride, T *out, const double *par,           \
+                                int64_t B, int64_t C, int64_t H, int64_t W, int nthreads) {             \
+        job_t job = {img, img_bstride, out, NULL, NULL, NULL, par, B, C, H, W, 1, 0, 0};                \
+        int n = thread_count(B * H * W, nthreads);                                                      \
+        int by_rows = B < n;                                                                            \
+        if (!by_rows && n > B)                                                                          \
+            n = (int)B;                                                                                 \
+        run(forward_worker_##SUFFIX, &job, n, by_rows);                                                 \
+        return 0;                                                                                       \
+    }                                                                                                   \
+                                                                                                        \
+    /* geo (B × 3: dθ, dcx, dcy) or NULL; gimg (B, C, H, W) or NULL. Returns 0, or -1 out of memory. */ \
+    int rotstn_backward_##SUFFIX(const T *img, int64_t img_bstride, const T *gout, T *gimg,             \
+                                 double *geo, const double *par, int64_t B, int64_t C, int64_t H,       \
+                                 int64_t W, int nthreads) {                                             \
+        int n = thread_count(B * H * W, nthreads);                                                      \
+        /* Rows may be split only when no thread scatters into the image gradient. */                  \
+        int by_rows = B < n && gimg == NULL;                                                            \
+        if (!by_rows && n > B)                                                                          \
+            n = (int)B;                                                                                 \
+        double *partial = NULL;                                                                         \
+        if (geo) {                                                                                      \
+            partial = (double *)calloc((size_t)(n * B * 6), sizeof(double));                            \
+            if (!partial)                                                                               \
+                return -1;                                                                              \
+        }                                                                                               \
+        job_t job = {img, img_bstride, NULL, gout, gimg, partial, par, B, C, H, W, 1, 0, 0};            \
+        run(backward_worker_##SUFFIX, &job, n, by_rows);                                                \
+        if (geo) {                                                                                      \
+            for (int64_t b = 0; b < B; b++) {                                                           \
+                double a[6] = {0, 0, 0, 0, 0, 0};                                                       \
+                for (int t = 0; t < n; t++)                                                             \
+                    for (int k = 0; k < 6; k++)                                                         \
+                        a[k] += partial[6 * ((int64_t)t * B + b) + k];                                  \
+                const double c = par[4 * b], s = par[4 * b + 1];                                        \
+                /* ∂x/∂θ = -s·u - c·v, ∂y/∂θ = c·u - s·v; ∂x/∂cx = 1 - c, ∂x/∂cy = s,                   \
+                   ∂y/∂cx = -s, ∂y/∂cy = 1 - c. */                                                      \
+                geo[3 * b] = -s * a[2] - c * a[3] + c * a[4] - s * a[5];                                \
+                geo[3 * b + 1] = (1 - c) * a[0] - s * a[1];                                             \
+                geo[3 * b + 2] = s * a[0] + (1 - c) * a[1];                                             \
+            }                                                                                           \
+            free(partial);                                                                              \
+        }                                                                                               \
+        return 0;                                                                                       \
+    }
+
+DEFINE_ENTRY(float, f32)
+DEFINE_ENTRY(double, f64)
