@@ -110,6 +110,7 @@ def kernel_serves(
         mode == "bilinear"
         and padding_mode == "zeros"
         and not (align_corners and min(image.shape[-2:]) == 1)
+        and max(image.shape[-2:]) < 2**30  # the kernel indexes rows and columns in int32
         and angle.dtype in (torch.float32, torch.float64)
         and not _tracing()
         and all(_real_cpu(t) for t in (image, angle, center))
@@ -140,7 +141,8 @@ def _kernel_forward(image: Tensor, angle: Tensor, center: Tensor) -> Tensor:
         if src.dtype == torch.float32
         else compiled.library().rotstn_forward_f64
     )
-    fn(src.data_ptr(), stride, out.data_ptr(), par.data_ptr(), b, c, h, w, torch.get_num_threads())
+    if fn(src.data_ptr(), stride, out.data_ptr(), par.data_ptr(), b, c, h, w, torch.get_num_threads()):
+        raise MemoryError("rotstn's compiled CPU kernel could not allocate its row buffers")
     return out.to(image.dtype)
 
 
@@ -168,7 +170,7 @@ def _kernel_backward(
         torch.get_num_threads(),
     )
     if status != 0:
-        raise MemoryError("rotstn's compiled CPU kernel could not allocate its partial sums")
+        raise MemoryError("rotstn's compiled CPU kernel could not allocate its buffers")
     if grad_image is not None:
         grad_image = grad_image.to(image.dtype)
     if geo is None:

@@ -23,8 +23,6 @@
 
 #define MAX_THREADS 256
 
-/* Coordinates beyond this are outside any image; also keeps the int cast defined. */
-#define FAR 1.0e9
 
 typedef struct {
     const void *img;
@@ -35,50 +33,10 @@ typedef struct {
     double *partial;  /* backward: 6 sums per (thread, sample), or NULL */
     const double *par;
     int64_t B, C, H, W;
+    char *scratch;        /* per thread: x0, y0 (int32) and wx, wy of one row */
+    size_t scratch_bytes; /* per thread */
     int nthreads, tid, by_rows;
 } job_t;
-
-/* Corner offsets and weights of one output pixel; invalid corners get weight 0 and offset 0. */
-typedef struct {
-    int64_t off[4];
-    double w[4];
-    double wx, wy;
-    int valid[4];
-} taps_t;
-
-static inline int taps(double x, double y, int64_t H, int64_t W, taps_t *t) {
-    if (!(x > -2.0 && x < (double)W + 1.0 && y > -2.0 && y < (double)H + 1.0) || fabs(x) > FAR ||
-        fabs(y) > FAR)
-        return 0;
-    double fx = floor(x), fy = floor(y);
-    int64_t x0 = (int64_t)fx, y0 = (int64_t)fy;
-    double wx = x - fx, wy = y - fy;
-    int vx0 = x0 >= 0 && x0 < W, vx1 = x0 + 1 >= 0 && x0 + 1 < W;
-    int vy0 = y0 >= 0 && y0 < H, vy1 = y0 + 1 >= 0 && y0 + 1 < H;
-    t->wx = wx;
-    t->wy = wy;
-    t->valid[0] = vx0 && vy0;
-    t->valid[1] = vx1 && vy0;
-    t->valid[2] = vx0 && vy1;
-    t->valid[3] = vx1 && vy1;
-    t->off[0] = y0 * W + x0;
-    t->off[1] = y0 * W + x0 + 1;
-    t->off[2] = (y0 + 1) * W + x0;
-    t->off[3] = (y0 + 1) * W + x0 + 1;
-    t->w[0] = (1.0 - wx) * (1.0 - wy);
-    t->w[1] = wx * (1.0 - wy);
-    t->w[2] = (1.0 - wx) * wy;
-    t->w[3] = wx * wy;
-    int any = 0;
-    for (int k = 0; k < 4; k++) {
-        if (!t->valid[k]) {
-            t->w[k] = 0.0;
-            t->off[k] = 0;
-        }
-        any |= t->valid[k];
-    }
-    return any;
-}
 
 static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
     if (j->by_rows) {
@@ -90,34 +48,91 @@ static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
     }
 }
 
+/* The corners of one row of output pixels, in two passes so that the arithmetic
+ * pass vectorises: x0, y0 = floor of the source coordinates (clamped to
+ * [-2, W+1] × [-2, H+1], where every corner is already outside; NaN goes to -2)
+ * and the bilinear weights wx = x - x0, wy = y - y0. Truncating x + 2 >= 0 is
+ * the floor of x. */
+#define ROW_COORDS(T)                                                                                   \
+    for (int64_t j = 0; j < W; j++) {                                                                   \
+        const double u = (double)j - cx;                                                                \
+        double x = cx + c * u - s * v, y = cy + s * u + c * v;                                          \
+        x = x > -2.0 ? x : -2.0;                                                                        \
+        x = x < xmax ? x : xmax;                                                                        \
+        y = y > -2.0 ? y : -2.0;                                                                        \
+        y = y < ymax ? y : ymax;                                                                        \
+        const int32_t xi = (int32_t)(x + 2.0) - 2, yi = (int32_t)(y + 2.0) - 2;                         \
+        rx0[j] = xi;                                                                                    \
+        ry0[j] = yi;                                                                                    \
+        rwx[j] = (T)(x - (double)xi);                                                                   \
+        rwy[j] = (T)(y - (double)yi);                                                                   \
+    }
+
+/* Bilinear weights and offsets of the four corners (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1)
+ * of a pixel near the border; a corner outside the image gets weight 0, offset 0 and valid 0. */
+static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int64_t W, double w[4],
+                    int64_t off[4], int valid[4]) {
+    const int vx0 = x0 >= 0 && x0 < W, vx1 = x0 + 1 >= 0 && x0 + 1 < W;
+    const int vy0 = y0 >= 0 && y0 < H, vy1 = y0 + 1 >= 0 && y0 + 1 < H;
+    valid[0] = vx0 && vy0;
+    valid[1] = vx1 && vy0;
+    valid[2] = vx0 && vy1;
+    valid[3] = vx1 && vy1;
+    w[0] = (1.0 - wx) * (1.0 - wy);
+    w[1] = wx * (1.0 - wy);
+    w[2] = (1.0 - wx) * wy;
+    w[3] = wx * wy;
+    off[0] = (int64_t)y0 * W + x0;
+    off[1] = off[0] + 1;
+    off[2] = off[0] + W;
+    off[3] = off[2] + 1;
+    for (int k = 0; k < 4; k++)
+        if (!valid[k]) {
+            w[k] = 0.0;
+            off[k] = 0;
+        }
+}
+
+#define WORKER_SETUP(T)                                                                                 \
+    const job_t *jb = (const job_t *)arg;                                                               \
+    const int64_t C = jb->C, H = jb->H, W = jb->W, HW = H * W;                                          \
+    const double xmax = (double)W + 1.0, ymax = (double)H + 1.0;                                        \
+    int32_t *rx0 = (int32_t *)(jb->scratch + (size_t)jb->tid * jb->scratch_bytes), *ry0 = rx0 + W;     \
+    T *rwx = (T *)(ry0 + W), *rwy = rwx + W;                                                            \
+    int64_t r0, r1;                                                                                     \
+    row_range(jb, &r0, &r1);                                                                            \
+    const int64_t b0 = jb->by_rows ? 0 : jb->tid, bstep = jb->by_rows ? 1 : jb->nthreads;
+
 #define DEFINE_KERNELS(T, SUFFIX)                                                                       \
     static void *forward_worker_##SUFFIX(void *arg) {                                                   \
-        const job_t *jb = (const job_t *)arg;                                                           \
-        const int64_t C = jb->C, H = jb->H, W = jb->W, HW = H * W;                                      \
-        int64_t r0, r1;                                                                                 \
-        row_range(jb, &r0, &r1);                                                                        \
-        int64_t b0 = jb->by_rows ? 0 : jb->tid, bstep = jb->by_rows ? 1 : jb->nthreads;                 \
+        WORKER_SETUP(T)                                                                                 \
         for (int64_t b = b0; b < jb->B; b += bstep) {                                                   \
             const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
             T *out = (T *)jb->out + b * C * HW;                                                         \
             const double c = jb->par[4 * b], s = jb->par[4 * b + 1];                                    \
             const double cx = jb->par[4 * b + 2], cy = jb->par[4 * b + 3];                              \
             for (int64_t i = r0; i < r1; i++) {                                                         \
-                const double v = (double)i - cy;                                                       \
+                const double v = (double)i - cy;                                                        \
+                ROW_COORDS(T)                                                                           \
                 for (int64_t j = 0; j < W; j++) {                                                       \
-                    const double u = (double)j - cx;                                                    \
-                    taps_t t;                                                                           \
+                    const int32_t x0 = rx0[j], y0 = ry0[j];                                             \
+                    const T wx = rwx[j], wy = rwy[j];                                                   \
                     T *o = out + i * W + j;                                                             \
-                    if (!taps(cx + c * u - s * v, cy + s * u + c * v, H, W, &t)) {                      \
-                        for (int64_t ch = 0; ch < C; ch++)                                              \
-                            o[ch * HW] = 0;                                                             \
+                    if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {         \
+                        const T *p = img + (int64_t)y0 * W + x0;                                        \
+                        for (int64_t ch = 0; ch < C; ch++, p += HW)                                     \
+                            o[ch * HW] = (1 - wy) * ((1 - wx) * p[0] + wx * p[1]) +                     \
+                                         wy * ((1 - wx) * p[W] + wx * p[W + 1]);                        \
                         continue;                                                                       \
                     }                                                                                   \
-                    const T w0 = (T)t.w[0], w1 = (T)t.w[1], w2 = (T)t.w[2], w3 = (T)t.w[3];             \
+                    double w[4];                                                                        \
+                    int64_t off[4];                                                                     \
+                    int valid[4];                                                                       \
+                    corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                       \
                     for (int64_t ch = 0; ch < C; ch++) {                                                \
                         const T *p = img + ch * HW;                                                     \
-                        o[ch * HW] = w0 * p[t.off[0]] + w1 * p[t.off[1]] + w2 * p[t.off[2]] +           \
-                                     w3 * p[t.off[3]];                                                  \
+                        o[ch * HW] = (T)w[0] * p[off[0]] + (T)w[1] * p[off[1]] + (T)w[2] * p[off[2]] +  \
+                                     (T)w[3] * p[off[3]];                                               \
                     }                                                                                   \
                 }                                                                                       \
             }                                                                                           \
@@ -126,60 +141,76 @@ static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
     }                                                                                                   \
                                                                                                         \
     static void *backward_worker_##SUFFIX(void *arg) {                                                  \
-        const job_t *jb = (const job_t *)arg;                                                           \
-        const int64_t C = jb->C, H = jb->H, W = jb->W, HW = H * W;                                      \
-        int64_t r0, r1;                                                                                 \
-        row_range(jb, &r0, &r1);                                                                        \
-        int64_t b0 = jb->by_rows ? 0 : jb->tid, bstep = jb->by_rows ? 1 : jb->nthreads;                 \
+        WORKER_SETUP(T)                                                                                 \
+        const int want_geo = jb->partial != NULL;                                                       \
         for (int64_t b = b0; b < jb->B; b += bstep) {                                                   \
             const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
             const T *gout = (const T *)jb->gout + b * C * HW;                                           \
             T *gimg = jb->gimg ? (T *)jb->gimg + b * C * HW : NULL;                                     \
             const double c = jb->par[4 * b], s = jb->par[4 * b + 1];                                    \
             const double cx = jb->par[4 * b + 2], cy = jb->par[4 * b + 3];                              \
-            /* Σ gx, Σ gy, Σ gx·u, Σ gx·v, Σ gy·u, Σ gy·v, gx/gy the gradient w.r.t. (x, y). */         \
+            /* Σ gx, Σ gy, Σ gx·u, Σ gx·v, Σ gy·u, Σ gy·v; (gx, gy) = dL/d(x, y) of one pixel. */        \
             double sx = 0, sy = 0, sxu = 0, sxv = 0, syu = 0, syv = 0;                                  \
             if (gimg)                                                                                   \
                 memset(gimg, 0, (size_t)(C * HW) * sizeof(T));                                          \
             for (int64_t i = r0; i < r1; i++) {                                                         \
                 const double v = (double)i - cy;                                                        \
                 double rx = 0, ry = 0, rxu = 0, ryu = 0;                                                \
+                ROW_COORDS(T)                                                                           \
                 for (int64_t j = 0; j < W; j++) {                                                       \
-                    const double u = (double)j - cx;                                                    \
-                    taps_t t;                                                                           \
-                    if (!taps(cx + c * u - s * v, cy + s * u + c * v, H, W, &t))                        \
-                        continue;                                                                       \
+                    const int32_t x0 = rx0[j], y0 = ry0[j];                                             \
+                    const T wx = rwx[j], wy = rwy[j];                                                   \
                     const int64_t pix = i * W + j;                                                      \
-                    if (gimg) {                                                                         \
-                        const T w0 = (T)t.w[0], w1 = (T)t.w[1], w2 = (T)t.w[2], w3 = (T)t.w[3];         \
+                    T gx = 0, gy = 0;                                                                   \
+                    if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {         \
+                        const int64_t at = (int64_t)y0 * W + x0;                                        \
+                        const T w0 = (1 - wx) * (1 - wy), w1 = wx * (1 - wy);                           \
+                        const T w2 = (1 - wx) * wy, w3 = wx * wy;                                       \
                         for (int64_t ch = 0; ch < C; ch++) {                                            \
                             const T g = gout[ch * HW + pix];                                            \
-                            T *q = gimg + ch * HW;                                                      \
-                            /* Invalid corners have weight 0 and offset 0: adding 0 is harmless. */     \
-                            q[t.off[0]] += g * w0;                                                      \
-                            q[t.off[1]] += g * w1;                                                      \
-                            q[t.off[2]] += g * w2;                                                      \
-                            q[t.off[3]] += g * w3;                                                      \
+                            if (gimg) {                                                                 \
+                                T *q = gimg + ch * HW + at;                                             \
+                                q[0] += g * w0;                                                         \
+                                q[1] += g * w1;                                                         \
+                                q[W] += g * w2;                                                         \
+                                q[W + 1] += g * w3;                                                     \
+                            }                                                                           \
+                            if (want_geo) {                                                             \
+                                const T *p = img + ch * HW + at;                                        \
+                                const T i00 = p[0], i01 = p[1], i10 = p[W], i11 = p[W + 1];             \
+                                gx += g * ((1 - wy) * (i01 - i00) + wy * (i11 - i10));                  \
+                                gy += g * ((1 - wx) * (i10 - i00) + wx * (i11 - i01));                  \
+                            }                                                                           \
                         }                                                                               \
-                    }                                                                                   \
-                    if (jb->partial) {                                                                  \
-                        const T wx = (T)t.wx, wy = (T)t.wy;                                             \
-                        const T m0 = (T)t.valid[0], m1 = (T)t.valid[1];                                 \
-                        const T m2 = (T)t.valid[2], m3 = (T)t.valid[3];                                 \
-                        T gx = 0, gy = 0;                                                               \
+                    } else {                                                                            \
+                        double w[4];                                                                    \
+                        int64_t off[4];                                                                 \
+                        int valid[4];                                                                   \
+                        corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                   \
+                        if (!(valid[0] | valid[1] | valid[2] | valid[3]))                               \
+                            continue;                                                                   \
                         for (int64_t ch = 0; ch < C; ch++) {                                            \
-                            const T *p = img + ch * HW;                                                 \
                             const T g = gout[ch * HW + pix];                                            \
-                            const T i00 = m0 * p[t.off[0]], i01 = m1 * p[t.off[1]];                     \
-                            const T i10 = m2 * p[t.off[2]], i11 = m3 * p[t.off[3]];                     \
-                            gx += g * ((1 - wy) * (i01 - i00) + wy * (i11 - i10));                      \
-                            gy += g * ((1 - wx) * (i10 - i00) + wx * (i11 - i01));                      \
+                            if (gimg) {                                                                 \
+                                /* Invalid corners have weight 0 and offset 0: adding 0 is harmless. */ \
+                                T *q = gimg + ch * HW;                                                  \
+                                for (int k = 0; k < 4; k++)                                             \
+                                    q[off[k]] += g * (T)w[k];                                           \
+                            }                                                                           \
+                            if (want_geo) {                                                             \
+                                const T *p = img + ch * HW;                                             \
+                                const T i00 = valid[0] ? p[off[0]] : 0, i01 = valid[1] ? p[off[1]] : 0; \
+                                const T i10 = valid[2] ? p[off[2]] : 0, i11 = valid[3] ? p[off[3]] : 0; \
+                                gx += g * ((1 - wy) * (i01 - i00) + wy * (i11 - i10));                  \
+                                gy += g * ((1 - wx) * (i10 - i00) + wx * (i11 - i01));                  \
+                            }                                                                           \
                         }                                                                               \
-                        rx += gx;                                                                       \
-                        ry += gy;                                                                       \
-                        rxu += (double)gx * u;                                                          \
-                        ryu += (double)gy * u;                                                          \
                     }                                                                                   \
+                    const double u = (double)j - cx;                                                    \
+                    rx += gx;                                                                           \
+                    ry += gy;                                                                           \
+                    rxu += (double)gx * u;                                                              \
+                    ryu += (double)gy * u;                                                              \
                 }                                                                                       \
                 sx += rx;                                                                               \
                 sy += ry;                                                                               \
@@ -188,7 +219,7 @@ static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
                 sxv += rx * v;                                                                          \
                 syv += ry * v;                                                                          \
             }                                                                                           \
-            if (jb->partial) {                                                                          \
+            if (want_geo) {                                                                             \
                 double *acc = jb->partial + 6 * ((int64_t)jb->tid * jb->B + b);                         \
                 acc[0] = sx;                                                                            \
                 acc[1] = sy;                                                                            \
@@ -247,15 +278,26 @@ static int thread_count(int64_t work_pixels, int nthreads) {
     return (int)(nthreads < most ? nthreads : most);
 }
 
+/* Bytes of one thread's row buffers, rounded up to keep each thread's block 64-byte aligned. */
+static size_t scratch_bytes(int64_t W, size_t elem) {
+    size_t bytes = (size_t)W * (2 * sizeof(int32_t) + 2 * elem);
+    return (bytes + 63) / 64 * 64;
+}
+
 #define DEFINE_ENTRY(T, SUFFIX)                                                                         \
     int rotstn_forward_##SUFFIX(const T *img, int64_t img_bstride, T *out, const double *par,           \
                                 int64_t B, int64_t C, int64_t H, int64_t W, int nthreads) {             \
-        job_t job = {img, img_bstride, out, NULL, NULL, NULL, par, B, C, H, W, 1, 0, 0};                \
         int n = thread_count(B * H * W, nthreads);                                                      \
         int by_rows = B < n;                                                                            \
         if (!by_rows && n > B)                                                                          \
             n = (int)B;                                                                                 \
+        size_t bytes = scratch_bytes(W, sizeof(T));                                                     \
+        char *scratch = (char *)malloc(bytes * (size_t)n);                                              \
+        if (!scratch)                                                                                   \
+            return -1;                                                                                  \
+        job_t job = {img, img_bstride, out, NULL, NULL, NULL, par, B, C, H, W, scratch, bytes, 1, 0, 0}; \
         run(forward_worker_##SUFFIX, &job, n, by_rows);                                                 \
+        free(scratch);                                                                                  \
         return 0;                                                                                       \
     }                                                                                                   \
                                                                                                         \
@@ -274,8 +316,15 @@ static int thread_count(int64_t work_pixels, int nthreads) {
             if (!partial)                                                                               \
                 return -1;                                                                              \
         }                                                                                               \
-        job_t job = {img, img_bstride, NULL, gout, gimg, partial, par, B, C, H, W, 1, 0, 0};            \
+        size_t bytes = scratch_bytes(W, sizeof(T));                                                     \
+        char *scratch = (char *)malloc(bytes * (size_t)n);                                              \
+        if (!scratch) {                                                                                 \
+            free(partial);                                                                              \
+            return -1;                                                                                  \
+        }                                                                                               \
+        job_t job = {img, img_bstride, NULL, gout, gimg, partial, par, B, C, H, W, scratch, bytes, 1, 0, 0}; \
         run(backward_worker_##SUFFIX, &job, n, by_rows);                                                \
+        free(scratch);                                                                                  \
         if (geo) {                                                                                      \
             for (int64_t b = 0; b < B; b++) {                                                           \
                 double a[6] = {0, 0, 0, 0, 0, 0};                                                       \
