@@ -48,25 +48,30 @@ static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
     }
 }
 
-/* The corners of one row of output pixels, in two passes so that the arithmetic
- * pass vectorises: x0, y0 = floor of the source coordinates (clamped to
- * [-2, W+1] × [-2, H+1], where every corner is already outside; NaN goes to -2)
- * and the bilinear weights wx = x - x0, wy = y - y0. Truncating x + 2 >= 0 is
- * the floor of x. */
-#define ROW_COORDS(T)                                                                                   \
-    for (int64_t j = 0; j < W; j++) {                                                                   \
-        const double u = (double)j - cx;                                                                \
-        double x = cx + c * u - s * v, y = cy + s * u + c * v;                                          \
-        x = x > -2.0 ? x : -2.0;                                                                        \
-        x = x < xmax ? x : xmax;                                                                        \
-        y = y > -2.0 ? y : -2.0;                                                                        \
-        y = y < ymax ? y : ymax;                                                                        \
-        const int32_t xi = (int32_t)(x + 2.0) - 2, yi = (int32_t)(y + 2.0) - 2;                         \
-        rx0[j] = xi;                                                                                    \
-        ry0[j] = yi;                                                                                    \
-        rwx[j] = (T)(x - (double)xi);                                                                   \
-        rwy[j] = (T)(y - (double)yi);                                                                   \
+/* The corners of one row i of output pixels, in a pass of its own so that it vectorises:
+ * x0, y0 = floor of the source coordinates (clamped to [-2, W+1] × [-2, H+1], where every
+ * corner is already outside; NaN goes to -2) and the bilinear weights wx = x - x0,
+ * wy = y - y0. Truncating x + 2 >= 0 is the floor of x. At θ = 0 (c = 1, s = 0) x is
+ * exactly j, as in the reference path on sizes where its normalised grid is exact. */
+static void row_coords(int64_t W, int64_t H, const double *par, int64_t i, int32_t *restrict rx0,
+                       int32_t *restrict ry0, double *restrict rwx, double *restrict rwy) {
+    const double c = par[0], s = par[1], cx = par[2], cy = par[3];
+    const double v = (double)i - cy, bx = cx - s * v, by = cy + c * v;
+    const double xmax = (double)W + 1.0, ymax = (double)H + 1.0;
+    for (int32_t j = 0; j < (int32_t)W; j++) {
+        const double u = (double)j - cx;
+        double x = bx + c * u, y = by + s * u;
+        x = x > -2.0 ? x : -2.0;
+        x = x < xmax ? x : xmax;
+        y = y > -2.0 ? y : -2.0;
+        y = y < ymax ? y : ymax;
+        const int32_t xi = (int32_t)(x + 2.0) - 2, yi = (int32_t)(y + 2.0) - 2;
+        rx0[j] = xi;
+        ry0[j] = yi;
+        rwx[j] = x - (double)xi;
+        rwy[j] = y - (double)yi;
     }
+}
 
 /* Bilinear weights and offsets of the four corners (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1)
  * of a pixel near the border; a corner outside the image gets weight 0, offset 0 and valid 0. */
@@ -96,9 +101,8 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
 #define WORKER_SETUP(T)                                                                                 \
     const job_t *jb = (const job_t *)arg;                                                               \
     const int64_t C = jb->C, H = jb->H, W = jb->W, HW = H * W;                                          \
-    const double xmax = (double)W + 1.0, ymax = (double)H + 1.0;                                        \
-    int32_t *rx0 = (int32_t *)(jb->scratch + (size_t)jb->tid * jb->scratch_bytes), *ry0 = rx0 + W;     \
-    T *rwx = (T *)(ry0 + W), *rwy = rwx + W;                                                            \
+    double *rwx = (double *)(jb->scratch + (size_t)jb->tid * jb->scratch_bytes), *rwy = rwx + W;        \
+    int32_t *rx0 = (int32_t *)(rwy + W), *ry0 = rx0 + W;                                                \
     int64_t r0, r1;                                                                                     \
     row_range(jb, &r0, &r1);                                                                            \
     const int64_t b0 = jb->by_rows ? 0 : jb->tid, bstep = jb->by_rows ? 1 : jb->nthreads;
@@ -109,20 +113,21 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
         for (int64_t b = b0; b < jb->B; b += bstep) {                                                   \
             const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
             T *out = (T *)jb->out + b * C * HW;                                                         \
-            const double c = jb->par[4 * b], s = jb->par[4 * b + 1];                                    \
-            const double cx = jb->par[4 * b + 2], cy = jb->par[4 * b + 3];                              \
             for (int64_t i = r0; i < r1; i++) {                                                         \
-                const double v = (double)i - cy;                                                        \
-                ROW_COORDS(T)                                                                           \
+                row_coords(W, H, jb->par + 4 * b, i, rx0, ry0, rwx, rwy);                              \
                 for (int64_t j = 0; j < W; j++) {                                                       \
                     const int32_t x0 = rx0[j], y0 = ry0[j];                                             \
                     const T wx = rwx[j], wy = rwy[j];                                                   \
                     T *o = out + i * W + j;                                                             \
                     if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {         \
                         const T *p = img + (int64_t)y0 * W + x0;                                        \
-                        for (int64_t ch = 0; ch < C; ch++, p += HW)                                     \
-                            o[ch * HW] = (1 - wy) * ((1 - wx) * p[0] + wx * p[1]) +                     \
-                                         wy * ((1 - wx) * p[W] + wx * p[W + 1]);                        \
+                        int64_t ch = 0;                                                                 \
+                        do {                                                                            \
+                            const T top = p[0] + wx * (p[1] - p[0]);                                    \
+                            const T bottom = p[W] + wx * (p[W + 1] - p[W]);                             \
+                            o[ch * HW] = top + wy * (bottom - top);                                     \
+                            p += HW;                                                                    \
+                        } while (++ch < C);                                                             \
                         continue;                                                                       \
                     }                                                                                   \
                     double w[4];                                                                        \
@@ -147,7 +152,6 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
             const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
             const T *gout = (const T *)jb->gout + b * C * HW;                                           \
             T *gimg = jb->gimg ? (T *)jb->gimg + b * C * HW : NULL;                                     \
-            const double c = jb->par[4 * b], s = jb->par[4 * b + 1];                                    \
             const double cx = jb->par[4 * b + 2], cy = jb->par[4 * b + 3];                              \
             /* Σ gx, Σ gy, Σ gx·u, Σ gx·v, Σ gy·u, Σ gy·v; (gx, gy) = dL/d(x, y) of one pixel. */        \
             double sx = 0, sy = 0, sxu = 0, sxv = 0, syu = 0, syv = 0;                                  \
@@ -156,7 +160,7 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
             for (int64_t i = r0; i < r1; i++) {                                                         \
                 const double v = (double)i - cy;                                                        \
                 double rx = 0, ry = 0, rxu = 0, ryu = 0;                                                \
-                ROW_COORDS(T)                                                                           \
+                row_coords(W, H, jb->par + 4 * b, i, rx0, ry0, rwx, rwy);                              \
                 for (int64_t j = 0; j < W; j++) {                                                       \
                     const int32_t x0 = rx0[j], y0 = ry0[j];                                             \
                     const T wx = rwx[j], wy = rwy[j];                                                   \
@@ -178,8 +182,9 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
                             if (want_geo) {                                                             \
                                 const T *p = img + ch * HW + at;                                        \
                                 const T i00 = p[0], i01 = p[1], i10 = p[W], i11 = p[W + 1];             \
-                                gx += g * ((1 - wy) * (i01 - i00) + wy * (i11 - i10));                  \
-                                gy += g * ((1 - wx) * (i10 - i00) + wx * (i11 - i01));                  \
+                                const T dx0 = i01 - i00, dy0 = i10 - i00;                               \
+                                gx += g * (dx0 + wy * (i11 - i10 - dx0));                               \
+                                gy += g * (dy0 + wx * (i11 - i01 - dy0));                               \
                             }                                                                           \
                         }                                                                               \
                     } else {                                                                            \
@@ -280,7 +285,7 @@ static int thread_count(int64_t work_pixels, int nthreads) {
 
 /* Bytes of one thread's row buffers, rounded up to keep each thread's block 64-byte aligned. */
 static size_t scratch_bytes(int64_t W, size_t elem) {
-    size_t bytes = (size_t)W * (2 * sizeof(int32_t) + 2 * elem);
+    size_t bytes = (size_t)W * (2 * sizeof(int32_t) + 2 * sizeof(double)) + 0 * elem;
     return (bytes + 63) / 64 * 64;
 }
 
