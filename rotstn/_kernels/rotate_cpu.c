@@ -53,25 +53,30 @@ static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
  * corner is already outside; NaN goes to -2) and the bilinear weights wx = x - x0,
  * wy = y - y0. Truncating x + 2 >= 0 is the floor of x. At θ = 0 (c = 1, s = 0) x is
  * exactly j, as in the reference path on sizes where its normalised grid is exact. */
-static void row_coords(int64_t W, int64_t H, const double *par, int64_t i, int32_t *restrict rx0,
-                       int32_t *restrict ry0, double *restrict rwx, double *restrict rwy) {
-    const double c = par[0], s = par[1], cx = par[2], cy = par[3];
-    const double v = (double)i - cy, bx = cx - s * v, by = cy + c * v;
-    const double xmax = (double)W + 1.0, ymax = (double)H + 1.0;
-    for (int32_t j = 0; j < (int32_t)W; j++) {
-        const double u = (double)j - cx;
-        double x = bx + c * u, y = by + s * u;
-        x = x > -2.0 ? x : -2.0;
-        x = x < xmax ? x : xmax;
-        y = y > -2.0 ? y : -2.0;
-        y = y < ymax ? y : ymax;
-        const int32_t xi = (int32_t)(x + 2.0) - 2, yi = (int32_t)(y + 2.0) - 2;
-        rx0[j] = xi;
-        ry0[j] = yi;
-        rwx[j] = x - (double)xi;
-        rwy[j] = y - (double)yi;
+#define DEFINE_ROW_COORDS(T, SUFFIX)                                                                    \
+    static void row_coords_##SUFFIX(int64_t W, int64_t H, const double *par, int64_t i,                 \
+                                    int32_t *restrict rx0, int32_t *restrict ry0, T *restrict rwx,      \
+                                    T *restrict rwy) {                                                  \
+        const double c = par[0], s = par[1], cx = par[2], cy = par[3];                                  \
+        const double v = (double)i - cy, bx = cx - s * v, by = cy + c * v;                              \
+        const double xmax = (double)W + 1.0, ymax = (double)H + 1.0;                                    \
+        for (int32_t j = 0; j < (int32_t)W; j++) {                                                      \
+            const double u = (double)j - cx;                                                            \
+            double x = bx + c * u, y = by + s * u;                                                      \
+            x = x > -2.0 ? x : -2.0;                                                                    \
+            x = x < xmax ? x : xmax;                                                                    \
+            y = y > -2.0 ? y : -2.0;                                                                    \
+            y = y < ymax ? y : ymax;                                                                    \
+            const int32_t xi = (int32_t)(x + 2.0) - 2, yi = (int32_t)(y + 2.0) - 2;                     \
+            rx0[j] = xi;                                                                                \
+            ry0[j] = yi;                                                                                \
+            rwx[j] = (T)(x - (double)xi);                                                               \
+            rwy[j] = (T)(y - (double)yi);                                                               \
+        }                                                                                               \
     }
-}
+
+DEFINE_ROW_COORDS(float, f32)
+DEFINE_ROW_COORDS(double, f64)
 
 /* Bilinear weights and offsets of the four corners (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1)
  * of a pixel near the border; a corner outside the image gets weight 0, offset 0 and valid 0. */
@@ -101,7 +106,7 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
 #define WORKER_SETUP(T)                                                                                 \
     const job_t *jb = (const job_t *)arg;                                                               \
     const int64_t C = jb->C, H = jb->H, W = jb->W, HW = H * W;                                          \
-    double *rwx = (double *)(jb->scratch + (size_t)jb->tid * jb->scratch_bytes), *rwy = rwx + W;        \
+    T *rwx = (T *)(jb->scratch + (size_t)jb->tid * jb->scratch_bytes), *rwy = rwx + W;                  \
     int32_t *rx0 = (int32_t *)(rwy + W), *ry0 = rx0 + W;                                                \
     int64_t r0, r1;                                                                                     \
     row_range(jb, &r0, &r1);                                                                            \
@@ -114,7 +119,7 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
             const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
             T *out = (T *)jb->out + b * C * HW;                                                         \
             for (int64_t i = r0; i < r1; i++) {                                                         \
-                row_coords(W, H, jb->par + 4 * b, i, rx0, ry0, rwx, rwy);                              \
+                row_coords_##SUFFIX(W, H, jb->par + 4 * b, i, rx0, ry0, rwx, rwy);                              \
                 for (int64_t j = 0; j < W; j++) {                                                       \
                     const int32_t x0 = rx0[j], y0 = ry0[j];                                             \
                     const T wx = rwx[j], wy = rwy[j];                                                   \
@@ -160,7 +165,7 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
             for (int64_t i = r0; i < r1; i++) {                                                         \
                 const double v = (double)i - cy;                                                        \
                 double rx = 0, ry = 0, rxu = 0, ryu = 0;                                                \
-                row_coords(W, H, jb->par + 4 * b, i, rx0, ry0, rwx, rwy);                              \
+                row_coords_##SUFFIX(W, H, jb->par + 4 * b, i, rx0, ry0, rwx, rwy);                              \
                 for (int64_t j = 0; j < W; j++) {                                                       \
                     const int32_t x0 = rx0[j], y0 = ry0[j];                                             \
                     const T wx = rwx[j], wy = rwy[j];                                                   \
@@ -285,7 +290,7 @@ static int thread_count(int64_t work_pixels, int nthreads) {
 
 /* Bytes of one thread's row buffers, rounded up to keep each thread's block 64-byte aligned. */
 static size_t scratch_bytes(int64_t W, size_t elem) {
-    size_t bytes = (size_t)W * (2 * sizeof(int32_t) + 2 * sizeof(double)) + 0 * elem;
+    size_t bytes = (size_t)W * (2 * sizeof(int32_t) + 2 * elem);
     return (bytes + 63) / 64 * 64;
 }
 
