@@ -23,6 +23,13 @@
 
 #define MAX_THREADS 256
 
+/* The row loops are inlined at call sites with constant channel counts and flags, which specialises them. */
+#if defined(__GNUC__)
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE static inline
+#endif
+
 
 typedef struct {
     const void *img;
@@ -113,6 +120,37 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
     const int64_t b0 = jb->by_rows ? 0 : jb->tid, bstep = jb->by_rows ? 1 : jb->nthreads;
 
 #define DEFINE_KERNELS(T, SUFFIX)                                                                       \
+    ALWAYS_INLINE void forward_row_##SUFFIX(                             \
+        const T *img, T *out, const int64_t C, const int64_t H, const int64_t W, const int64_t i,        \
+        const int32_t *rx0, const int32_t *ry0, const T *rwx, const T *rwy) {                           \
+        const int64_t HW = H * W;                                                                       \
+        for (int64_t j = 0; j < W; j++) {                                                       \
+            const int32_t x0 = rx0[j], y0 = ry0[j];                                             \
+            const T wx = rwx[j], wy = rwy[j];                                                   \
+            T *o = out + i * W + j;                                                             \
+            if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {         \
+                const T *p = img + (int64_t)y0 * W + x0;                                        \
+                int64_t ch = 0;                                                                 \
+                do {                                                                            \
+                    const T top = p[0] + wx * (p[1] - p[0]);                                    \
+                    const T bottom = p[W] + wx * (p[W + 1] - p[W]);                             \
+                    o[ch * HW] = top + wy * (bottom - top);                                     \
+                    p += HW;                                                                    \
+                } while (++ch < C);                                                             \
+                continue;                                                                       \
+            }                                                                                   \
+            double w[4];                                                                        \
+            int64_t off[4];                                                                     \
+            int valid[4];                                                                       \
+            corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                       \
+            for (int64_t ch = 0; ch < C; ch++) {                                                \
+                const T *p = img + ch * HW;                                                     \
+                o[ch * HW] = (T)w[0] * p[off[0]] + (T)w[1] * p[off[1]] + (T)w[2] * p[off[2]] +  \
+                             (T)w[3] * p[off[3]];                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                                   \
+                                                                                                        \
     static void *forward_worker_##SUFFIX(void *arg) {                                                   \
         WORKER_SETUP(T)                                                                                 \
         for (int64_t b = b0; b < jb->B; b += bstep) {                                                   \
@@ -120,34 +158,81 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
             T *out = (T *)jb->out + b * C * HW;                                                         \
             for (int64_t i = r0; i < r1; i++) {                                                         \
                 row_coords_##SUFFIX(W, H, jb->par + 4 * b, i, rx0, ry0, rwx, rwy);                              \
-                for (int64_t j = 0; j < W; j++) {                                                       \
-                    const int32_t x0 = rx0[j], y0 = ry0[j];                                             \
-                    const T wx = rwx[j], wy = rwy[j];                                                   \
-                    T *o = out + i * W + j;                                                             \
-                    if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {         \
-                        const T *p = img + (int64_t)y0 * W + x0;                                        \
-                        int64_t ch = 0;                                                                 \
-                        do {                                                                            \
-                            const T top = p[0] + wx * (p[1] - p[0]);                                    \
-                            const T bottom = p[W] + wx * (p[W + 1] - p[W]);                             \
-                            o[ch * HW] = top + wy * (bottom - top);                                     \
-                            p += HW;                                                                    \
-                        } while (++ch < C);                                                             \
-                        continue;                                                                       \
-                    }                                                                                   \
-                    double w[4];                                                                        \
-                    int64_t off[4];                                                                     \
-                    int valid[4];                                                                       \
-                    corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                       \
-                    for (int64_t ch = 0; ch < C; ch++) {                                                \
-                        const T *p = img + ch * HW;                                                     \
-                        o[ch * HW] = (T)w[0] * p[off[0]] + (T)w[1] * p[off[1]] + (T)w[2] * p[off[2]] +  \
-                                     (T)w[3] * p[off[3]];                                               \
-                    }                                                                                   \
-                }                                                                                       \
+                if (C == 1)                                                                             \
+                    forward_row_##SUFFIX(img, out, 1, H, W, i, rx0, ry0, rwx, rwy);                     \
+                else                                                                                    \
+                    forward_row_##SUFFIX(img, out, C, H, W, i, rx0, ry0, rwx, rwy);                     \
             }                                                                                           \
         }                                                                                               \
         return NULL;                                                                                    \
+    }                                                                                                   \
+                                                                                                        \
+    ALWAYS_INLINE void backward_row_##SUFFIX(                            \
+        const T *img, const T *gout, T *gimg, const int64_t C, const int64_t H, const int64_t W,        \
+        const int64_t i, const int32_t *rx0, const int32_t *ry0, const T *rwx, const T *rwy,            \
+        const double cx, const int do_img, const int do_geo, double r[4]) {                             \
+        const int64_t HW = H * W;                                                                       \
+        double rx = 0, ry = 0, rxu = 0, ryu = 0;                                                        \
+        for (int64_t j = 0; j < W; j++) {                                                       \
+            const int32_t x0 = rx0[j], y0 = ry0[j];                                             \
+            const T wx = rwx[j], wy = rwy[j];                                                   \
+            const int64_t pix = i * W + j;                                                      \
+            T gx = 0, gy = 0;                                                                   \
+            if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {         \
+                const int64_t at = (int64_t)y0 * W + x0;                                        \
+                const T w0 = (1 - wx) * (1 - wy), w1 = wx * (1 - wy);                           \
+                const T w2 = (1 - wx) * wy, w3 = wx * wy;                                       \
+                for (int64_t ch = 0; ch < C; ch++) {                                            \
+                    const T g = gout[ch * HW + pix];                                            \
+                    if (do_img) {                                                                 \
+                        T *q = gimg + ch * HW + at;                                             \
+                        q[0] += g * w0;                                                         \
+                        q[1] += g * w1;                                                         \
+                        q[W] += g * w2;                                                         \
+                        q[W + 1] += g * w3;                                                     \
+                    }                                                                           \
+                    if (do_geo) {                                                             \
+                        const T *p = img + ch * HW + at;                                        \
+                        const T i00 = p[0], i01 = p[1], i10 = p[W], i11 = p[W + 1];             \
+                        const T dx0 = i01 - i00, dy0 = i10 - i00;                               \
+                        gx += g * (dx0 + wy * (i11 - i10 - dx0));                               \
+                        gy += g * (dy0 + wx * (i11 - i01 - dy0));                               \
+                    }                                                                           \
+                }                                                                               \
+            } else {                                                                            \
+                double w[4];                                                                    \
+                int64_t off[4];                                                                 \
+                int valid[4];                                                                   \
+                corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                   \
+                if (!(valid[0] | valid[1] | valid[2] | valid[3]))                               \
+                    continue;                                                                   \
+                for (int64_t ch = 0; ch < C; ch++) {                                            \
+                    const T g = gout[ch * HW + pix];                                            \
+                    if (do_img) {                                                                 \
+                        /* Invalid corners have weight 0 and offset 0: adding 0 is harmless. */ \
+                        T *q = gimg + ch * HW;                                                  \
+                        for (int k = 0; k < 4; k++)                                             \
+                            q[off[k]] += g * (T)w[k];                                           \
+                    }                                                                           \
+                    if (do_geo) {                                                             \
+                        const T *p = img + ch * HW;                                             \
+                        const T i00 = valid[0] ? p[off[0]] : 0, i01 = valid[1] ? p[off[1]] : 0; \
+                        const T i10 = valid[2] ? p[off[2]] : 0, i11 = valid[3] ? p[off[3]] : 0; \
+                        gx += g * ((1 - wy) * (i01 - i00) + wy * (i11 - i10));                  \
+                        gy += g * ((1 - wx) * (i10 - i00) + wx * (i11 - i01));                  \
+                    }                                                                           \
+                }                                                                               \
+            }                                                                                   \
+            const double u = (double)j - cx;                                                    \
+            rx += gx;                                                                           \
+            ry += gy;                                                                           \
+            rxu += (double)gx * u;                                                              \
+            ryu += (double)gy * u;                                                              \
+        }                                                                                       \
+        r[0] = rx;                                                                                      \
+        r[1] = ry;                                                                                      \
+        r[2] = rxu;                                                                                     \
+        r[3] = ryu;                                                                                     \
     }                                                                                                   \
                                                                                                         \
     static void *backward_worker_##SUFFIX(void *arg) {                                                  \
@@ -164,64 +249,21 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
                 memset(gimg, 0, (size_t)(C * HW) * sizeof(T));                                          \
             for (int64_t i = r0; i < r1; i++) {                                                         \
                 const double v = (double)i - cy;                                                        \
-                double rx = 0, ry = 0, rxu = 0, ryu = 0;                                                \
                 row_coords_##SUFFIX(W, H, jb->par + 4 * b, i, rx0, ry0, rwx, rwy);                              \
-                for (int64_t j = 0; j < W; j++) {                                                       \
-                    const int32_t x0 = rx0[j], y0 = ry0[j];                                             \
-                    const T wx = rwx[j], wy = rwy[j];                                                   \
-                    const int64_t pix = i * W + j;                                                      \
-                    T gx = 0, gy = 0;                                                                   \
-                    if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {         \
-                        const int64_t at = (int64_t)y0 * W + x0;                                        \
-                        const T w0 = (1 - wx) * (1 - wy), w1 = wx * (1 - wy);                           \
-                        const T w2 = (1 - wx) * wy, w3 = wx * wy;                                       \
-                        for (int64_t ch = 0; ch < C; ch++) {                                            \
-                            const T g = gout[ch * HW + pix];                                            \
-                            if (gimg) {                                                                 \
-                                T *q = gimg + ch * HW + at;                                             \
-                                q[0] += g * w0;                                                         \
-                                q[1] += g * w1;                                                         \
-                                q[W] += g * w2;                                                         \
-                                q[W + 1] += g * w3;                                                     \
-                            }                                                                           \
-                            if (want_geo) {                                                             \
-                                const T *p = img + ch * HW + at;                                        \
-                                const T i00 = p[0], i01 = p[1], i10 = p[W], i11 = p[W + 1];             \
-                                const T dx0 = i01 - i00, dy0 = i10 - i00;                               \
-                                gx += g * (dx0 + wy * (i11 - i10 - dx0));                               \
-                                gy += g * (dy0 + wx * (i11 - i01 - dy0));                               \
-                            }                                                                           \
-                        }                                                                               \
-                    } else {                                                                            \
-                        double w[4];                                                                    \
-                        int64_t off[4];                                                                 \
-                        int valid[4];                                                                   \
-                        corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                   \
-                        if (!(valid[0] | valid[1] | valid[2] | valid[3]))                               \
-                            continue;                                                                   \
-                        for (int64_t ch = 0; ch < C; ch++) {                                            \
-                            const T g = gout[ch * HW + pix];                                            \
-                            if (gimg) {                                                                 \
-                                /* Invalid corners have weight 0 and offset 0: adding 0 is harmless. */ \
-                                T *q = gimg + ch * HW;                                                  \
-                                for (int k = 0; k < 4; k++)                                             \
-                                    q[off[k]] += g * (T)w[k];                                           \
-                            }                                                                           \
-                            if (want_geo) {                                                             \
-                                const T *p = img + ch * HW;                                             \
-                                const T i00 = valid[0] ? p[off[0]] : 0, i01 = valid[1] ? p[off[1]] : 0; \
-                                const T i10 = valid[2] ? p[off[2]] : 0, i11 = valid[3] ? p[off[3]] : 0; \
-                                gx += g * ((1 - wy) * (i01 - i00) + wy * (i11 - i10));                  \
-                                gy += g * ((1 - wx) * (i10 - i00) + wx * (i11 - i01));                  \
-                            }                                                                           \
-                        }                                                                               \
-                    }                                                                                   \
-                    const double u = (double)j - cx;                                                    \
-                    rx += gx;                                                                           \
-                    ry += gy;                                                                           \
-                    rxu += (double)gx * u;                                                              \
-                    ryu += (double)gy * u;                                                              \
-                }                                                                                       \
+                double r[4] = {0, 0, 0, 0}; /* Σ_j gx, Σ_j gy, Σ_j gx·u, Σ_j gy·u */                   \
+                const int32_t *ox = rx0, *oy = ry0;                                                     \
+                const T *fx = rwx, *fy = rwy;                                                           \
+                /* Constant flags and channel count let the compiler specialise the common calls. */   \
+                if (C == 1 && gimg && want_geo)                                                         \
+                    backward_row_##SUFFIX(img, gout, gimg, 1, H, W, i, ox, oy, fx, fy, cx, 1, 1, r);    \
+                else if (C == 1 && want_geo)                                                            \
+                    backward_row_##SUFFIX(img, gout, NULL, 1, H, W, i, ox, oy, fx, fy, cx, 0, 1, r);    \
+                else if (gimg && want_geo)                                                              \
+                    backward_row_##SUFFIX(img, gout, gimg, C, H, W, i, ox, oy, fx, fy, cx, 1, 1, r);    \
+                else                                                                                    \
+                    backward_row_##SUFFIX(img, gout, gimg, C, H, W, i, ox, oy, fx, fy, cx, gimg != NULL, \
+                                          want_geo, r);                                                 \
+                const double rx = r[0], ry = r[1], rxu = r[2], ryu = r[3];                              \
                 sx += rx;                                                                               \
                 sy += ry;                                                                               \
                 sxu += rxu;                                                                             \
