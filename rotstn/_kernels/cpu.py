@@ -23,9 +23,10 @@ Here:
 Bilinear with zero padding on real CPU tensors goes one step further when the
 compiled kernel (``compiled.py``, ``rotate_cpu.c``) could be built: forward and
 backward are each one fused pass in C over the pixels, with no grid at all and
-the angle and centre gradients accumulated per sample. Other modes and
-paddings, traced calls (``torch.compile``, export, ``torch.jit``), and machines
-without a C compiler use aten's sampler as above.
+the angle and centre gradients accumulated per sample (inference calls with
+several channels keep aten's vectorised sampler, which was faster there).
+Other modes and paddings, traced calls (``torch.compile``, export,
+``torch.jit``), and machines without a C compiler use aten's sampler as above.
 
 Double backward (``create_graph=True``) recomputes the gradient through the
 reference path, which is made of differentiable ops.
