@@ -23,8 +23,8 @@ Here:
 Bilinear with zero padding on real CPU tensors goes one step further when the
 compiled kernel (``compiled.py``, ``rotate_cpu.c``) could be built: forward and
 backward are each one fused pass in C over the pixels, with no grid at all and
-the angle and centre gradients accumulated per sample (inference calls with
-several channels keep aten's vectorised sampler, which was faster there).
+the angle and centre gradients accumulated per sample (inference calls above
+96² pixels keep aten's vectorised sampler, which was as fast or faster there).
 Other modes and paddings, traced calls (``torch.compile``, export,
 ``torch.jit``), and machines without a C compiler use aten's sampler as above.
 
@@ -120,11 +120,11 @@ def kernel_serves(
 
 
 def _kernel_pays_off(image: Tensor, grads_needed: bool) -> bool:
-    # Forward + backward: the kernel was faster in every cell measured (B = 1 to 64, 32² to
-    # 512², C = 1 and 3). Forward only: aten's vectorised sampler was 5-25 % faster with several
-    # channels, except on images small enough for the grid's fixed cost to dominate.
-    b, c, h, w = image.shape
-    return grads_needed or c == 1 or b * h * w < 96 * 96
+    # With a backward the kernel was faster in every cell of benchmarks/cpu_kernel.py (B = 1 to
+    # 64, 32² to 512², C = 1 and 3). Forward only, aten's vectorised sampler was as fast or up to
+    # 25 % faster except on images small enough for the grid's fixed cost to dominate.
+    b, _, h, w = image.shape
+    return grads_needed or b * h * w < 96 * 96
 
 
 def _kernel_args(image: Tensor, angle: Tensor, center: Tensor) -> tuple[Tensor, int, Tensor]:
