@@ -18,7 +18,9 @@ its input, so a :class:`rotstn.RotationSTN` starts as the identity warp.
 The decoded angle is pulled towards 0 by a weight that decays
 geometrically from 10⁴ to 0 over the first ``warmup`` training-mode forward
 calls. The loss always sees the head's own output, so supervised training
-runs at full speed from the first step.
+runs at full speed from the first step. A loss on the warped image goes
+through the pulled angle, whose gradient is scaled down while the pull is
+strong: for purely unsupervised training use a short ``warmup`` (or 0).
 """
 
 from __future__ import annotations
