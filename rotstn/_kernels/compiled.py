@@ -77,31 +77,47 @@ def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (cc, gcc, clang)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(FLAGS).encode(), cc[0].encode(), platform.machine().encode()])
-    ).hexdigest()[:16]
     folder = cache_dir()
-    target = folder / f"rotate_cpu-{platform.machine()}-{key}.so"
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        # Build under a unique name and rename: concurrent processes never load a half-written file.
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=folder)
-        os.close(fd)
+    # The AVX2 clone of the coordinate pass needs ifunc support (glibc); where that build
+    # fails, the portable one is used. A cached build of either is reused without compiling.
+    attempts = [(*FLAGS, *extra) for extra in ((), ("-DROTSTN_NO_CLONES",))]
+    targets = [_target(folder, cc, flags) for flags in attempts]
+    for target in targets:
+        if target.exists():
+            return _declare(ctypes.CDLL(str(target)))
+    errors = []
+    for flags, target in zip(attempts, targets, strict=True):
         try:
-            done = subprocess.run(
-                [*cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[-2000:]}")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return _declare(ctypes.CDLL(str(target)))
+            _compile(cc, flags, target)
+        except RuntimeError as err:
+            errors.append(str(err))
+            continue
+        return _declare(ctypes.CDLL(str(target)))
+    raise RuntimeError("; ".join(errors))
+
+
+def _target(folder: Path, cc: list[str], flags: tuple[str, ...]) -> Path:
+    """The cached library's path: keyed by source, flags, compiler and machine."""
+    parts = [SOURCE.read_bytes(), " ".join(flags).encode(), cc[0].encode(), platform.machine().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return folder / f"rotate_cpu-{platform.machine()}-{key}.so"
+
+
+def _compile(cc: list[str], flags: tuple[str, ...], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build under a unique name and rename: concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [*cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=60
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @functools.lru_cache(maxsize=1)

@@ -23,14 +23,16 @@
 
 #define MAX_THREADS 256
 
-/* The coordinate pass is the one loop that vectorises; with GCC on x86-64 Linux it is also
- * built for AVX2 and picked at load time (ifunc), so the binary still runs on any x86-64. */
 #if defined(__GNUC__) && !defined(__clang__)
 /* GCC pairs the scatter's q[0], q[1] updates into one 8-byte load and store; the next pixel
  * usually reads 4 bytes into that store, which defeats store forwarding (measured ~8 % slower). */
 #pragma GCC optimize("no-tree-slp-vectorize")
 #endif
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* The coordinate pass is the one loop that vectorises; with GCC on x86-64 Linux it is also
+ * built for AVX2 and picked at load time (ifunc), so the binary still runs on any x86-64.
+ * compiled.py retries with -DROTSTN_NO_CLONES where ifuncs are not supported. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(ROTSTN_NO_CLONES)
 #define ROW_COORDS_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define ROW_COORDS_CLONES
