@@ -340,3 +340,16 @@ def test_functorch_transforms_fall_back_to_the_reference_path():
     a = torch.tensor(0.3, requires_grad=True)
     rotstn.rotate(x, a).square().sum().backward()
     torch.testing.assert_close(grad, a.grad, rtol=1e-4, atol=0)
+
+
+@needs_kernel
+def test_compiled_kernel_without_channels():
+    # No pixels to sample: empty output, and zero (not uninitialised) angle and centre gradients.
+    x = torch.rand(2, 0, 5, 6)
+    a = torch.tensor([0.3, -1.0], requires_grad=True)
+    c = torch.tensor([[2.0, 2.5], [1.0, 3.0]], requires_grad=True)
+    assert _kernels.cpu.kernel_serves(x, a, c, "bilinear", "zeros", False)
+    out = rotstn.rotate(x, a, c)
+    assert out.shape == (2, 0, 5, 6)
+    (out.sum() + a.sum() * 0 + c.sum() * 0).backward()
+    assert torch.equal(a.grad, torch.zeros(2)) and torch.equal(c.grad, torch.zeros(2, 2))

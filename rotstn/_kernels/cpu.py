@@ -135,7 +135,7 @@ def _kernel_args(image: Tensor, angle: Tensor, center: Tensor) -> tuple[Tensor, 
         stride = 0
     else:
         src = src.contiguous()
-        stride = src[0].numel()
+        stride = src.shape[1] * src.shape[2] * src.shape[3]
     a = angle.detach().to(torch.float64)
     par = torch.cat((torch.cos(a)[:, None], torch.sin(a)[:, None], center.detach().to(torch.float64)), 1)
     return src, stride, par.contiguous()

@@ -354,6 +354,8 @@ static size_t scratch_bytes(int64_t W, size_t elem) {
 #define DEFINE_ENTRY(T, SUFFIX)                                                                         \
     int rotstn_forward_##SUFFIX(const T *img, int64_t img_bstride, T *out, const double *par,           \
                                 int64_t B, int64_t C, int64_t H, int64_t W, int nthreads) {             \
+        if (B <= 0 || C <= 0 || H <= 0 || W <= 0)                                                       \
+            return 0; /* nothing to do (and no job for run() to hand out) */                            \
         int n = thread_count(B * H * W, nthreads);                                                      \
         int by_rows = B < n;                                                                            \
         if (!by_rows && n > B)                                                                          \
@@ -372,6 +374,12 @@ static size_t scratch_bytes(int64_t W, size_t elem) {
     int rotstn_backward_##SUFFIX(const T *img, int64_t img_bstride, const T *gout, T *gimg,             \
                                  double *geo, const double *par, int64_t B, int64_t C, int64_t H,       \
                                  int64_t W, int nthreads) {                                             \
+        if (B <= 0 || C <= 0 || H <= 0 || W <= 0) {                                                     \
+            /* No pixels: the angle and centre gradients are 0 (and run() would get no job). */         \
+            for (int64_t k = 0; geo && k < 3 * B; k++)                                                  \
+                geo[k] = 0.0;                                                                           \
+            return 0;                                                                                   \
+        }                                                                                               \
         int n = thread_count(B * H * W, nthreads);                                                      \
         /* Rows may be split only when no thread scatters into the image gradient. */                  \
         int by_rows = B < n && gimg == NULL;                                                            \
