@@ -1,7 +1,19 @@
 """rotstn: rotation as a first-class, differentiable operation in PyTorch."""
 
+from . import encoders, heads, losses
 from .functional import angle_difference, rotate, rotation_matrix, wrap_angle
-from .modules import Rotate
+from .modules import Rotate, RotationSTN, STNOutput
 
-__all__ = ["Rotate", "angle_difference", "rotate", "rotation_matrix", "wrap_angle"]
+__all__ = [
+    "Rotate",
+    "RotationSTN",
+    "STNOutput",
+    "angle_difference",
+    "encoders",
+    "heads",
+    "losses",
+    "rotate",
+    "rotation_matrix",
+    "wrap_angle",
+]
 __version__ = "0.1.0"

@@ -1,14 +1,18 @@
-"""Module twins of the functional layer."""
+"""Module twins of the functional layer, and the rotation STN built on them."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from . import _validate
-from .functional import AngleLike, CenterLike, rotate
+from .encoders import ConcatEncoder, ConvEncoder, PolarCorrelationEncoder
+from .functional import AngleLike, CenterLike, rotate, wrap_angle
+from .heads import AngleHead, AnglePrediction, build_head
 
-__all__ = ["Rotate"]
+__all__ = ["Rotate", "RotationSTN", "STNOutput"]
 
 
 class Rotate(nn.Module):
@@ -78,3 +82,172 @@ class Rotate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, padding_mode={self.padding_mode!r}, align_corners={self.align_corners}"
+
+
+@dataclass
+class STNOutput:
+    """What :class:`RotationSTN` returns.
+
+    Attributes:
+        warped: ``(B, C, H, W)`` the input turned by ``angle`` (one resampling of the original).
+        angle: ``(B,)`` radians, the sum of the per-step predictions.
+        concentration: ``(B,)`` von Mises κ of the last step (von Mises head), else None.
+        confidence: ``(B,)`` the last step's confidence in [0, 1] where the head has one.
+        steps: one ``(base, prediction)`` per refinement step: ``base`` ``(B,)`` is the
+            angle the input was turned by before the step, ``prediction`` the head's
+            :class:`rotstn.heads.AnglePrediction` of the residual.
+    """
+
+    warped: Tensor
+    angle: Tensor
+    concentration: Tensor | None
+    confidence: Tensor | None
+    steps: list[tuple[Tensor, AnglePrediction]]
+
+
+class RotationSTN(nn.Module):
+    """A spatial transformer that predicts one rotation per image and applies it.
+
+    Convention as in :mod:`rotstn.functional`: radians, counter-clockwise as
+    displayed, about the image centre (or ``center``).
+
+    * ``paired=True``: ``forward(moving, fixed)`` predicts the angle θ with
+      ``rotstn.rotate(moving, θ) ≈ fixed`` (the sign of :func:`rotstn.register`).
+    * ``paired=False``: ``forward(x)`` predicts the angle that brings ``x`` to a
+      canonical pose learned from the data (the classic STN in front of a classifier).
+
+    The encoder reads the image(s), the head turns features into an angle, and
+    :func:`rotstn.rotate` warps; gradients from a loss on ``.warped`` or
+    ``.angle`` reach every encoder parameter. The default encoder is
+    :class:`rotstn.encoders.PolarCorrelationEncoder`, which scores all 128
+    candidate angles by circular cross-correlation of polar feature maps, read
+    by a :class:`rotstn.heads.BinnedHead`; with another head the default is a
+    :class:`rotstn.encoders.ConvEncoder` (paired: on both images stacked as channels).
+    A fresh STN predicts θ ≈ 0 (within 1e-3 rad), i.e. starts as the identity.
+
+    With ``steps=k`` it refines: predict, turn the input by the estimate,
+    predict the residual, k times. The angles add up, and ``.warped`` is the
+    **original** image resampled once by the total (no blur from resampling a
+    resampled image).
+
+    Args:
+        in_channels: C of the images.
+        paired: two images (registration) or one (canonical pose).
+        encoder: a module mapping ``(moving, fixed)`` (paired) or ``x`` to features
+            ``(B, F)`` (its ``out_features`` attribute gives F) or per-bin scores ``(B, K)``.
+        head: an :class:`rotstn.heads.AngleHead` or one of ``"binned"``,
+            ``"unit_vector"``, ``"von_mises"``.
+        steps: refinement steps k >= 1.
+        center: ``(x, y)`` pixels to rotate about; default the image centre.
+        mode, padding_mode: as in :func:`rotstn.rotate`.
+        head_kwargs: passed to the head when ``head`` is a name.
+
+    Shape:
+        images ``(B, C, H, W)``, any H, W; ``.warped`` ``(B, C, H, W)``, ``.angle`` ``(B,)``.
+
+    Example:
+        >>> stn = RotationSTN(1)
+        >>> out = stn(torch.rand(2, 1, 28, 28), torch.rand(2, 1, 28, 28))
+        >>> out.warped.shape, out.angle.shape, bool(out.angle.abs().max() < 1e-3)
+        (torch.Size([2, 1, 28, 28]), torch.Size([2]), True)
+        >>> loss = stn.angle_loss(out, torch.tensor([0.5, -1.0]))
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        paired: bool = True,
+        encoder: nn.Module | None = None,
+        head: AngleHead | str = "binned",
+        steps: int = 1,
+        center: CenterLike = None,
+        mode: str = "bilinear",
+        padding_mode: str = "zeros",
+        **head_kwargs: object,
+    ) -> None:
+        super().__init__()
+        self.paired = _validate.flag(paired, "paired")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        self.steps = steps
+        self.mode = _validate.choice(mode, _validate.MODES, "mode")
+        self.padding_mode = _validate.choice(padding_mode, _validate.PADDING_MODES, "padding_mode")
+        if encoder is None:
+            if head == "binned":
+                encoder = PolarCorrelationEncoder(
+                    in_channels, paired=paired, bins=head_kwargs.get("bins", 128)
+                )
+            elif paired:
+                encoder = ConcatEncoder(in_channels)
+            else:
+                encoder = ConvEncoder(in_channels)
+        elif not isinstance(encoder, nn.Module):
+            raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+        if isinstance(head, str):
+            head = build_head(head, getattr(encoder, "out_features", None), **head_kwargs)
+        elif not isinstance(head, AngleHead):
+            raise TypeError(f"head must be an rotstn.heads.AngleHead or a name, got {type(head).__name__}")
+        elif head_kwargs:
+            raise TypeError(f"head options {sorted(head_kwargs)} only apply when head is given by name")
+        self.encoder, self.head = encoder, head
+        c = None if center is None else torch.as_tensor(center, dtype=torch.get_default_dtype()).clone()
+        self.register_buffer("center", c)
+
+    def _rotate(self, x: Tensor, angle: Tensor) -> Tensor:
+        return rotate(x, angle, self.center, mode=self.mode, padding_mode=self.padding_mode)
+
+    def forward(self, moving: Tensor, fixed: Tensor | None = None) -> STNOutput:
+        x = _validate.image(moving, "moving" if self.paired else "x")
+        if moving.dim() != 4:
+            raise ValueError(
+                f"{'moving' if self.paired else 'x'} must be (B, C, H, W), got {tuple(moving.shape)}"
+            )
+        if self.paired and fixed is None:
+            raise ValueError("fixed is required: this RotationSTN is paired (forward(moving, fixed))")
+        if not self.paired and fixed is not None:
+            raise ValueError("this RotationSTN has paired=False: call forward(x) with one image")
+        total = x.new_zeros(x.shape[0])
+        steps: list[tuple[Tensor, AnglePrediction]] = []
+        for i in range(self.steps):
+            current = x if i == 0 else self._rotate(x, total)
+            features = self.encoder(current, fixed) if self.paired else self.encoder(current)
+            pred = self.head(features)
+            if pred.angle.shape != total.shape:
+                raise ValueError(
+                    f"the head must give one angle per image, shape ({x.shape[0]},), "
+                    f"got {tuple(pred.angle.shape)}"
+                )
+            steps.append((total, pred))
+            total = total + pred.angle
+        last = steps[-1][1]
+        return STNOutput(
+            warped=self._rotate(x, total),
+            angle=total,
+            concentration=last.concentration,
+            confidence=last.confidence,
+            steps=steps,
+        )
+
+    def angle_loss(self, output: STNOutput, target_angle: Tensor) -> Tensor:
+        """The head's loss, averaged over the refinement steps.
+
+        Step i is trained to predict the residual ``target - base_i`` (wrapped; the
+        base is held fixed), so every step learns to correct what is left.
+
+        Args:
+            output: what ``forward`` returned.
+            target_angle: ``(B,)`` true angles in radians (paired: ``rotate(moving,
+                target) ≈ fixed``; unpaired: ``rotate(x, target)`` is in canonical pose).
+        """
+        if not isinstance(output, STNOutput):
+            raise TypeError(f"output must be the STNOutput of forward(), got {type(output).__name__}")
+        if not isinstance(target_angle, Tensor) or target_angle.shape != output.angle.shape:
+            got = (
+                tuple(target_angle.shape) if isinstance(target_angle, Tensor) else type(target_angle).__name__
+            )
+            raise ValueError(f"target_angle must be a tensor of shape {tuple(output.angle.shape)}, got {got}")
+        total = sum(
+            self.head.loss(pred, wrap_angle(target_angle - base.detach())) for base, pred in output.steps
+        )
+        return total / len(output.steps)
