@@ -203,7 +203,8 @@ class PolarCorrelationEncoder(nn.Module):
                 raise ValueError("fixed is required: this encoder is paired (forward(moving, fixed))")
             moving, fixed = _pair(moving, fixed)
             both = self.polar_features(torch.cat((moving, fixed)))
-            fm, ff = both.chunk(2)
+            # Slices, not chunk(2): chunk makes torch.export specialise the batch size.
+            fm, ff = both[: moving.shape[0]], both[moving.shape[0] :]
         else:
             if fixed is not None:
                 raise ValueError("this encoder has paired=False: call forward(x) with one image")
