@@ -90,7 +90,14 @@ class ConcatEncoder(nn.Module):
         return self.net(torch.cat((m, f), dim=1))
 
 
-def polar_grid(size: tuple[int, int], radii: int, bins: int, *, device=None, dtype=None) -> Tensor:
+def polar_grid(
+    size: tuple[int, int],
+    radii: int,
+    bins: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """A ``grid_sample`` grid ``(1, radii, bins, 2)`` on circles about the image centre.
 
     Row j samples the circle of radius ``(j + 0.5) / radii · min(H, W) / 2`` pixels

@@ -57,13 +57,11 @@ def call(stn, x):
 # ---------------------------------------------------------------- torch.compile
 
 
-@pytest.mark.parametrize("paired", [False, True], ids=["single", "paired"])
-@pytest.mark.parametrize("head", HEADS)
-def test_compile_matches_eager(paired, head):
+def check_compiled(paired, head, backend):
     stn = make_stn(paired, head)
     x = digits(4)
     torch._dynamo.reset()
-    compiled = torch.compile(stn)
+    compiled = torch.compile(stn, backend=backend)
     eager_out, out = call(stn, x), call(compiled, x)
     assert float(eager_out.angle.detach().abs().max()) > 0.1, "the perturbed STN should turn the digits"
     torch.testing.assert_close(out.angle, eager_out.angle, rtol=1e-4, atol=1e-4)
@@ -74,6 +72,18 @@ def test_compile_matches_eager(paired, head):
     grads = torch.autograd.grad(loss(out), list(stn.parameters()))
     for g, e in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
+
+
+def test_compile_default_stn_matches_eager():
+    # What users try first: torch.compile with inductor on the default single-image STN.
+    check_compiled(False, "binned", "inductor")
+
+
+# Inductor's code generation takes a minute per STN on a small CPU; aot_eager still
+# traces the whole module with dynamo and AOT autograd, which is where breakage shows.
+@pytest.mark.parametrize(("paired", "head"), [(True, "binned"), (False, "unit_vector")], ids=str)
+def test_compile_other_stns_trace(paired, head):
+    check_compiled(paired, head, "aot_eager")
 
 
 # ---------------------------------------------------------------- autocast
@@ -132,7 +142,8 @@ def test_autocast_cuda(dtype, head):
 def test_state_dict_round_trip(paired, head, tmp_path):
     stn = make_stn(paired, head, seed=1, steps=2, center=(13.0, 14.5))
     torch.save(stn.state_dict(), tmp_path / "stn.pt")
-    fresh = rotstn.RotationSTN(1, paired=paired, head=head, steps=2, center=(0.0, 0.0))
+    # Constructor arguments come from code, the tensors from the file.
+    fresh = rotstn.RotationSTN(1, paired=paired, head=head, steps=2, center=(0.0, 0.0), warmup=0)
     fresh.load_state_dict(torch.load(tmp_path / "stn.pt", weights_only=True))
     x = digits(4)
     a, b = call(stn.eval(), x), call(fresh.eval(), x)
@@ -282,10 +293,13 @@ def test_public_api_is_typed_and_documented(name):
         assert not missing, f"{name}.{fn.__name__}: parameters without type hints: {missing}"
         if fn.__name__ != "__init__":
             assert "return" in hints, f"{name}.{fn.__name__} has no return annotation"
+    is_module = inspect.isclass(obj) and issubclass(obj, torch.nn.Module)
+    if inspect.isclass(obj) and not is_module:
+        return
     takes_images = {"image", "moving", "x"} & set(
-        inspect.signature(obj.forward if inspect.isclass(obj) else obj).parameters
+        inspect.signature(obj.forward if is_module else obj).parameters
     )
-    if takes_images and (not inspect.isclass(obj) or issubclass(obj, torch.nn.Module)):
+    if takes_images:
         assert "(B, C, H, W)" in doc, f"{name}'s docstring should give the image shape"
 
 
