@@ -3,8 +3,10 @@
 from . import encoders, heads, losses
 from .functional import angle_difference, rotate, rotation_matrix, wrap_angle
 from .modules import Rotate, RotationSTN, STNOutput
+from .registration import Registration, register
 
 __all__ = [
+    "Registration",
     "Rotate",
     "RotationSTN",
     "STNOutput",
@@ -12,6 +14,7 @@ __all__ = [
     "encoders",
     "heads",
     "losses",
+    "register",
     "rotate",
     "rotation_matrix",
     "wrap_angle",

@@ -2,7 +2,8 @@
 
 scipy.ndimage.rotate (order=1) for the general case, torch.rot90 for exact
 quarter turns, kornia for non-square images. This file is the one test of
-the sign and centre convention stated in rotstn/functional.py.
+the sign and centre convention stated in rotstn/functional.py; it runs on
+every warp backend.
 """
 
 import math
@@ -14,8 +15,16 @@ import torch
 from helpers import real_image
 
 import rotstn
+from rotstn import _kernels
 
 SIZES = [(32, 32), (33, 33), (24, 40), (41, 26), (17, 30)]
+
+
+@pytest.fixture(autouse=True, params=["auto", "reference"])
+def backend(request):
+    """Every oracle test runs on the automatic choice and on the reference path."""
+    with _kernels.use_backend(request.param):
+        yield request.param
 
 
 def interior(h: int, w: int, margin: float = 2.0) -> np.ndarray:

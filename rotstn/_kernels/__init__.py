@@ -4,6 +4,12 @@
 implementation for the tensors it is given; ``use_backend`` forces one, for
 tests and benchmarks.
 
+"cpu" (``cpu``) is chosen automatically for CPU tensors outside
+``torch.compile``: one autograd function around aten's grid sampler with a
+grid built from a row and a column term and a backward that reduces straight
+to dθ and d(centre). Under ``torch.compile`` the reference graph is traced
+instead (inductor fuses it).
+
 "triton" (``triton_warp``) is chosen automatically for CUDA tensors when
 triton imports and the call is one it serves (bilinear; float32, float16 or
 bfloat16 images); anything else takes the reference path. Forced with
@@ -17,11 +23,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
-from . import reference, triton_warp
+from . import cpu, reference, triton_warp
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "cpu", "triton")
 _forced = "auto"
 
 
@@ -63,4 +70,11 @@ def warp(
         and triton_warp.available()
     ):
         return triton_warp.warp(image, angle, center, padding_mode, align_corners)
+    if _forced == "cpu" or (_forced == "auto" and _cpu_fits(image)):
+        return cpu.warp(image, angle, center, mode, padding_mode, align_corners)
     return reference.warp(image, angle, center, mode, padding_mode, align_corners)
+
+
+def _cpu_fits(image: Tensor) -> bool:
+    # Under torch.compile the reference graph is the better input: inductor fuses it.
+    return image.device.type == "cpu" and not torch.compiler.is_compiling()

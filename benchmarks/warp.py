@@ -1,0 +1,294 @@
+"""How fast is the rotation warp? rotstn.rotate against the usual recipes.
+
+    python benchmarks/warp.py            # full grid (a few minutes on 2 threads)
+    python benchmarks/warp.py --quick    # B = 64, 128², C ∈ {1, 3}: the target cells
+    python benchmarks/warp.py --breakdown  # where the time goes at B = 64, 128² (CPU)
+
+Methods, all rotating by a (B,) angle about the image centre with
+``align_corners=False``, bilinear, zero padding:
+
+* ``plain``: ``rotstn.rotation_matrix`` + ``F.affine_grid`` + ``F.grid_sample``,
+  the aspect-correct textbook recipe every ratio is measured against;
+* ``rotstn``: ``rotstn.rotate`` with its automatic backend (the CPU fast path on
+  CPU tensors);
+* ``reference``: ``rotstn.rotate`` with the reference backend forced (grid by
+  broadcasting + ``F.grid_sample``), to show what the fast path itself buys;
+* ``kornia``: ``kornia.geometry.transform.rotate`` (degrees, converted outside
+  the timed call);
+* ``compiled``: ``torch.compile`` of ``plain`` (static shapes, one compile per
+  cell, compile time excluded); cells where it fails say so.
+
+``fwd`` is inference (no tensor requires grad). ``fwd+bwd`` is forward and
+``backward`` with gradients to the image and the angle; gradients are reset to
+None between calls, as ``optimizer.zero_grad()`` does. Each cell times the
+methods round-robin, drops calls during which this process waited for a CPU
+(Linux schedstat; the machine may be shared) and reports the median of the
+clean calls; the ratio is plain's median over the method's (above 1
+is faster than plain). GB/s is the minimal traffic over the median time: read
+the input and write the output for ``fwd``; in addition read the output
+gradient and the input again and write the input gradient for ``fwd+bwd``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import rotstn
+from rotstn import _kernels
+
+Method = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def plain(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    m = rotstn.rotation_matrix(angle, tuple(x.shape[-2:])).to(x.dtype)
+    grid = F.affine_grid(m, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
+
+
+def fast(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    return rotstn.rotate(x, angle)
+
+
+def reference(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    with _kernels.use_backend("reference"):
+        return rotstn.rotate(x, angle)
+
+
+def kornia_rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    import kornia
+
+    return kornia.geometry.transform.rotate(x, degrees, align_corners=False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(f: Method, x: torch.Tensor, angle: torch.Tensor, backward: bool) -> Callable[[], None]:
+    """One timed call: forward only under no_grad, or forward + backward to image and angle."""
+    if not backward:
+
+        def step() -> None:
+            with torch.no_grad():
+                f(x, angle)
+
+        return step
+    xg, ag = x.detach().requires_grad_(), angle.detach().requires_grad_()
+    grad_out = torch.rand_like(x)
+
+    def step() -> None:
+        xg.grad = ag.grad = None
+        f(xg, ag).backward(grad_out)
+
+    return step
+
+
+def run_delay_ns() -> int:
+    """Nanoseconds this process's threads have spent runnable but waiting for a CPU (Linux schedstat)."""
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[1])
+    return total
+
+
+def time_cell(
+    steps: dict[str, Callable[[], object]],
+    device: torch.device,
+    budget_s: float,
+    min_clean: int = 7,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, tuple[float, bool]]:
+    """Median seconds per call of each step, timed round-robin, and whether it is clean.
+
+    On a shared machine other processes take our cores now and then; a call
+    during which our threads waited more than 2 % of its time for a CPU is
+    dropped. The median is over the clean calls when at least ``min_clean``
+    of them came in within the budget, else over all calls (flagged). With
+    ``clock=time.process_time`` (CPU seconds of all threads) waiting costs
+    nothing and every call counts.
+    """
+    measure_delay = clock is time.perf_counter and os.path.exists("/proc/self/task")
+    times: dict[str, list[tuple[float, bool]]] = {name: [] for name in steps}
+    start = time.perf_counter()
+    for step in steps.values():  # warm-up (allocator, compile)
+        step()
+    rounds = 0
+
+    def enough() -> bool:
+        return all(sum(clean for _, clean in ts) >= min_clean for ts in times.values())
+
+    while rounds < min_clean or (time.perf_counter() - start < budget_s and not enough() and rounds < 2000):
+        for name, step in steps.items():
+            sync(device)
+            delay = run_delay_ns() if measure_delay else 0
+            t = clock()
+            step()
+            sync(device)
+            dt = clock() - t
+            delay = (run_delay_ns() - delay) if measure_delay else 0
+            times[name].append((dt, delay <= 0.02 * dt * 1e9))
+        rounds += 1
+    result = {}
+    for name, ts in times.items():
+        clean = [dt for dt, ok in ts if ok]
+        ok = len(clean) >= min_clean
+        result[name] = (statistics.median(clean if ok else [dt for dt, _ in ts]), ok)
+    return result
+
+
+def pieces(c: int) -> dict[str, Callable[[], object]]:
+    """The separately timed pieces of plain and of the fast path (B = 64, 128², float32)."""
+    from rotstn._kernels import cpu
+
+    b, s = 64, 128
+    angle = torch.rand(b, generator=torch.Generator().manual_seed(0)) * 6 - 3
+    center = torch.full((b, 2), (s - 1) / 2)
+    theta = rotstn.rotation_matrix(angle, (s, s))
+    grid = cpu._grid(angle, center, s, s, False, torch.float32)
+    grad_grid = torch.rand(b, s, s, 2)
+    x, g = torch.rand(b, c, s, s), torch.rand(b, c, s, s)
+    sampler_backward = torch.ops.aten.grid_sampler_2d_backward
+    return {
+        "affine_grid forward (plain)": lambda: F.affine_grid(theta, [b, c, s, s], align_corners=False),
+        "affine_grid backward (plain)": lambda: torch.ops.aten.affine_grid_generator_backward(
+            grad_grid, [b, c, s, s], False
+        ),
+        "planar grid (fast path)": lambda: cpu._grid(angle, center, s, s, False, torch.float32),
+        "grid gradient → dθ, dc (fast path)": lambda: cpu._reduce_grid_grad(grad_grid, angle, center, False),
+        "aten grid_sampler_2d": lambda: torch.grid_sampler_2d(x, grid, 0, 0, False),
+        "aten grid_sampler_2d_backward, both": lambda: sampler_backward(
+            g, x, grid, 0, 0, False, [True, True]
+        ),
+        "… grid gradient only": lambda: sampler_backward(g, x, grid, 0, 0, False, [False, True]),
+    }
+
+
+def breakdown(budget: float, clock: Callable[[], float]) -> None:
+    """Print the median time of each piece at C = 1 and C = 3."""
+    meds = [time_cell(pieces(c), torch.device("cpu"), budget, clock=clock) for c in (1, 3)]
+    print("| piece (B = 64, 128², float32) | C=1 ms | C=3 ms |")
+    print("|---|---|---|")
+    for name in meds[0]:
+        print(f"| {name} | {ms(*meds[0][name])} | {ms(*meds[1][name])} |")
+
+
+def ms(seconds: float, clean: bool) -> str:
+    """Milliseconds, starred when too few calls ran without waiting for a CPU."""
+    return f"{seconds * 1e3:.2f}" + ("" if clean else "*")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="only B=64, 128x128, C in {1, 3}")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=10.0,
+        help="most seconds per cell and pass spent collecting clean calls",
+    )
+    parser.add_argument("--max-pixels", type=int, default=64 * 256 * 256, help="skip cells with B*H*W above")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile column")
+    parser.add_argument("--breakdown", action="store_true", help="time the pieces instead (CPU)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: CPU seconds of all threads per call (CPU only; for a busy machine)",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    if args.breakdown:
+        breakdown(args.budget, clock)
+        return
+
+    cuda = torch.cuda.is_available() and args.clock == "wall"
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
+    batches, channels, sizes = (
+        ((64,), (1, 3), (128,)) if args.quick else ((1, 64, 256), (1, 3), (64, 128, 256, 512))
+    )
+    names = ["plain", "rotstn", "reference", "kornia"] + ([] if args.no_compile else ["compiled"])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.clock} clock")
+    skipped = []
+    for device in devices:
+        dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
+        for dtype in dtypes:
+            print(f"\n### {device.type}, {str(dtype).removeprefix('torch.')}\n")
+            header = "| B | C | H×W | pass | " + " | ".join(f"{n} ms" for n in names)
+            header += " | " + " | ".join(f"{n} ×" for n in names[1:]) + " | rotstn GB/s | plain GB/s |"
+            print(header)
+            print("|" + "---|" * (header.count("|") - 1))
+            for b in batches:
+                for c in channels:
+                    for s in sizes:
+                        if b * s * s > args.max_pixels:
+                            skipped.append(f"{device.type} {dtype} B={b} C={c} {s}²")
+                            continue
+                        run_cell(device, dtype, b, c, s, names, args.budget, clock)
+    if args.clock == "wall":
+        print("\n* fewer than 7 calls ran without waiting for a CPU: median of all calls, less reliable.")
+    if skipped:
+        print(f"Skipped (B·H·W above --max-pixels={args.max_pixels}): " + ", ".join(skipped))
+
+
+def run_cell(
+    device: torch.device,
+    dtype: torch.dtype,
+    b: int,
+    c: int,
+    s: int,
+    names: list[str],
+    budget: float,
+    clock: Callable[[], float],
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(b, c, s, s, generator=gen).to(device, dtype)
+    angle = (torch.rand(b, generator=gen) * 6 - 3).to(device)
+    degrees = torch.rad2deg(angle).to(dtype)
+    for backward in (False, True):
+        methods: dict[str, tuple[Method, torch.Tensor]] = {
+            "plain": (plain, angle),
+            "rotstn": (fast, angle),
+            "reference": (reference, angle),
+            "kornia": (kornia_rotate, degrees),
+        }
+        if "compiled" in names:
+            torch._dynamo.reset()
+            methods["compiled"] = (torch.compile(plain, dynamic=False), angle)
+        steps = {}
+        for name, (f, a) in methods.items():
+            step = make_step(f, x, a, backward)
+            try:
+                step()
+            except Exception as err:  # a method that fails is reported in the table, not fatal
+                print(f"<!-- {name} failed: {type(err).__name__}: {str(err).splitlines()[0][:100]} -->")
+                continue
+            steps[name] = step
+        timed = time_cell(steps, device, budget, clock=clock)
+        med = {name: t for name, (t, _) in timed.items()}
+        traffic = x.numel() * x.element_size() * (5 if backward else 2)
+        cells = [ms(*timed[n]) if n in med else "fails" for n in names]
+        ratios = [
+            f"{med['plain'] / med[n]:.2f}" + ("" if timed["plain"][1] and timed[n][1] else "*")
+            if n in med
+            else "–"
+            for n in names[1:]
+        ]
+        gbs = [f"{traffic / med[n] / 1e9:.1f}" for n in ("rotstn", "plain")]
+        row = [str(b), str(c), f"{s}²", "fwd+bwd" if backward else "fwd", *cells, *ratios, *gbs]
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""`python -m rotstn register` round trips on image files in a temporary directory."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+from rotstn.cli import main  # noqa: E402
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, "-m", "rotstn", *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+
+
+def scipy_pair(rgb: bool, angle_deg: float):
+    from scipy import ndimage
+    from skimage import data
+
+    picture = data.astronaut()[40:300, 120:380] if rgb else data.camera()[100:360, 150:410]
+    axes = (1, 0)
+    turned = ndimage.rotate(picture.astype(np.float64), angle_deg, axes=axes, reshape=False, order=3)
+    window = (slice(80, 180), slice(65, 195))  # a 100×130 window: the rotated content has no padding
+    fixed = np.clip(np.rint(turned[window]), 0, 255).astype(np.uint8)
+    return fixed, np.ascontiguousarray(picture[window])
+
+
+@pytest.mark.parametrize(("rgb", "angle"), [(False, -121.0), (True, 47.5)])
+def test_round_trip(tmp_path, rgb, angle):
+    fixed, moving = scipy_pair(rgb, angle)
+    Image.fromarray(fixed).save(tmp_path / "fixed.png")
+    Image.fromarray(moving).save(tmp_path / "moving.png")
+    out = tmp_path / "aligned.png"
+    result = run_cli("register", tmp_path / "fixed.png", tmp_path / "moving.png", "-o", out)
+    assert result.returncode == 0, result.stderr
+    found = float(re.search(r"angle: (-?[\d.]+) deg", result.stdout).group(1))
+    score = float(re.search(r"score: (-?[\d.]+)", result.stdout).group(1))
+    assert abs((found - angle + 180) % 360 - 180) < 0.05
+    assert score > 0.98
+    aligned = np.asarray(Image.open(out))
+    assert aligned.shape == moving.shape and aligned.dtype == np.uint8
+    # The written image matches fixed on the central disc.
+    yy, xx = np.mgrid[:100, :130]
+    disc = np.hypot(yy - 49.5, xx - 64.5) < 48
+    diff = aligned.astype(float)[disc] - fixed.astype(float)[disc]
+    assert np.abs(diff).mean() < 3.0
+
+
+def test_colour_fixed_grey_moving_and_no_output(tmp_path, capsys):
+    fixed, moving = scipy_pair(True, 10.0)
+    Image.fromarray(fixed).save(tmp_path / "fixed.png")
+    Image.fromarray(moving).convert("L").save(tmp_path / "moving.jpg", quality=95)
+    assert main(["register", str(tmp_path / "fixed.png"), str(tmp_path / "moving.jpg")]) == 0
+    out = capsys.readouterr().out
+    found = float(re.search(r"angle: (-?[\d.]+) deg", out).group(1))
+    assert abs(found - 10.0) < 0.1
+    assert "aligned:" not in out
+
+
+def test_errors(tmp_path, capsys):
+    Image.fromarray(np.zeros((40, 50), np.uint8) + 7).save(tmp_path / "flat.png")
+    Image.fromarray((np.arange(40 * 60) % 251).astype(np.uint8).reshape(40, 60)).save(tmp_path / "wide.png")
+    Image.fromarray((np.arange(40 * 50) % 13).astype(np.uint8).reshape(40, 50)).save(tmp_path / "b.png")
+    for files, message in [
+        (("nothere.png", "b.png"), "No such file"),
+        (("wide.png", "b.png"), "must have the same size, got .*wide.png 60×40 and .*b.png 50×40"),
+        (("flat.png", "b.png"), "fixed is constant over its central disc"),
+    ]:
+        assert main(["register", *(str(tmp_path / f) for f in files)]) == 1
+        assert re.search("rotstn register: error: .*" + message, capsys.readouterr().err)
+    with pytest.raises(SystemExit) as usage:
+        main(["register", str(tmp_path / "b.png")])
+    assert usage.value.code == 2 and "MOVING" in capsys.readouterr().err
+
+
+def test_16_bit_round_trip(tmp_path, capsys):
+    fixed, moving = scipy_pair(False, -30.0)
+    Image.fromarray(fixed.astype(np.uint16) * 257).save(tmp_path / "f.png")
+    Image.fromarray(moving.astype(np.uint16) * 257).save(tmp_path / "m.png")
+    assert (
+        main(["register", str(tmp_path / "f.png"), str(tmp_path / "m.png"), "-o", str(tmp_path / "a.png")])
+        == 0
+    )
+    assert "angle: -30.0" in capsys.readouterr().out
+    aligned = np.asarray(Image.open(tmp_path / "a.png"))
+    assert aligned.shape == moving.shape and aligned.max() > 255
