@@ -18,7 +18,9 @@ its input, so a :class:`rotstn.RotationSTN` starts as the identity warp.
 The decoded angle is pulled towards 0 by a weight that decays
 geometrically from 10⁴ to 0 over the first ``warmup`` training-mode forward
 calls. The loss always sees the head's own output, so supervised training
-runs at full speed from the first step.
+runs at full speed from the first step. A loss on the warped image goes
+through the pulled angle, whose gradient is scaled down while the pull is
+strong: for purely unsupervised training use a short ``warmup`` (or 0).
 """
 
 from __future__ import annotations
@@ -279,6 +281,11 @@ class BinnedHead(AngleHead):
         label_width: soft-label width in bins (0 = plain one-hot classification).
         window: ``"von_mises"`` or ``"gaussian"``.
         decode_window: bins on each side of the peak used by the decoder.
+        decoder: ``"circular_mean"`` (default) or ``"parabolic"``: the vertex of the
+            parabola through the logits of the peak and its two neighbours. The
+            circular mean is calibrated by the soft-label training; the parabola
+            suits logits that are a smooth score of the angle (a correlation),
+            whatever their sharpness, and reads small residuals best (refinement).
         residual: also predict a per-bin offset within ±half a bin, added to
             the decoded angle and trained with a cosine loss (needs ``in_features``).
         warmup: training forward calls over which the identity start fades.
@@ -302,6 +309,7 @@ class BinnedHead(AngleHead):
         label_width: float = 1.0,
         window: str = "von_mises",
         decode_window: int = 4,
+        decoder: str = "circular_mean",
         residual: bool = False,
         warmup: int = 100,
     ) -> None:
@@ -314,7 +322,9 @@ class BinnedHead(AngleHead):
             raise ValueError("residual=True needs in_features (a projection to predict the offsets)")
         losses.circular_soft_labels(torch.zeros(1), bins, width=label_width, window=window)  # validates
         self.bins, self.label_width, self.window = bins, label_width, window
-        self.decode_window, self.residual = decode_window, residual
+        if decoder not in ("circular_mean", "parabolic"):
+            raise ValueError(f"decoder must be 'circular_mean' or 'parabolic'; got {decoder!r}")
+        self.decode_window, self.decoder, self.residual = decode_window, decoder, residual
         self.proj = None if in_features is None else nn.Linear(in_features, bins * (2 if residual else 1))
 
     @property
@@ -326,10 +336,17 @@ class BinnedHead(AngleHead):
         peak = logits.argmax(-1, keepdim=True)
         offsets = torch.arange(-self.decode_window, self.decode_window + 1, device=logits.device)
         idx = torch.remainder(peak + offsets, self.bins)
-        local = torch.softmax(logits.gather(-1, idx), dim=-1)
-        delta = offsets.to(logits.dtype) * self.bin_width
-        shift = torch.atan2((local * torch.sin(delta)).sum(-1), (local * torch.cos(delta)).sum(-1))
+        window = logits.gather(-1, idx)
         mass = torch.softmax(logits, dim=-1).gather(-1, idx).sum(-1)
+        if self.decoder == "parabolic":
+            left, mid, right = window[..., self.decode_window - 1 : self.decode_window + 2].unbind(-1)
+            # The peak is a maximum, so the curvature is <= 0; a flat top gives offset 0.
+            curvature = (left - 2 * mid + right).clamp(max=-1e-12)
+            shift = (0.5 * (left - right) / curvature).clamp(-0.5, 0.5) * self.bin_width
+        else:
+            local = torch.softmax(window, dim=-1)
+            delta = offsets.to(logits.dtype) * self.bin_width
+            shift = torch.atan2((local * torch.sin(delta)).sum(-1), (local * torch.cos(delta)).sum(-1))
         return peak.squeeze(-1).to(logits.dtype) * self.bin_width + shift, mass
 
     def _split(self, features: Tensor) -> tuple[Tensor, Tensor | None]:

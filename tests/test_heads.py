@@ -58,6 +58,18 @@ class TestRoundTrip:
             head.loss(pred, t), torch.tensor(0.0, dtype=torch.float64), atol=1e-12, rtol=0
         )
 
+    def test_parabolic_decoder_reads_sharp_smooth_scores(self):
+        # Scores κ·cos(φ_k - t) (a correlation-like curve): very sharp for κ = 1e4, where a softmax
+        # puts all its mass on one bin and the circular mean sticks to the bin centre.
+        t = _angles((50,), 3)
+        centres = torch.arange(64, dtype=torch.float64) * (2 * math.pi / 64)
+        scores = 1e4 * torch.cos(centres - t.unsqueeze(-1))
+        parabolic = heads.BinnedHead(None, bins=64, decoder="parabolic", warmup=0)(scores).angle
+        circular = heads.BinnedHead(None, bins=64, warmup=0)(scores).angle
+        bin_width = 2 * math.pi / 64
+        assert losses.angular_error(parabolic, t).max() < 0.01 * bin_width
+        assert losses.angular_error(circular, t).max() > 0.3 * bin_width
+
     def test_symmetric_angles_are_reported_modulo_period(self):
         head = _vector_head(heads.UnitVectorHead, symmetry=2)
         t = torch.tensor([0.3, 0.3 + math.pi, -2.5], dtype=torch.float64)
@@ -127,6 +139,11 @@ class TestShapesAndGradients:
         assert gradcheck(lambda f: head(f).angle, (x,))
         assert gradcheck(lambda f: head.loss(head(f), t, reduction="none"), (x,))
 
+    def test_gradcheck_parabolic_decoder(self):
+        head = heads.BinnedHead(4, bins=16, decoder="parabolic", warmup=0).double()
+        x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        assert gradcheck(lambda f: head(f).angle, (x,))
+
     def test_errors(self):
         with pytest.raises(ValueError, match=r"features must have shape \(\.\.\., 8\)"):
             heads.UnitVectorHead(8)(torch.zeros(2, 7))
@@ -139,6 +156,8 @@ class TestShapesAndGradients:
             heads.BinnedHead(None, residual=True)
         with pytest.raises(ValueError, match="head must be an AngleHead or one of"):
             heads.build_head("tanh", 4)
+        with pytest.raises(ValueError, match="decoder must be 'circular_mean' or 'parabolic'"):
+            heads.BinnedHead(4, decoder="argmax")
         with pytest.raises(ValueError, match="loss must be 'cosine' or 'von_mises'"):
             heads.UnitVectorHead(4, loss="mse")
 
