@@ -106,15 +106,16 @@ class AffineSTN(nn.Module):
 class Classifier(nn.Module):
     """An optional aligner in front of :class:`SmallCNN`; ``align(x)`` is what the CNN sees."""
 
-    def __init__(self, kind: str, head: str = "binned", bins: int = 64) -> None:
+    def __init__(self, kind: str, head: str = "binned", bins: int = 64, warmup: int = 10) -> None:
         super().__init__()
         if kind not in MODELS:
             raise ValueError(f"kind must be one of {', '.join(MODELS)}; got {kind!r}")
         self.kind = kind
         self.stn: nn.Module | None = None
         if kind == "rot":
-            extra = {"bins": bins} if head == "binned" else {}
-            self.stn = rotstn.RotationSTN(1, paired=False, head=head, **extra)
+            # A short identity pull: the class loss reaches the angle through it (heads.py).
+            extra: dict = {"bins": bins} if head == "binned" else {}
+            self.stn = rotstn.RotationSTN(1, paired=False, head=head, warmup=warmup, **extra)
         elif kind == "affine":
             self.stn = AffineSTN()
         self.cnn = SmallCNN()
@@ -139,6 +140,7 @@ class Config:
     n_train: int
     head: str
     bins: int
+    warmup: int
 
 
 def test_set(x: Tensor, y: Tensor, cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
@@ -163,7 +165,7 @@ def train(kind: str, seed: int, data: tuple[Tensor, ...], cfg: Config) -> tuple[
     x_train, y_train, x_test, y_test = data
     x_train, y_train = x_train[: cfg.n_train], y_train[: cfg.n_train]
     torch.manual_seed(seed)
-    model = Classifier(kind, cfg.head, cfg.bins)
+    model = Classifier(kind, cfg.head, cfg.bins, cfg.warmup)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = cfg.epochs * math.ceil(len(y_train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
@@ -232,7 +234,8 @@ def save_checkpoint(path: Path, model: Classifier, cfg: Config, seed: int, probe
 def load_checkpoint(path: str | Path) -> tuple[Classifier, dict]:
     """Rebuild the trained classifier from a ``--checkpoint`` file (eval mode) and return it with the file."""
     ckpt = torch.load(path, weights_only=True)
-    model = Classifier(ckpt["kind"], ckpt["config"]["head"], ckpt["config"]["bins"])
+    c = ckpt["config"]
+    model = Classifier(ckpt["kind"], c["head"], c["bins"], c["warmup"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
 
@@ -256,13 +259,24 @@ def main(argv: list[str] | None = None) -> None:
         "--head", default="binned", help="RotationSTN head: binned (its default), unit_vector, von_mises"
     )
     p.add_argument("--bins", type=int, default=64, help="angle bins of the binned head (its default is 128)")
+    p.add_argument(
+        "--warmup", type=int, default=10, help="RotationSTN identity-pull steps (its default is 100)"
+    )
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     max_angle = math.pi if args.full_circle else math.pi / 2
     cfg = Config(
-        max_angle, args.epochs, args.batch_size, args.lr, args.test_views, args.n_train, args.head, args.bins
+        max_angle,
+        args.epochs,
+        args.batch_size,
+        args.lr,
+        args.test_views,
+        args.n_train,
+        args.head,
+        args.bins,
+        args.warmup,
     )
     x_train, y_train, x_test, y_test = load_digits(args.n_test)
     x_test, y_test, _ = test_set(x_test, y_test, cfg)
