@@ -106,14 +106,14 @@ class AffineSTN(nn.Module):
 class Classifier(nn.Module):
     """An optional aligner in front of :class:`SmallCNN`; ``align(x)`` is what the CNN sees."""
 
-    def __init__(self, kind: str, head: str = "binned", bins: int = 64, warmup: int = 10) -> None:
+    def __init__(self, kind: str, head: str = "binned", bins: int = 64, warmup: int = 100) -> None:
         super().__init__()
         if kind not in MODELS:
             raise ValueError(f"kind must be one of {', '.join(MODELS)}; got {kind!r}")
         self.kind = kind
         self.stn: nn.Module | None = None
         if kind == "rot":
-            # A short identity pull: the class loss reaches the angle through it (heads.py).
+            # The class loss reaches the angle through the identity pull (heads.py): --warmup sets its length.
             extra: dict = {"bins": bins} if head == "binned" else {}
             self.stn = rotstn.RotationSTN(1, paired=False, head=head, warmup=warmup, **extra)
         elif kind == "affine":
@@ -243,7 +243,7 @@ def load_checkpoint(path: str | Path) -> tuple[Classifier, dict]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full-circle", action="store_true", help="rotations uniform in [-180°, 180°)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3, help="Adam, one-cycle schedule, for every row")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -259,9 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         "--head", default="binned", help="RotationSTN head: binned (its default), unit_vector, von_mises"
     )
     p.add_argument("--bins", type=int, default=64, help="angle bins of the binned head (its default is 128)")
-    p.add_argument(
-        "--warmup", type=int, default=10, help="RotationSTN identity-pull steps (its default is 100)"
-    )
+    p.add_argument("--warmup", type=int, default=100, help="RotationSTN identity-pull steps (its default)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
