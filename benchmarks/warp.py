@@ -10,7 +10,8 @@ Methods, all rotating by a (B,) angle about the image centre with
 * ``plain``: ``rotstn.rotation_matrix`` + ``F.affine_grid`` + ``F.grid_sample``,
   the aspect-correct textbook recipe every ratio is measured against;
 * ``rotstn``: ``rotstn.rotate`` with its automatic backend (the CPU fast path on
-  CPU tensors);
+  CPU tensors, with the compiled kernel where it could be built; run with
+  ``ROTSTN_NO_COMPILE=1`` to time the aten-based fast path instead);
 * ``reference``: ``rotstn.rotate`` with the reference backend forced (grid by
   broadcasting + ``F.grid_sample``), to show what the fast path itself buys;
 * ``kornia``: ``kornia.geometry.transform.rotate`` (degrees, converted outside
@@ -158,6 +159,13 @@ def pieces(c: int) -> dict[str, Callable[[], object]]:
     grad_grid = torch.rand(b, s, s, 2)
     x, g = torch.rand(b, c, s, s), torch.rand(b, c, s, s)
     sampler_backward = torch.ops.aten.grid_sampler_2d_backward
+    kernel = {}
+    if cpu.compiled.library() is not None:
+        kernel = {
+            "compiled kernel forward": lambda: cpu._kernel_forward(x, angle, center),
+            "compiled kernel backward, both": lambda: cpu._kernel_backward(g, x, angle, center, True, True),
+            "… angle and centre only": lambda: cpu._kernel_backward(g, x, angle, center, False, True),
+        }
     return {
         "affine_grid forward (plain)": lambda: F.affine_grid(theta, [b, c, s, s], align_corners=False),
         "affine_grid backward (plain)": lambda: torch.ops.aten.affine_grid_generator_backward(
@@ -170,6 +178,7 @@ def pieces(c: int) -> dict[str, Callable[[], object]]:
             g, x, grid, 0, 0, False, [True, True]
         ),
         "… grid gradient only": lambda: sampler_backward(g, x, grid, 0, 0, False, [False, True]),
+        **kernel,
     }
 
 

@@ -107,10 +107,16 @@ def main() -> None:
     stn = rotstn.RotationSTN(1)
     n, cpu = train(stn, train_x, iters=args.iters, noise=args.noise, desc="polar K=128")
     report("polar correlation, K=128 (default)", stn, [1, 2, 3], f"{n} steps", cpu)
+    # Same trained weights, read out by the parabola through the peak's logits.
+    stn.head.decoder = "parabolic"
+    report("polar correlation, K=128, parabolic decoder", stn, [1, 3], f"{n} steps", cpu)
+    stn.head.decoder = "circular_mean"
 
     coarse = rotstn.RotationSTN(1, bins=32)
     n, cpu32 = train(coarse, train_x, iters=args.iters, noise=args.noise, desc="polar K=32")
     report("polar correlation, K=32", coarse, [1, 3], f"{n} steps", cpu32)
+    coarse.head.decoder = "parabolic"
+    report("polar correlation, K=32, parabolic decoder", coarse, [1, 3], f"{n} steps", cpu32)
 
     for head in ("binned", "unit_vector"):
         torch.manual_seed(0)

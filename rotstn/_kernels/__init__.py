@@ -7,8 +7,10 @@ tests and benchmarks.
 "cpu" (``cpu``) is chosen automatically for CPU tensors outside
 ``torch.compile``: one autograd function around aten's grid sampler with a
 grid built from a row and a column term and a backward that reduces straight
-to dθ and d(centre). Under ``torch.compile`` the reference graph is traced
-instead (inductor fuses it).
+to dθ and d(centre); bilinear with zero padding runs a compiled C kernel
+instead of aten's sampler where one could be built (``compiled.py``). Under
+``torch.compile`` the reference graph is traced instead (inductor fuses it), and
+under torch.func transforms (vmap, grad) the reference path runs.
 
 "triton" (``triton_warp``) is chosen automatically for CUDA tensors when
 triton imports and the call is one it serves (bilinear; float32, float16 or
@@ -70,11 +72,16 @@ def warp(
         and triton_warp.available()
     ):
         return triton_warp.warp(image, angle, center, padding_mode, align_corners)
-    if _forced == "cpu" or (_forced == "auto" and _cpu_fits(image)):
+    if _forced == "cpu" or (_forced == "auto" and _cpu_fits(image, angle, center)):
         return cpu.warp(image, angle, center, mode, padding_mode, align_corners)
     return reference.warp(image, angle, center, mode, padding_mode, align_corners)
 
 
-def _cpu_fits(image: Tensor) -> bool:
+def _cpu_fits(image: Tensor, angle: Tensor, center: Tensor) -> bool:
     # Under torch.compile the reference graph is the better input: inductor fuses it.
-    return image.device.type == "cpu" and not torch.compiler.is_compiling()
+    # torch.func transforms (vmap, grad) need plain differentiable ops, not a custom Function.
+    return (
+        image.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (image, angle, center))
+    )

@@ -20,6 +20,14 @@ Here:
   ``v_i`` (one batched matmul over the gradient) followed by a small sum over
   j weighted by 1 or ``u_j``.
 
+Bilinear with zero padding on real CPU tensors goes one step further when the
+compiled kernel (``compiled.py``, ``rotate_cpu.c``) could be built: forward and
+backward are each one fused pass in C over the pixels, with no grid at all and
+the angle and centre gradients accumulated per sample (inference calls above
+96² pixels keep aten's vectorised sampler, which was as fast or faster there).
+Other modes and paddings, traced calls (``torch.compile``, export,
+``torch.jit``), and machines without a C compiler use aten's sampler as above.
+
 Double backward (``create_graph=True``) recomputes the gradient through the
 reference path, which is made of differentiable ops.
 """
@@ -31,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import reference
+from . import compiled, reference
 
 # aten's integer codes for grid_sampler_2d's interpolation and padding modes.
 _MODE = {"bilinear": 0, "nearest": 1, "bicubic": 2}
@@ -70,6 +78,116 @@ def _grid(angle: Tensor, center: Tensor, h: int, w: int, align_corners: bool, dt
     return torch.add(cols, rows).permute(0, 2, 3, 1)
 
 
+def _real_cpu(t: Tensor) -> bool:
+    # Fake, meta, functorch-wrapped or other subclassed tensors have no memory the C kernel can read.
+    return (
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.device.type == "cpu"
+        and t.layout == torch.strided
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+def _tracing() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return (
+        torch.compiler.is_compiling()
+        or (exporting is not None and exporting())
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+    )
+
+
+def kernel_serves(
+    image: Tensor, angle: Tensor, center: Tensor, mode: str, padding_mode: str, align_corners: bool
+) -> bool:
+    """Whether the compiled kernel runs this call (and builds it on first use).
+
+    In pixels, zero padding is the same for both ``align_corners`` except along
+    an axis of one pixel, which ``align_corners=True`` samples at pixel 0 for
+    every coordinate (``reference.normalize``); those calls stay on aten.
+    """
+    return (
+        mode == "bilinear"
+        and padding_mode == "zeros"
+        and not (align_corners and min(image.shape[-2:]) == 1)
+        and max(image.shape[-2:]) < 2**30  # the kernel indexes rows and columns in int32
+        and angle.dtype in (torch.float32, torch.float64)
+        and not _tracing()
+        and all(_real_cpu(t) for t in (image, angle, center))
+        and compiled.library() is not None
+    )
+
+
+def _kernel_pays_off(image: Tensor, grads_needed: bool) -> bool:
+    # With a backward the kernel was faster in every cell of benchmarks/cpu_kernel.py (B = 1 to
+    # 64, 32² to 512², C = 1 and 3). Forward only, aten's vectorised sampler was as fast or up to
+    # 25 % faster except on images small enough for the grid's fixed cost to dominate.
+    b, _, h, w = image.shape
+    return grads_needed or b * h * w < 96 * 96
+
+
+def _kernel_args(image: Tensor, angle: Tensor, center: Tensor) -> tuple[Tensor, int, Tensor]:
+    """(samples, batch stride, (B, 4) cos, sin, cx, cy in float64) as the C kernel reads them."""
+    src = image if image.dtype == angle.dtype else image.to(angle.dtype)
+    # A broadcast image (stride 0 over the batch) is read in place; anything else non-contiguous is copied.
+    if src.shape[0] > 1 and src.stride(0) == 0 and src[0].is_contiguous():
+        stride = 0
+    else:
+        src = src.contiguous()
+        stride = src.shape[1] * src.shape[2] * src.shape[3]
+    a = angle.detach().to(torch.float64)
+    par = torch.cat((torch.cos(a)[:, None], torch.sin(a)[:, None], center.detach().to(torch.float64)), 1)
+    return src, stride, par.contiguous()
+
+
+def _kernel_forward(image: Tensor, angle: Tensor, center: Tensor) -> Tensor:
+    src, stride, par = _kernel_args(image, angle, center)
+    b, c, h, w = src.shape
+    out = torch.empty((b, c, h, w), dtype=src.dtype)
+    fn = (
+        compiled.library().rotstn_forward_f32
+        if src.dtype == torch.float32
+        else compiled.library().rotstn_forward_f64
+    )
+    if fn(src.data_ptr(), stride, out.data_ptr(), par.data_ptr(), b, c, h, w, torch.get_num_threads()):
+        raise MemoryError("rotstn's compiled CPU kernel could not allocate its row buffers")
+    return out.to(image.dtype)
+
+
+def _kernel_backward(
+    grad_out: Tensor, image: Tensor, angle: Tensor, center: Tensor, need_image: bool, need_geo: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    src, stride, par = _kernel_args(image, angle, center)
+    b, c, h, w = src.shape
+    grad = grad_out.to(src.dtype).contiguous()
+    grad_image = torch.empty((b, c, h, w), dtype=src.dtype) if need_image else None
+    geo = torch.empty((b, 3), dtype=torch.float64) if need_geo else None
+    lib = compiled.library()
+    fn = lib.rotstn_backward_f32 if src.dtype == torch.float32 else lib.rotstn_backward_f64
+    status = fn(
+        src.data_ptr(),
+        stride,
+        grad.data_ptr(),
+        grad_image.data_ptr() if grad_image is not None else None,
+        geo.data_ptr() if geo is not None else None,
+        par.data_ptr(),
+        b,
+        c,
+        h,
+        w,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("rotstn's compiled CPU kernel could not allocate its buffers")
+    if grad_image is not None:
+        grad_image = grad_image.to(image.dtype)
+    if geo is None:
+        return grad_image, None, None
+    geo = geo.to(angle.dtype)
+    return grad_image, geo[:, 0], geo[:, 1:]
+
+
 class _Warp(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -81,13 +199,20 @@ class _Warp(torch.autograd.Function):
         padding_mode: str,
         align_corners: bool,
     ) -> Tensor:
+        ctx.options = (mode, padding_mode, align_corners)
+        if _kernel_pays_off(image, any(ctx.needs_input_grad[:3])) and kernel_serves(
+            image, angle, center, mode, padding_mode, align_corners
+        ):
+            ctx.kernel = True
+            ctx.save_for_backward(image, angle, center, None)
+            return _kernel_forward(image, angle, center)
+        ctx.kernel = False
         _, _, h, w = image.shape
         dtype = angle.dtype
         grid = _grid(angle, center, h, w, align_corners, dtype)
         src = image if image.dtype == dtype else image.to(dtype)
         out = torch.grid_sampler_2d(src, grid, _MODE[mode], _PADDING[padding_mode], align_corners)
         ctx.save_for_backward(image, angle, center, grid)
-        ctx.options = (mode, padding_mode, align_corners)
         return out.to(image.dtype)
 
     @staticmethod
@@ -97,8 +222,20 @@ class _Warp(torch.autograd.Function):
         need_image, need_angle, need_center = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             return (*_differentiable_backward(ctx, grad_out), None, None, None)
-        dtype = angle.dtype
         need_grid = need_angle or need_center
+        if ctx.kernel:
+            grad_image, grad_angle, grad_center = _kernel_backward(
+                grad_out, image, angle, center, need_image, need_grid
+            )
+            return (
+                grad_image,
+                grad_angle if need_angle else None,
+                grad_center if need_center else None,
+                None,
+                None,
+                None,
+            )
+        dtype = angle.dtype
         src = image if image.dtype == dtype else image.to(dtype)
         grad_image, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
             grad_out.to(dtype),
