@@ -90,7 +90,14 @@ class ConcatEncoder(nn.Module):
         return self.net(torch.cat((m, f), dim=1))
 
 
-def polar_grid(size: tuple[int, int], radii: int, bins: int, *, device=None, dtype=None) -> Tensor:
+def polar_grid(
+    size: tuple[int, int],
+    radii: int,
+    bins: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """A ``grid_sample`` grid ``(1, radii, bins, 2)`` on circles about the image centre.
 
     Row j samples the circle of radius ``(j + 0.5) / radii · min(H, W) / 2`` pixels
@@ -203,7 +210,8 @@ class PolarCorrelationEncoder(nn.Module):
                 raise ValueError("fixed is required: this encoder is paired (forward(moving, fixed))")
             moving, fixed = _pair(moving, fixed)
             both = self.polar_features(torch.cat((moving, fixed)))
-            fm, ff = both.chunk(2)
+            # Slices, not chunk(2): chunk makes torch.export specialise the batch size.
+            fm, ff = both[: moving.shape[0]], both[moving.shape[0] :]
         else:
             if fixed is not None:
                 raise ValueError("this encoder has paired=False: call forward(x) with one image")
