@@ -93,12 +93,16 @@ class AngleHead(nn.Module):
         """The period of the reported angle, ``2π / symmetry``."""
         return 2 * math.pi / self.symmetry
 
-    def identity_weight(self) -> float:
-        """Weight of the pull towards θ = 0: 10⁴ before training, 0 after ``warmup`` steps."""
+    def warmup_progress(self) -> Tensor:
+        """Fraction of the warm-up done, a 0-d float tensor in [0, 1] (1 when ``warmup`` is 0)."""
         if self.warmup == 0:
-            return 0.0
-        t = min(int(self.seen), self.warmup) / self.warmup
-        return _IDENTITY_WEIGHT ** (1 - t) - 1
+            return torch.ones((), device=self.seen.device)
+        # Tensor ops, not int(self.seen): no graph break under torch.compile.
+        return self.seen.clamp(max=self.warmup).float() / self.warmup
+
+    def identity_weight(self) -> Tensor:
+        """Weight of the pull towards θ = 0: 10⁴ before training, 0 after ``warmup`` steps (0-d tensor)."""
+        return _IDENTITY_WEIGHT ** (1 - self.warmup_progress()) - 1
 
     def _check_features(self, features: Tensor) -> Tensor:
         if not isinstance(features, Tensor) or not features.is_floating_point():
@@ -112,11 +116,11 @@ class AngleHead(nn.Module):
         return features
 
     def _finish(self, psi: Tensor) -> Tensor:
-        w = self.identity_weight()
+        w = self.identity_weight().to(psi.dtype)
         if self.training and torch.is_grad_enabled():
             self.seen += 1
-        if w > 0:
-            psi = torch.atan2(torch.sin(psi), torch.cos(psi) + w)
+        # With w = 0 (after the warm-up) this is wrap(psi), with derivative 1.
+        psi = torch.atan2(torch.sin(psi), torch.cos(psi) + w)
         return wrap_angle(psi) / self.symmetry
 
     def encode_target(self, target: Tensor) -> Tensor:
@@ -253,9 +257,9 @@ class VonMisesHead(AngleHead):
         t = self._check_target(pred, target)
         mean = pred.raw_angle
         nll = losses.von_mises_nll(mean, pred.concentration, t, reduction=reduction)
-        blend = 1.0 if self.warmup == 0 else min(int(self.seen), self.warmup) / self.warmup
-        if blend >= 1:
+        if self.warmup == 0:
             return nll
+        blend = self.warmup_progress().to(nll.dtype)
         gentle = losses.cosine_loss(mean, t, reduction=reduction) + losses.von_mises_nll(
             mean.detach(), pred.concentration, t, reduction=reduction
         )
