@@ -23,11 +23,13 @@ def shape_str(t: Tensor) -> str:
 def image(x: object, name: str = "image") -> Tensor:
     """Check an image and return it as (B, C, H, W)."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        hint = " (convert with torch.from_numpy)" if type(x).__name__ == "ndarray" else ""
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}{hint}")
     if x.dim() not in (3, 4):
-        raise ValueError(f"{name} must have shape (C, H, W) or (B, C, H, W), got {shape_str(x)}")
+        hint = f"; add a channel dimension with {name}[None]" if x.dim() == 2 else ""
+        raise ValueError(f"{name} must have shape (C, H, W) or (B, C, H, W), got {shape_str(x)}{hint}")
     if not x.is_floating_point():
-        hint = " (convert with image.float() / 255)" if x.dtype == torch.uint8 else ""
+        hint = f" (convert with {name}.float() / 255)" if x.dtype == torch.uint8 else ""
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}{hint}")
     if x.shape[-1] == 0 or x.shape[-2] == 0:
         raise ValueError(f"{name} must have H >= 1 and W >= 1, got shape {shape_str(x)}")

@@ -311,14 +311,6 @@ def _gauss_newton(
 
 
 def _check_image(x: object, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        hint = " (convert with torch.from_numpy)" if type(x).__name__ == "ndarray" else ""
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}{hint}")
-    if x.dim() == 2:
-        raise ValueError(
-            f"{name} must have shape (C, H, W) or (B, C, H, W), got {_validate.shape_str(x)}; "
-            f"add a channel dimension with {name}[None]"
-        )
     x = _validate.image(x, name)
     h, w = x.shape[-2:]
     if min(h, w) < MIN_SIZE:
