@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from warp import make_step, plain, reference  # the same recipes and timed step as benchmarks/warp.py
 
 import rotstn
 from rotstn._kernels import triton_warp, use_backend
@@ -43,19 +43,8 @@ from rotstn._kernels import triton_warp, use_backend
 KNOWN_PEAK_GBS = {"H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H200": 4800.0, "A100": 2039.0}
 
 
-def plain(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    m = rotstn.rotation_matrix(angle, tuple(x.shape[-2:])).to(x.dtype)
-    grid = F.affine_grid(m, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, align_corners=False)
-
-
 def fused(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     with use_backend("triton"):
-        return rotstn.rotate(x, angle)
-
-
-def reference(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    with use_backend("reference"):
         return rotstn.rotate(x, angle)
 
 
@@ -68,24 +57,6 @@ def peak_gbs(device: torch.device, override: float | None) -> float | None:
     if clock_khz and bus_bits:
         return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # double data rate
     return next((gbs for name, gbs in KNOWN_PEAK_GBS.items() if name in props.name), None)
-
-
-def make_step(f: Callable, x: torch.Tensor, angle: torch.Tensor, backward: bool) -> Callable[[], None]:
-    if not backward:
-
-        def step() -> None:
-            with torch.no_grad():
-                f(x, angle)
-
-        return step
-    xg, ag = x.detach().requires_grad_(), angle.detach().requires_grad_()
-    grad_out = torch.rand_like(x)
-
-    def step() -> None:
-        xg.grad = ag.grad = None
-        f(xg, ag).backward(grad_out)
-
-    return step
 
 
 def median_ms(step: Callable[[], None], device: torch.device) -> float:
