@@ -75,6 +75,26 @@ def _geometry(angle_ptr, center_ptr, b, s_a, s_cb, s_ck, offs, W):
 
 
 @triton.jit
+def _corners(x, y, valid, H, W, s_ih, s_iw):
+    """Bilinear corners of (x, y): the weights' factors, in-image masks, strided offset of (x0, y0)."""
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    x0 = x0f.to(tl.int32)
+    y0 = y0f.to(tl.int32)
+    # Written as grid_sample writes them, so values agree to the last bits.
+    tx0 = x0f + 1.0 - x
+    tx1 = x - x0f
+    ty0 = y0f + 1.0 - y
+    ty1 = y - y0f
+    in_x0 = (x0 >= 0) & (x0 < W)
+    in_x1 = (x0 + 1 >= 0) & (x0 + 1 < W)
+    in_y0 = valid & (y0 >= 0) & (y0 < H)
+    in_y1 = valid & (y0 + 1 >= 0) & (y0 + 1 < H)
+    o00 = y0.to(tl.int64) * s_ih + x0.to(tl.int64) * s_iw
+    return x0, y0, tx0, tx1, ty0, ty1, in_y0 & in_x0, in_y0 & in_x1, in_y1 & in_x0, in_y1 & in_x1, o00
+
+
+@triton.jit
 def warp_forward(
     img_ptr,
     out_ptr,
@@ -101,24 +121,11 @@ def warp_forward(
     x, _ = _pad(cx + cos * u - sin * v, W * 1.0, PADDING, ALIGN)
     y, _ = _pad(cy + sin * u + cos * v, H * 1.0, PADDING, ALIGN)
 
-    x0f = tl.floor(x)
-    y0f = tl.floor(y)
-    x0 = x0f.to(tl.int32)
-    y0 = y0f.to(tl.int32)
-    # The weights are written as grid_sample writes them, so values agree to the last bits.
-    w00 = (x0f + 1.0 - x) * (y0f + 1.0 - y)
-    w01 = (x - x0f) * (y0f + 1.0 - y)
-    w10 = (x0f + 1.0 - x) * (y - y0f)
-    w11 = (x - x0f) * (y - y0f)
-    in_x0 = (x0 >= 0) & (x0 < W)
-    in_x1 = (x0 + 1 >= 0) & (x0 + 1 < W)
-    in_y0 = valid & (y0 >= 0) & (y0 < H)
-    in_y1 = valid & (y0 + 1 >= 0) & (y0 + 1 < H)
-    m00 = in_y0 & in_x0
-    m01 = in_y0 & in_x1
-    m10 = in_y1 & in_x0
-    m11 = in_y1 & in_x1
-    o00 = y0.to(tl.int64) * s_ih + x0.to(tl.int64) * s_iw
+    _, _, tx0, tx1, ty0, ty1, m00, m01, m10, m11, o00 = _corners(x, y, valid, H, W, s_ih, s_iw)
+    w00 = tx0 * ty0
+    w01 = tx1 * ty0
+    w10 = tx0 * ty1
+    w11 = tx1 * ty1
     o01 = o00 + s_iw
     o10 = o00 + s_ih
     o11 = o10 + s_iw
@@ -167,23 +174,7 @@ def warp_backward(
     x, dx_pad = _pad(cx + cos * u - sin * v, W * 1.0, PADDING, ALIGN)
     y, dy_pad = _pad(cy + sin * u + cos * v, H * 1.0, PADDING, ALIGN)
 
-    x0f = tl.floor(x)
-    y0f = tl.floor(y)
-    x0 = x0f.to(tl.int32)
-    y0 = y0f.to(tl.int32)
-    tx0 = x0f + 1.0 - x
-    tx1 = x - x0f
-    ty0 = y0f + 1.0 - y
-    ty1 = y - y0f
-    in_x0 = (x0 >= 0) & (x0 < W)
-    in_x1 = (x0 + 1 >= 0) & (x0 + 1 < W)
-    in_y0 = valid & (y0 >= 0) & (y0 < H)
-    in_y1 = valid & (y0 + 1 >= 0) & (y0 + 1 < H)
-    m00 = in_y0 & in_x0
-    m01 = in_y0 & in_x1
-    m10 = in_y1 & in_x0
-    m11 = in_y1 & in_x1
-    o00 = y0.to(tl.int64) * s_ih + x0.to(tl.int64) * s_iw
+    x0, y0, tx0, tx1, ty0, ty1, m00, m01, m10, m11, o00 = _corners(x, y, valid, H, W, s_ih, s_iw)
     # grad-image is a fresh contiguous float32 tensor, whatever the image strides.
     q00 = y0.to(tl.int64) * W + x0.to(tl.int64)
 
