@@ -4,6 +4,7 @@ from . import encoders, heads, losses
 from .functional import angle_difference, rotate, rotation_matrix, wrap_angle
 from .modules import Rotate, RotationSTN, STNOutput
 from .registration import Registration, register
+from .search import best_turn
 
 __all__ = [
     "Registration",
@@ -11,6 +12,7 @@ __all__ = [
     "RotationSTN",
     "STNOutput",
     "angle_difference",
+    "best_turn",
     "encoders",
     "heads",
     "losses",

@@ -115,6 +115,9 @@ class RotationSTN(nn.Module):
       ``rotstn.rotate(moving, θ) ≈ fixed`` (the sign of :func:`rotstn.register`).
     * ``paired=False``: ``forward(x)`` predicts the angle that brings ``x`` to a
       canonical pose learned from the data (the classic STN in front of a classifier).
+      The downstream loss's gradient only says which way a small turn helps; to
+      also train the STN towards the turn that loss scores best, add
+      ``stn.angle_loss(out, rotstn.best_turn(x, per_image_loss, around=out.angle))``.
 
     The encoder reads the image(s), the head turns features into an angle, and
     :func:`rotstn.rotate` warps; gradients from a loss on ``.warped`` or
