@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--views", type=int, default=6, help="fixed angles per validation digit")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", default=None, help="run only the rows whose label contains this (and the CNN)")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="run only the rows whose label contains this, and the CNN (CNN: only the CNN)",
+    )
     p.add_argument(
         "--quick", action="store_true", help="256 training digits, 1 epoch, one seed (a smoke run)"
     )
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         for label, kind, head, warmup, candidates, sampler in ROWS:
             if epochs != args.epochs[0] and label not in LONG:
                 continue
-            if args.only and label != "CNN" and args.only not in label:
+            if args.only and label != "CNN" and (args.only == "CNN" or args.only not in label):
                 continue
             cfg = ac.Config(
                 math.pi / 2, epochs, 64, 3e-3, args.views, len(y_fit), head, 64, warmup, candidates, head
