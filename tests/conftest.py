@@ -18,6 +18,15 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("device", params)
 
 
+@pytest.fixture
+def one_thread():
+    # Tiny models: OpenMP's thread hand-off costs more than the arithmetic, and the machine is shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=[torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 def dtype(request):
     return request.param

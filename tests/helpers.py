@@ -1,5 +1,6 @@
-"""Shared test data: crops of real bundled pictures."""
+"""Shared test data: crops of real bundled pictures, and the disc a rotation keeps in frame."""
 
+import numpy as np
 import torch
 
 
@@ -12,3 +13,10 @@ def real_image(h: int = 64, w: int = 64, seed: int = 0) -> torch.Tensor:
     top = int(torch.randint(0, cam.shape[0] - h, (1,), generator=g))
     left = int(torch.randint(0, cam.shape[1] - w, (1,), generator=g))
     return cam[top : top + h, left : left + w][None, None].clone()
+
+
+def interior(h: int, w: int, margin: float = 2.0) -> np.ndarray:
+    """(h, w) bool: pixels inside the disc that stays in the image under any rotation about the centre."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = np.hypot(xx - (w - 1) / 2, yy - (h - 1) / 2)
+    return r <= min(h, w) / 2 - margin

@@ -190,15 +190,6 @@ def _features(t, n=1):
     return base @ _MIX
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny models: OpenMP's thread hand-off costs more than the arithmetic, and the machine is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.usefixtures("one_thread")
 class TestTraining:
     @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import torch
-from helpers import real_image
+from helpers import interior, real_image
 
 import rotstn
 from rotstn import _kernels
@@ -25,13 +25,6 @@ def backend(request):
     """Every oracle test runs on the automatic choice and on the reference path."""
     with _kernels.use_backend(request.param):
         yield request.param
-
-
-def interior(h: int, w: int, margin: float = 2.0) -> np.ndarray:
-    """Pixels inside the disc that stays in the image under any rotation about the centre."""
-    yy, xx = np.mgrid[0:h, 0:w]
-    r = np.hypot(xx - (w - 1) / 2, yy - (h - 1) / 2)
-    return r <= min(h, w) / 2 - margin
 
 
 @pytest.mark.parametrize("size", SIZES, ids=str)

@@ -6,16 +6,14 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import torch
-from helpers import real_image
+from helpers import interior, real_image
 
 import rotstn
 
 
 def disc_mask(n: int) -> torch.Tensor:
-    """Pixels inside the inscribed disc (they stay inside the image under any turn)."""
-    yy, xx = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-    r = (n - 1) / 2
-    return ((yy - r) ** 2 + (xx - r) ** 2 <= (r - 2) ** 2).double()
+    """(n, n) float64: 1 inside the disc a turn keeps in frame, 0 outside."""
+    return torch.from_numpy(interior(n, n)).double()
 
 
 def scipy_rotated(x: torch.Tensor, degrees: float) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import real_image
+from helpers import interior, real_image
 from scipy import ndimage
 from torch.autograd import gradcheck
 
@@ -15,19 +15,9 @@ import rotstn
 from rotstn import encoders, heads
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny models: OpenMP's thread hand-off costs more than the arithmetic, and the machine is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _disk(h, w):
     # Rotation moves the corners out of the frame; compare what stays inside the inscribed disk.
-    y, x = torch.meshgrid(torch.arange(h) - (h - 1) / 2, torch.arange(w) - (w - 1) / 2, indexing="ij")
-    return ((x**2 + y**2) <= (min(h, w) / 2 - 1) ** 2).float()
+    return torch.from_numpy(interior(h, w, margin=1.0)).float()
 
 
 def _crops(n, size=24, seed=0):
