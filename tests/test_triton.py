@@ -55,7 +55,7 @@ def _both(img, angle, center, grad_out, padding_mode, align_corners):
         return triton_warp.warp(i, a, c, padding_mode, align_corners)
 
     def ref(i, a, c):
-        return reference.warp(i, a, c, "bilinear", padding_mode, align_corners)
+        return reference.warp(i, a, c, c, "bilinear", padding_mode, align_corners)
 
     return _run(fused, img, angle, center, grad_out), _run(ref, img, angle, center, grad_out)
 

@@ -51,13 +51,24 @@ def warp(
     image: Tensor,
     angle: Tensor,
     center: Tensor,
+    source: Tensor,
     mode: str,
     padding_mode: str,
     align_corners: bool,
+    size: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Rotate (B, C, H, W) by (B,) radians about (B, 2) pixel centres."""
+    """Warp (B, C, H, W) by (B,) radians: output pixel ``center`` (B, 2) shows input pixel ``source`` (B, 2).
+
+    A rotation about c passes ``source=center`` (the same tensor); a rigid
+    warp moves one against the other (``reference.source_coords``). ``size``
+    is the output's (H, W), default the input's.
+    """
+    same_size = size is None or tuple(size) == tuple(image.shape[-2:])
+    rotation = source is center
     if _forced == "triton":
         reason = triton_warp.unsupported(image, angle, mode, align_corners)
+        if reason is None and not (same_size and rotation):
+            reason = "a translation or an output size other than the input's"
         if reason is not None:
             raise ValueError(f"backend 'triton' does not support {reason}; use backend 'auto' or 'reference'")
         if not triton_warp.available():
@@ -67,14 +78,16 @@ def warp(
         return triton_warp.warp(image, angle, center, padding_mode, align_corners)
     if (
         _forced == "auto"
+        and same_size
+        and rotation
         and image.is_cuda
         and triton_warp.unsupported(image, angle, mode, align_corners) is None
         and triton_warp.available()
     ):
         return triton_warp.warp(image, angle, center, padding_mode, align_corners)
-    if _forced == "cpu" or (_forced == "auto" and _cpu_fits(image, angle, center)):
+    if same_size and rotation and (_forced == "cpu" or (_forced == "auto" and _cpu_fits(image, angle, center))):
         return cpu.warp(image, angle, center, mode, padding_mode, align_corners)
-    return reference.warp(image, angle, center, mode, padding_mode, align_corners)
+    return reference.warp(image, angle, center, source, mode, padding_mode, align_corners, size)
 
 
 def _cpu_fits(image: Tensor, angle: Tensor, center: Tensor) -> bool:

@@ -292,7 +292,7 @@ def _differentiable_backward(
     mode, padding_mode, align_corners = ctx.options
     inputs = (image, angle, center)
     wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True) if need]
-    out = reference.warp(image, angle, center, mode, padding_mode, align_corners)
+    out = reference.warp(image, angle, center, center, mode, padding_mode, align_corners)
     grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
     return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])  # type: ignore[return-value]
 
