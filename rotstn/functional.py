@@ -222,9 +222,7 @@ def rotate(
         out = img[:0] + (a.sum() + c.sum()).to(img.dtype) * 0
     else:
         c = c.expand(n, 2)
-        out = _kernels.warp(
-            img.expand(n, ch, h, w), a.expand(n), c, c, mode, padding_mode, align_corners
-        )
+        out = _kernels.warp(img.expand(n, ch, h, w), a.expand(n), c, c, mode, padding_mode, align_corners)
     return out if batched else out.squeeze(0)
 
 

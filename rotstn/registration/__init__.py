@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import _validate
 from ..functional import rigid_matrix, warp, wrap_angle
 from . import _refine, _rotation, _search
-from ._images import Level, indices, masked_blur, pyramid
+from ._images import Level, indices, masked_blur, noise_variance, pyramid
 
 __all__ = ["Registration", "register"]
 
@@ -70,7 +70,12 @@ class Registration:
     aligned: Tensor
 
     def apply(
-        self, image: Tensor, *, mode: str = "bilinear", padding_mode: str = "zeros", align_corners: bool = False
+        self,
+        image: Tensor,
+        *,
+        mode: str = "bilinear",
+        padding_mode: str = "zeros",
+        align_corners: bool = False,
     ) -> Tensor:
         """Resample ``image`` (moving's size, any channels) onto fixed's grid with this result.
 
@@ -104,7 +109,7 @@ def register(
     iterations: int = 20,
     min_overlap: float = 0.1,
     search_size: int = 64,
-    max_points: int = 16384,
+    max_points: int = 8192,
 ) -> Registration:
     """Find the rigid map (rotation about an unknown point) that aligns ``moving`` onto ``fixed``.
 
@@ -204,7 +209,17 @@ def register(
             _check_not_flat(fg, fmask, "fixed")
             _check_not_flat(mg, mmask, "moving")
             angle, t, score, overlap = _rigid(
-                fg, fmask, mg, mmask, guess, init_window, smooth, iterations, min_overlap, search_size, max_points
+                fg,
+                fmask,
+                mg,
+                mmask,
+                guess,
+                init_window,
+                smooth,
+                iterations,
+                min_overlap,
+                search_size,
+                max_points,
             )
         angle = wrap_angle(angle)
         matrix = rigid_matrix(angle, t, size, moving_size)
@@ -226,16 +241,19 @@ def _rigid(
     max_points: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     size, moving_size = tuple(fixed.shape[-2:]), tuple(moving.shape[-2:])
-    fixed, fixed_mask = masked_blur(fixed, fixed_mask, smooth)
-    moving, moving_mask = masked_blur(moving, moving_mask, smooth)
+    noise = (noise_variance(fixed, fixed_mask, smooth), noise_variance(moving, moving_mask, smooth))
+    fixed, fixed_mask, margin = masked_blur(fixed, fixed_mask, smooth)
+    moving, moving_mask, _ = masked_blur(moving, moving_mask, smooth)
     # Both pyramids must reach the same scale: stop when the larger image is small enough.
-    largest = max(*size, *moving_size)
+    # The search level: the larger image's geometric-mean side about ``search_size`` (a long thin image keeps
+    # enough rows), never a side under 16.
+    side = math.sqrt(max(size[0] * size[1], moving_size[0] * moving_size[1]))
     smallest = min(*size, *moving_size)
     n_levels = 0
-    while largest >> n_levels > search_size and smallest >> (n_levels + 1) >= 8:
+    while side / 2**n_levels > search_size * 1.25 and smallest >> (n_levels + 1) >= 16:
         n_levels += 1
-    fixed_levels = pyramid(fixed, fixed_mask, n_levels)
-    moving_levels = pyramid(moving, moving_mask, n_levels)
+    fixed_levels = pyramid(fixed, fixed_mask, n_levels, margin)
+    moving_levels = pyramid(moving, moving_mask, n_levels, margin)
     coarse_f, coarse_m = fixed_levels[-1], moving_levels[-1]
     if guess is None:
         angles = _search.spectral_angles(coarse_f, coarse_m, peaks=2)
@@ -243,19 +261,31 @@ def _rigid(
         steps = max(2 * math.ceil(window / _search.SWEEP_STEP), 1)
         offsets = torch.linspace(-window, window, steps + 1, dtype=fixed.dtype, device=fixed.device)
         angles = guess.view(-1, 1) + offsets
-    angle, t, z = _hypotheses(coarse_f, coarse_m, size, moving_size, angles, min_overlap, max_points)
+    angle, t, z = _hypotheses(
+        coarse_f, coarse_m, size, moving_size, angles, min_overlap, max_points, iterations
+    )
     weak = z < _search.SWEEP_BELOW
     if guess is None and bool(weak.any()):
         # No convincing candidate: try the whole circle on those pairs.
-        sub_f, sub_m = coarse_f.select(weak), coarse_m.select(weak)
         sweep = _search.sweep_angles(int(weak.sum()), fixed.dtype, fixed.device)
-        a2, t2, z2 = _hypotheses(sub_f, sub_m, size, moving_size, sweep, min_overlap, max_points)
+        a2, t2, z2 = _hypotheses(
+            coarse_f.select(weak),
+            coarse_m.select(weak),
+            size,
+            moving_size,
+            sweep,
+            min_overlap,
+            max_points,
+            iterations,
+        )
         better = z2 > z[weak]
         angle[weak] = torch.where(better, a2, angle[weak])
         t[weak] = torch.where(better.unsqueeze(1), t2, t[weak])
-    angle, t = _refine.refine(fixed_levels, moving_levels, size, moving_size, angle, t, iterations, max_points)
+    angle, t = _refine.refine(
+        fixed_levels[:-1], moving_levels[:-1], size, moving_size, angle, t, iterations, max_points
+    )
     score, overlap = _refine.score(
-        fixed_levels[0], moving_levels[0], size, moving_size, angle, t, max_points, min_overlap
+        fixed_levels[0], moving_levels[0], size, moving_size, angle, t, max_points, min_overlap, noise
     )
     return angle, t, score, overlap
 
@@ -268,21 +298,56 @@ def _hypotheses(
     angles: Tensor,
     min_overlap: float,
     max_points: int,
+    iterations: int,
+    keep: int = 3,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The best (angle, translation) among the candidate angles (B, K) and its significance, each per pair."""
+    """The best (angle, translation) on the search level for candidate angles (B, K), and its significance.
+
+    Every angle gets its phase correlation's best shifts; the ``keep`` most
+    significant hypotheses of each pair are refined on this level and the
+    most significant after refinement wins (a near miss of the right angle
+    refines to a clear winner; a chance match does not).
+    """
     angle, shifts = _search.phase_correlation(fixed, moving, size, moving_size, angles, peaks=2)
+    # A first ranking on a quarter of the points is enough to pick which hypotheses to refine.
+    z = _refine.significance(fixed, moving, size, moving_size, angle, shifts, max_points // 4, min_overlap)
+    b = angle.shape[0]
+    top = z.topk(min(keep, z.shape[1]), dim=1).indices
+    k = top.shape[1]
+    angle = angle.gather(1, top).reshape(-1)
+    shifts = shifts.gather(1, top.unsqueeze(-1).expand(-1, -1, 2)).reshape(-1, 2)
+    rows = torch.arange(b, device=angle.device).repeat_interleave(k)
+    # A few steps separate a near miss of the right answer (its NCC climbs) from a chance match (it does
+    # not); wrong hypotheses need not converge.
+    angle, shifts = _refine.refine(
+        [fixed.select(rows)],
+        [moving.select(rows)],
+        size,
+        moving_size,
+        angle,
+        shifts,
+        min(iterations, 6),
+        max_points,
+    )
+    angle, shifts = angle.view(b, k), shifts.view(b, k, 2)
     z = _refine.significance(fixed, moving, size, moving_size, angle, shifts, max_points, min_overlap)
     best = z.argmax(1)
-    rows = torch.arange(best.shape[0], device=best.device)
-    return angle[rows, best], shifts[rows, best], z[rows, best]
+    pick = torch.arange(b, device=best.device)
+    return angle[pick, best], shifts[pick, best], z[pick, best]
 
 
 def _grey(x: Tensor, channel: int | None, dtype: torch.dtype, b: int, name: str) -> Tensor:
     if channel is None:
         g = x.to(dtype).mean(1, keepdim=True)
     else:
-        if isinstance(channel, bool) or not isinstance(channel, int) or not -x.shape[1] <= channel < x.shape[1]:
-            raise ValueError(f"channel must be an int index into {name}'s {x.shape[1]} channel(s), got {channel!r}")
+        if (
+            isinstance(channel, bool)
+            or not isinstance(channel, int)
+            or not -x.shape[1] <= channel < x.shape[1]
+        ):
+            raise ValueError(
+                f"channel must be an int index into {name}'s {x.shape[1]} channel(s), got {channel!r}"
+            )
         g = x[:, channel : channel + 1].to(dtype)
     return g.expand(b, 1, *x.shape[-2:])
 
@@ -293,7 +358,9 @@ def _check_image(x: object, name: str) -> Tensor:
     if min(h, w) < MIN_SIZE:
         raise ValueError(f"{name} must be at least {MIN_SIZE}×{MIN_SIZE} pixels, got H={h}, W={w}")
     if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} must have at least one sample and one channel, got {_validate.shape_str(x)}")
+        raise ValueError(
+            f"{name} must have at least one sample and one channel, got {_validate.shape_str(x)}"
+        )
     bad = ~torch.isfinite(x).flatten(1).all(1)
     if bool(bad.any()):
         raise ValueError(f"{name} contains NaN or Inf pixels (sample(s) {indices(bad)})")
@@ -344,7 +411,9 @@ def _check_not_flat(gray: Tensor, mask: Tensor | None, name: str) -> None:
     flat = (hi - lo) <= 1e-6 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
     if bool(flat.any()):
         where = "over its mask" if mask is not None else ""
-        raise ValueError(f"{name} is constant {where}(sample(s) {indices(flat)}): there is nothing to register")
+        raise ValueError(
+            f"{name} is constant {where}(sample(s) {indices(flat)}): there is nothing to register"
+        )
 
 
 def _check_number(value: object, name: str) -> float:
@@ -380,4 +449,3 @@ def _run_init(init: InitLike, fixed: Tensor, moving: Tensor, b: int, dtype: torc
     if not bool(torch.isfinite(angle).all()):
         raise ValueError("init returned a NaN or Inf angle")
     return angle.detach().to(device=fixed.device, dtype=dtype).reshape(-1).expand(b)
-

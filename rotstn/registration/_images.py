@@ -46,25 +46,58 @@ def blur(image: Tensor, sigma: float) -> Tensor:
     return _blur_axis(_blur_axis(image, kernel, -1), kernel, -2)
 
 
-def masked_blur(image: Tensor, mask: Tensor | None, sigma: float) -> tuple[Tensor, Tensor | None]:
-    """Blur that reads only where ``mask`` is set, and the pixels whose blur is trustworthy.
+def masked_blur(image: Tensor, mask: Tensor | None, sigma: float) -> tuple[Tensor, Tensor | None, float]:
+    """Blur that reads only where ``mask`` is set; the mask and frame margin whose pixels stay comparable.
 
     Masked-out pixels (labels, rulers, borders) would otherwise bleed ~3σ into
     the pixels that are compared (normalised convolution keeps them out).
     Near the frame and the mask's edges a blurred pixel is made of fewer
-    neighbours than the same scene point in the other image: those pixels
-    (the blur's weight inside the mask below 0.9) are left out of the
-    returned mask, so that they are never compared.
+    neighbours than the same scene point in the other image: such pixels are
+    never compared. Returns the blurred image, the mask with the pixels near
+    its edges removed (None when no mask was given), and the margin in
+    pixels to leave out along the frame.
     """
     if sigma == 0:
-        return image, mask
-    # Without a mask the weight is the same for every sample: compute it once.
-    ones = image.new_ones((1, 1, *image.shape[-2:])) if mask is None else mask
+        return image, mask, 0.0
+    margin = float(math.ceil(2 * sigma))
+    if mask is None:
+        return blur(image, sigma), None, margin
     radius = math.ceil(3 * sigma)
-    # The weight of the kernel that falls inside the frame and the mask (zeros outside the frame).
-    weight = blur(F.pad(ones, (radius, radius, radius, radius)), sigma)[..., radius:-radius, radius:-radius]
-    out = blur(image * ones, sigma) / weight.clamp_min(1e-6) if mask is not None else blur(image, sigma)
-    return out, ((weight > 0.9) & (ones > 0.5)).to(image.dtype).expand(image.shape[0], 1, *image.shape[-2:])
+    # The weight of the kernel that falls inside the mask (zeros outside the frame).
+    weight = blur(F.pad(mask, (radius, radius, radius, radius)), sigma)[..., radius:-radius, radius:-radius]
+    out = blur(image * mask, sigma) / weight.clamp_min(1e-6)
+    return out, ((weight > 0.9) & (mask > 0.5)).to(image.dtype), margin
+
+
+def noise_variance(image: Tensor, mask: Tensor | None, sigma: float) -> Tensor:
+    """(B,) variance of white noise in (B, 1, H, W) after a Gaussian blur of ``sigma``.
+
+    The noise level is estimated before the blur by Immerkær's method: the
+    mean absolute response to a 3×3 operator that cancels every linear ramp
+    (so smooth content and straight edges barely enter), ``σ = √(π/2)/6 ·
+    mean|I * N|``. A blur of ``sigma`` divides a white-noise variance by the
+    sum of its squared weights.
+
+    Reference: J. Immerkær, "Fast noise variance estimation", Computer Vision
+    and Image Understanding 64(2), 1996.
+    """
+    op = torch.tensor(
+        [[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], dtype=image.dtype, device=image.device
+    )
+    # A statistic: every few rows of a large image are plenty.
+    step = max(1, image.shape[-2] // 256)
+    response = F.conv2d(image, op.view(1, 1, 3, 3), stride=(step, 1)).abs()
+    if mask is None:
+        mean = response.mean((1, 2, 3))
+    else:
+        inner = (F.avg_pool2d(mask, 3, stride=(step, 1)) > 0.999).to(image.dtype)
+        mean = (response * inner).sum((1, 2, 3)) / inner.sum((1, 2, 3)).clamp_min(1)
+    variance = (math.sqrt(math.pi / 2) / 6 * mean).square()
+    if sigma > 0:
+        radius = math.ceil(3 * sigma)
+        taps = torch.tensor([math.exp(-0.5 * (i / sigma) ** 2) for i in range(-radius, radius + 1)])
+        variance = variance * float((taps / taps.sum()).square().sum()) ** 2
+    return variance
 
 
 def pool(image: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -77,23 +110,49 @@ def pool(image: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
 
 @dataclass
 class Level:
-    """One pyramid level: grey image (B, 1, h, w), mask (B, 1, h, w) or None, and its scale 2**k."""
+    """One pyramid level of one image.
+
+    Attributes:
+        image: (B, 1, h, w) grey values.
+        mask: (B, 1, h, w) where the image has content (values in [0, 1]; 1 counts), or None for
+            everywhere but ``margin``.
+        scale: 2**k for level k.
+        margin: pixels along the frame that are not compared (the blur's reach).
+    """
 
     image: Tensor
     mask: Tensor | None
     scale: int
+    margin: float = 0.0
 
     def select(self, rows: Tensor) -> Level:
         """The level for a subset of the batch (a bool or index tensor)."""
-        return Level(self.image[rows], None if self.mask is None else self.mask[rows], self.scale)
+        return Level(
+            self.image[rows], None if self.mask is None else self.mask[rows], self.scale, self.margin
+        )
+
+    def inside(self, x: Tensor, y: Tensor) -> Tensor:
+        """Whether bilinear samples at level pixels (x, y) read only compared pixels of the frame."""
+        h, w = self.image.shape[-2:]
+        m = self.margin
+        return (x >= m) & (x <= w - 1 - m) & (y >= m) & (y <= h - 1 - m)
+
+    def content(self) -> Tensor:
+        """(B or 1, 1, h, w) 1 where the image is compared, else 0."""
+        h, w = self.image.shape[-2:]
+        y = torch.arange(h, dtype=self.image.dtype, device=self.image.device).view(-1, 1)
+        x = torch.arange(w, dtype=self.image.dtype, device=self.image.device).view(1, -1)
+        frame = self.inside(x, y).to(self.image.dtype).view(1, 1, h, w)
+        return frame if self.mask is None else frame * (self.mask > 0.999)
 
 
-def pyramid(image: Tensor, mask: Tensor | None, halvings: int) -> list[Level]:
+def pyramid(image: Tensor, mask: Tensor | None, halvings: int, margin: float = 0.0) -> list[Level]:
     """Full resolution and ``halvings`` coarser levels, finest first."""
-    levels = [Level(image, mask, 1)]
+    levels = [Level(image, mask, 1, margin)]
     for _ in range(halvings):
         img, m = pool(levels[-1].image, levels[-1].mask)
-        levels.append(Level(img, m, levels[-1].scale * 2))
+        # A pooled pixel reaches half a pixel further than its inputs.
+        levels.append(Level(img, m, levels[-1].scale * 2, levels[-1].margin / 2 + 0.5))
     return levels
 
 

@@ -50,7 +50,7 @@ def estimate(
     iterations: int,
 ) -> tuple[Tensor, Tensor]:
     """(B,) angle and (B,) disc NCC for grey (B, 1, H, W) images of one size (already broadcast)."""
-    b, _, h, w = fixed.shape
+    h, w = fixed.shape[-2:]
     disc = _Disc(h, w, fixed.dtype, fixed.device)
     check_not_flat(fixed, disc, "fixed")
     check_not_flat(moving, disc, "moving")

@@ -47,8 +47,9 @@ from ..functional import warp
 from ._images import Level, blur, centre
 
 N_ANGLES = 256  # samples of [0, π) on each ring of the spectrum: 0.7° apart
-SWEEP_BELOW = 0.9  # best candidate significance (Fisher z·√overlap) under which the circle is swept
+SWEEP_BELOW = 1.2  # best refined significance (Fisher z·√overlap) under which the circle is swept
 SWEEP_STEP = math.radians(4)
+LOWPASS = 0.2  # cycles per pixel: the Gaussian weight of the phase correlation
 
 
 def _window(level: Level) -> Tensor:
@@ -124,7 +125,7 @@ def _fft_size(n: int) -> int:
 
 
 def _taper(mask: Tensor) -> Tensor:
-    """A weight that is 1 inside ``mask`` and falls smoothly to 0 over ~4 pixels at its edges and the frame's."""
+    """A weight that is 1 inside ``mask`` and falls smoothly to 0 over ~4 pixels at its and the frame's edges."""
     weight = F.avg_pool2d(F.avg_pool2d(F.pad(mask, (4, 4, 4, 4)), (1, 9), stride=1), (9, 1), stride=1)
     return ((weight - 0.5) * 2).clamp(0, 1) * mask
 
@@ -173,24 +174,28 @@ def phase_correlation(
         ),
         -2,
     )
-    content = torch.ones_like(g) if moving.mask is None else (moving.mask > 0.999).to(dtype)
-    turned = warp(torch.cat((g, content), 1).repeat_interleave(k, 0), matrix=matrix, size=(d, d))
-    fmask = torch.ones_like(f) if fixed.mask is None else (fixed.mask > 0.999).to(dtype)
+    # The taper is turned with the image (it is linear in the samples), so it is made once per image.
+    content = moving.content().expand_as(g)
+    turned = warp(torch.cat((g, _taper(content)), 1).repeat_interleave(k, 0), matrix=matrix, size=(d, d))
+    fmask = fixed.content().expand_as(f)
 
-    def prepare(image: Tensor, mask: Tensor) -> Tensor:
-        weight = _taper(mask)
-        mean = (image * weight).sum((-2, -1), keepdim=True) / weight.sum((-2, -1), keepdim=True).clamp_min(1e-6)
+    def prepare(image: Tensor, weight: Tensor) -> Tensor:
+        mean = (image * weight).sum((-2, -1), keepdim=True) / weight.sum((-2, -1), keepdim=True).clamp_min(
+            1e-6
+        )
         return (image - mean) * weight
 
     p = (_fft_size(max(h, d)), _fft_size(max(w, d)))
-    ff = torch.fft.rfft2(prepare(f, fmask)[:, 0], s=p).repeat_interleave(k, 0)
-    fg = torch.fft.rfft2(prepare(turned[:, :1], (turned[:, 1:] > 0.999).to(dtype))[:, 0], s=p)
-    cross = ff.conj() * fg
+    ff = torch.fft.rfft2(prepare(f, _taper(fmask))[:, 0], s=p)  # (B, ...), shared by the K angles
+    fg = torch.fft.rfft2(prepare(turned[:, :1], turned[:, 1:])[:, 0], s=p).view(b, k, p[0], -1)
+    cross = ff.conj().unsqueeze(1) * fg
     # Whitened, and weighted towards the frequencies a coarse level resolves well.
     ky = torch.fft.fftfreq(p[0], device=device, dtype=dtype).view(-1, 1)
     kx = torch.fft.rfftfreq(p[1], device=device, dtype=dtype).view(1, -1)
-    lowpass = torch.exp(-(kx.square() + ky.square()) / (2 * 0.2**2))
-    corr = torch.fft.irfft2(cross / (cross.abs() + 1e-6 * cross.abs().amax((-2, -1), keepdim=True)) * lowpass, s=p)
+    lowpass = torch.exp(-(kx.square() + ky.square()) / (2 * LOWPASS**2))
+    magnitude = cross.abs()
+    cross = cross * (lowpass / (magnitude + 1e-6 * magnitude.amax((-2, -1), keepdim=True)))
+    corr = torch.fft.irfft2(cross, s=p).view(b * k, p[0], p[1])
     # Shifts s (fixed p against canvas p + s), unwrapped around the one that puts the centres together.
     s0 = (c_d - c_f[0, 1].item(), c_d - c_f[0, 0].item())
     reach = (0.5 * max(h, hm), 0.5 * max(w, wm))
@@ -202,15 +207,16 @@ def phase_correlation(
         (unwrapped[1] - s0[1]).abs() <= reach[1]
     ).view(1, -1)
     # The highest peaks, each at least 3 pixels from the ones before.
-    corr = corr.masked_fill(~within, -math.inf)
+    corr = corr.masked_fill(~within, -math.inf).flatten(1)
+    window = torch.arange(-3, 4, device=device)
     found = []
     for _ in range(peaks):
-        best = corr.flatten(1).argmax(1)
+        best = corr.argmax(1)
         found.append(best)
-        r, c = best // p[1], best % p[1]
-        near_r = (torch.arange(p[0], device=device).view(1, -1) - r.view(-1, 1) + 3) % p[0] <= 6
-        near_c = (torch.arange(p[1], device=device).view(1, -1) - c.view(-1, 1) + 3) % p[1] <= 6
-        corr = corr.masked_fill(near_r.unsqueeze(2) & near_c.unsqueeze(1), -math.inf)
+        r = (best // p[1]).view(-1, 1, 1) + window.view(1, -1, 1)
+        c = (best % p[1]).view(-1, 1, 1) + window.view(1, 1, -1)
+        near = (r % p[0]) * p[1] + c % p[1]
+        corr = corr.scatter(1, near.flatten(1), -math.inf)
     ranked = torch.stack(found, 1)
     row, col = ranked // p[1], ranked % p[1]
     sy, sx = unwrapped[0][row], unwrapped[1][col]
