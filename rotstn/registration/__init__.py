@@ -41,7 +41,7 @@ __all__ = ["Registration", "register"]
 
 MIN_SIZE = 8
 MIN_MASKED = 64  # pixels a mask must leave
-TRUST = 0.5  # the score above which a result is right (benchmarks/registration.py, "score" table)
+TRUST = 0.9  # the score above which a result is right (benchmarks/registration.py, "score trust" table)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Registration:
         matrix: ``(B, 2, 3)`` pixel matrix: ``matrix @ (x, y, 1)`` is the pixel of moving
             that shows fixed pixel ``(x, y)`` (the map :func:`rotstn.warp` samples with).
         score: ``(B,)`` trust in [0, 1]: the normalised cross-correlation of the two
-            images over their overlap, reduced when the overlap is small. Above 0.5
+            images over their overlap, reduced when the overlap is small. Above 0.9
             the result can be trusted (see :func:`register`).
         overlap: ``(B,)`` fraction of the smaller image that the other one covers.
         aligned: ``(B, C, H, W)`` moving resampled onto fixed's pixel grid (zeros where
@@ -153,7 +153,7 @@ def register(
         max_points: fixed pixels compared per level (a regular subset beyond that).
 
     Returns:
-        A :class:`Registration`. ``score`` above **0.5** marks a result to trust: on
+        A :class:`Registration`. ``score`` above **0.9** marks a result to trust: on
         ``python benchmarks/registration.py`` (correct pairs mixed with unrelated
         pairs and pairs overlapping less than 10 %) it separates right from wrong
         results (AUROC in docs/registration.md). ``angle``, ``translation``,
@@ -246,11 +246,11 @@ def _rigid(
     moving, moving_mask, _ = masked_blur(moving, moving_mask, smooth)
     # Both pyramids must reach the same scale: stop when the larger image is small enough.
     # The search level: the larger image's geometric-mean side about ``search_size`` (a long thin image keeps
-    # enough rows), never a side under 16.
+    # enough rows), never a side under 40: fewer pixels leave the spectrum and the correlations too little.
     side = math.sqrt(max(size[0] * size[1], moving_size[0] * moving_size[1]))
     smallest = min(*size, *moving_size)
     n_levels = 0
-    while side / 2**n_levels > search_size * 1.25 and smallest >> (n_levels + 1) >= 16:
+    while side / 2**n_levels > search_size * 1.5 and smallest >> (n_levels + 1) >= 40:
         n_levels += 1
     fixed_levels = pyramid(fixed, fixed_mask, n_levels, margin)
     moving_levels = pyramid(moving, moving_mask, n_levels, margin)

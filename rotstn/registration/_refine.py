@@ -165,7 +165,7 @@ def refine(
 def _ncc_over_overlap(
     pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """NCC over the overlap, overlap and smaller image size (in points), each (B, M), for (B, M) hypotheses."""
+    """NCC over the overlap, overlap and smaller image size (points), each (B, M), for (B, M) hypotheses."""
     qx, qy = frame.project(pts, angle, t)
     g, inside = _sample(moving, qx, qy)
     w = pts.weight.unsqueeze(1) * inside

@@ -125,7 +125,7 @@ def _fft_size(n: int) -> int:
 
 
 def _taper(mask: Tensor) -> Tensor:
-    """A weight that is 1 inside ``mask`` and falls smoothly to 0 over ~4 pixels at its and the frame's edges."""
+    """A weight that is 1 inside ``mask`` and falls smoothly to 0 over ~4 pixels at its edges."""
     weight = F.avg_pool2d(F.avg_pool2d(F.pad(mask, (4, 4, 4, 4)), (1, 9), stride=1), (9, 1), stride=1)
     return ((weight - 0.5) * 2).clamp(0, 1) * mask
 
