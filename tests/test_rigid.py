@@ -22,7 +22,9 @@ def max_displacement(estimate: torch.Tensor, truth: torch.Tensor, size, moving_s
     """(B,) largest |estimate(p) - truth(p)| over the fixed pixels whose true location lies in moving."""
     h, w = size
     hm, wm = moving_size or size
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
     p = torch.stack((xx.flatten(), yy.flatten(), torch.ones(h * w, dtype=torch.float64)))
     true, est = truth.double() @ p, estimate.double() @ p
     inside = (true[:, 0] >= 0) & (true[:, 0] <= wm - 1) & (true[:, 1] >= 0) & (true[:, 1] <= hm - 1)
@@ -38,7 +40,10 @@ def test_recovers_scipy_rigid_pairs(size):
     assert d.median() < 0.02, d
     assert result.score.min() > 0.9
     torch.testing.assert_close(
-        rotstn.angle_difference(result.angle.double(), pairs.angle), torch.zeros(10, dtype=torch.float64), atol=1e-3, rtol=0
+        rotstn.angle_difference(result.angle.double(), pairs.angle),
+        torch.zeros(10, dtype=torch.float64),
+        atol=1e-3,
+        rtol=0,
     )
     torch.testing.assert_close(result.translation.double(), pairs.translation, atol=0.05, rtol=0)
 
@@ -77,11 +82,16 @@ def test_quarter_turn_and_shift_from_rot90():
 def test_matrix_angle_translation_aligned_agree():
     pairs = rigid_pairs(3, (64, 80), moving_size=(72, 72), seed=6)
     result = rotstn.register(pairs.fixed, pairs.moving)
-    torch.testing.assert_close(result.matrix, rotstn.rigid_matrix(result.angle, result.translation, (64, 80), (72, 72)))
+    torch.testing.assert_close(
+        result.matrix, rotstn.rigid_matrix(result.angle, result.translation, (64, 80), (72, 72))
+    )
     torch.testing.assert_close(result.aligned, rotstn.warp(pairs.moving, matrix=result.matrix, size=(64, 80)))
     torch.testing.assert_close(result.apply(pairs.moving), result.aligned)
     torch.testing.assert_close(
-        result.aligned, rotstn.warp(pairs.moving, result.angle, result.translation, size=(64, 80)), atol=1e-5, rtol=0
+        result.aligned,
+        rotstn.warp(pairs.moving, result.angle, result.translation, size=(64, 80)),
+        atol=1e-5,
+        rtol=0,
     )
 
 
@@ -138,7 +148,9 @@ def test_agrees_with_phase_cross_correlation_on_a_shift():
     result = rotstn.register(fixed[None], moving[None])
     assert abs(result.angle.item()) < 1e-3
     # skimage's shift (row, col) moves moving onto fixed: our translation is the same shift in (x, y).
-    torch.testing.assert_close(result.translation[0].double(), torch.tensor([shift[1], shift[0]]), atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        result.translation[0].double(), torch.tensor([shift[1], shift[0]]), atol=0.02, rtol=0
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("SimpleITK") is None, reason="SimpleITK is not installed")
@@ -163,7 +175,9 @@ def test_agrees_with_simpleitk_refinement():
         reg.SetInterpolator(sitk.sitkLinear)
         out = sitk.Euler2DTransform(sitk.CompositeTransform(reg.Execute(f, m)).GetNthTransform(0))
         peer = torch.tensor([*out.GetMatrix(), *out.GetTranslation()], dtype=torch.float64)
-        peer = torch.stack((torch.stack((peer[0], peer[1], peer[4])), torch.stack((peer[2], peer[3], peer[5]))))
+        peer = torch.stack(
+            (torch.stack((peer[0], peer[1], peer[4])), torch.stack((peer[2], peer[3], peer[5])))
+        )
         assert max_displacement(peer[None], result.matrix[i : i + 1], (96, 96)).item() < 0.05
 
 

@@ -47,7 +47,9 @@ def readable(matrix: np.ndarray, out_shape, in_shape, margin: float = 0.0) -> np
 )
 def test_warp_equals_scipy_affine_transform(backend, in_shape, out_shape, angle, shift):
     x = real_image(*in_shape, seed=1)
-    m = rotstn.rigid_matrix(torch.tensor(angle, dtype=torch.float64), torch.tensor(shift), out_shape, in_shape)
+    m = rotstn.rigid_matrix(
+        torch.tensor(angle, dtype=torch.float64), torch.tensor(shift), out_shape, in_shape
+    )
     with _kernels.use_backend(backend):
         by_angle = rotstn.warp(x, angle, torch.tensor(shift, dtype=torch.float64), size=out_shape)
         by_matrix = rotstn.warp(x, matrix=m, size=out_shape)
@@ -107,7 +109,9 @@ def test_gradcheck_image_angle_translation(backend):
 
 def test_gradcheck_matrix_and_other_size():
     x = real_image(8, 10, seed=5).requires_grad_()
-    m = rotstn.rigid_matrix(torch.tensor(0.5, dtype=torch.float64), torch.tensor([1.0, -0.5]), (7, 12), (8, 10))
+    m = rotstn.rigid_matrix(
+        torch.tensor(0.5, dtype=torch.float64), torch.tensor([1.0, -0.5]), (7, 12), (8, 10)
+    )
     m = m.clone().requires_grad_()
     # Only rigid perturbations keep the matrix valid: differentiate through angle and translation.
     assert torch.autograd.gradcheck(lambda i: rotstn.warp(i, matrix=m.detach(), size=(7, 12)), (x,))
@@ -139,7 +143,11 @@ def test_translation_gradient_recovers_a_shift():
 BAD = {
     "matrix and angle": (dict(angle=0.1, matrix=torch.eye(2, 3)), ValueError, "either matrix or angle"),
     "no angle": (dict(), ValueError, "angle is required"),
-    "matrix shape": (dict(matrix=torch.eye(3)), ValueError, r"matrix must have shape \(2, 3\) or \(B, 2, 3\)"),
+    "matrix shape": (
+        dict(matrix=torch.eye(3)),
+        ValueError,
+        r"matrix must have shape \(2, 3\) or \(B, 2, 3\)",
+    ),
     "matrix not rigid": (
         dict(matrix=torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])),
         ValueError,
@@ -151,7 +159,11 @@ BAD = {
         "matrix must be rigid",
     ),
     "matrix nan": (dict(matrix=torch.full((2, 3), math.nan)), ValueError, "matrix contains NaN"),
-    "translation shape": (dict(angle=0.1, translation=torch.zeros(3)), ValueError, r"translation must have shape"),
+    "translation shape": (
+        dict(angle=0.1, translation=torch.zeros(3)),
+        ValueError,
+        r"translation must have shape",
+    ),
     "translation batch": (
         dict(angle=0.1, translation=torch.zeros(3, 2)),
         ValueError,
