@@ -1,4 +1,4 @@
-"""register(model="rotation"): rotation about the centre, on real pictures rotated by scipy; conventions, errors.
+"""register(model="rotation"): rotation about the centre, on pictures rotated by scipy; conventions, errors.
 
 The rigid model (the default) has its own file, test_rigid.py.
 
@@ -210,7 +210,8 @@ BAD_INPUTS = {
     "size mismatch": (
         {"fixed": _image(1, 1, 32, 32), "moving": _image(1, 1, 32, 33)},
         ValueError,
-        r"model='rotation' needs fixed and moving of one size.*fixed \(1, 1, 32, 32\), moving \(1, 1, 32, 33\)",
+        r"model='rotation' needs fixed and moving of one size"
+        r".*fixed \(1, 1, 32, 32\), moving \(1, 1, 32, 33\)",
     ),
     "batch mismatch": (
         {"fixed": _image(2, 1, 32, 32), "moving": _image(3, 1, 32, 32)},

@@ -63,7 +63,7 @@ def _pad(coord, size, PADDING: tl.constexpr, ALIGN: tl.constexpr):
 
 @triton.jit
 def _geometry(angle_ptr, center_ptr, source_ptr, b, s_a, s_cb, s_ck, s_sb, s_sk, offs, W):
-    """Parameters of batch element ``b``: source point, cos, sin, and the (u, v) = p - c of pixels ``offs``."""
+    """Batch element ``b``'s source point, cos and sin, and the (u, v) = p - c of pixels ``offs``."""
     theta = tl.load(angle_ptr + b * s_a)
     cx = tl.load(center_ptr + b * s_cb)
     cy = tl.load(center_ptr + b * s_cb + s_ck)
@@ -122,7 +122,8 @@ def warp_forward(
     b = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < H * W
-    sx, sy, cos, sin, u, v = _geometry(angle_ptr, center_ptr, source_ptr, b, s_a, s_cb, s_ck, s_sb, s_sk, offs, W)
+    geometry = (angle_ptr, center_ptr, source_ptr, b, s_a, s_cb, s_ck, s_sb, s_sk, offs, W)
+    sx, sy, cos, sin, u, v = _geometry(*geometry)
     x, _ = _pad(sx + cos * u - sin * v, W * 1.0, PADDING, ALIGN)
     y, _ = _pad(sy + sin * u + cos * v, H * 1.0, PADDING, ALIGN)
 
@@ -178,7 +179,8 @@ def warp_backward(
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < H * W
-    sx, sy, cos, sin, u, v = _geometry(angle_ptr, center_ptr, source_ptr, b, s_a, s_cb, s_ck, s_sb, s_sk, offs, W)
+    geometry = (angle_ptr, center_ptr, source_ptr, b, s_a, s_cb, s_ck, s_sb, s_sk, offs, W)
+    sx, sy, cos, sin, u, v = _geometry(*geometry)
     x, dx_pad = _pad(sx + cos * u - sin * v, W * 1.0, PADDING, ALIGN)
     y, dy_pad = _pad(sy + sin * u + cos * v, H * 1.0, PADDING, ALIGN)
 

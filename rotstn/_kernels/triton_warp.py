@@ -179,5 +179,5 @@ class _TritonWarp(torch.autograd.Function):
 def warp(
     image: Tensor, angle: Tensor, center: Tensor, source: Tensor, padding_mode: str, align_corners: bool
 ) -> Tensor:
-    """Bilinear warp of (B, C, H, W) by (B,) float32 radians: output ``center`` shows input ``source`` (B, 2)."""
+    """Bilinear warp of (B, C, H, W) by (B,) float32 radians; output ``center`` shows input ``source``."""
     return _TritonWarp.apply(image, angle, center, source, padding_mode, align_corners)
