@@ -82,6 +82,7 @@ import importlib
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -99,6 +100,8 @@ import rotstn
 from rotstn.data import rigid_pairs, rotated_pairs
 
 THREADS = 2
+# imreg_dft 2.0.0 imports from scipy.ndimage.interpolation, deprecated since SciPy 1.8.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="imreg_dft")
 
 # --------------------------------------------------------------------------
 # The matrix convention, written independently of rotstn.
