@@ -194,9 +194,9 @@ class RigidPairs:
     names: tuple[str, ...]
 
 
-# Picture pixels kept between any sampled location and the picture's edge, so
-# that the spline's boundary handling never shows in a generated image.
-_MARGIN = 4
+# Picture pixels (of the original picture) kept between any sampled location
+# and the picture's edge, so that the spline's mirrored boundary never shows.
+_MARGIN = 2
 
 
 def _rigid_matrix(
@@ -221,45 +221,77 @@ def _overlap(matrix: np.ndarray, fixed_size: tuple[int, int], moving_size: tuple
     return float(inside.mean())
 
 
-@functools.lru_cache(maxsize=2)
-def _picture(name: str, factor: float) -> tuple[np.ndarray, np.ndarray]:
-    # The (upscaled) picture and its cubic-spline coefficients: prefiltering a
-    # large picture once instead of at every warp keeps 2048² pairs at seconds.
+class _Picture:
+    """A bundled picture upscaled by ``scale``: its cubic spline sampled at (row, column) / scale.
+
+    Sampling the original picture's spline at scaled coordinates is what
+    ``scipy.ndimage.zoom`` (cubic) does, without building the large picture:
+    a 2048² pair costs two 2048² evaluations, not a 4000² zoom.
+    """
+
+    def __init__(self, name: str, scale: float) -> None:
+        from scipy import ndimage
+
+        self.name, self.scale = name, scale
+        self.pixels = bundled_image(name)
+        self.coeffs = _coefficients(name)
+        # Where sampled locations may lie, in upscaled pixels: (low, high) per (row, column).
+        self.bounds = [(scale * _MARGIN, scale * (side - 1 - _MARGIN)) for side in self.pixels.shape]
+        self._affine = ndimage.affine_transform
+
+    def sample(self, matrix: np.ndarray, offset: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """out[o] = upscaled[matrix @ o + offset], with o and the result in (row, column)."""
+        return self._affine(
+            self.coeffs,
+            matrix / self.scale,
+            offset=np.asarray(offset) / self.scale,
+            output_shape=shape,
+            order=3,
+            mode="mirror",
+            prefilter=False,
+        )
+
+    def crop(self, top: int, left: int, size: tuple[int, int]) -> np.ndarray:
+        if self.scale == 1.0:
+            return self.pixels[top : top + size[0], left : left + size[1]].copy()
+        return self.sample(np.eye(2), np.array([top, left], dtype=np.float64), size)
+
+    def std(self, top: float, bottom: float, left: float, right: float) -> float:
+        """Grey-level spread of the original pixels under an upscaled box (inclusive bounds)."""
+        s = self.scale
+        rows = slice(max(0, math.floor(top / s)), math.ceil(bottom / s) + 1)
+        cols = slice(max(0, math.floor(left / s)), math.ceil(right / s) + 1)
+        return float(self.pixels[rows, cols].std())
+
+
+@functools.lru_cache(maxsize=32)
+def _coefficients(name: str) -> np.ndarray:
     from scipy import ndimage
 
-    pic = bundled_image(name)
-    if factor != 1.0:
-        pic = ndimage.zoom(pic, factor, order=3, mode="mirror", grid_mode=False)
-    coeffs = ndimage.spline_filter(pic, order=3, mode="mirror")
-    pic.setflags(write=False)
+    coeffs = ndimage.spline_filter(bundled_image(name), order=3, mode="mirror")
     coeffs.setflags(write=False)
-    return pic, coeffs
+    return coeffs
 
 
-def _extent(size: tuple[int, int], moving_size: tuple[int, int], max_shift: float) -> tuple[float, float]:
-    # Picture pixels (rows, columns) spanned by the fixed crop and the moving
-    # window at the worst angle and shift, relative to the crop.
-    h, w = size
-    radius = math.hypot((moving_size[0] - 1) / 2, (moving_size[1] - 1) / 2) + _MARGIN
-    span = []
-    for side in (h, w):
-        centre, shift = (side - 1) / 2, max_shift * side
-        span.append(max(side - 1.0, centre + shift + radius) - min(0.0, centre - shift - radius) + 1)
-    return span[0], span[1]
-
-
-def _scale_for(name: str, size: tuple[int, int], moving_size: tuple[int, int], max_shift: float) -> float:
-    # The smallest factor (in steps of 0.01) that makes the picture hold every
-    # pair of this geometry, 1 when it already does.
+def _scale_for(name: str, lengths: tuple[float, float]) -> float:
+    # The smallest factor (in steps of 0.01) that gives the picture, within
+    # its margins, the (rows, columns) lengths asked for; 1 when it has them.
     shape = bundled_image(name).shape
-    need_h, need_w = _extent(size, moving_size, max_shift)
-    factor = max(need_h / shape[0], need_w / shape[1], 1.0)
-    if factor == 1.0:
-        return 1.0
-    factor = math.ceil(factor * 100) / 100
-    while round(shape[0] * factor) < need_h or round(shape[1] * factor) < need_w:
-        factor += 0.01
-    return factor
+    need = max(length / (side - 1 - 2 * _MARGIN) for length, side in zip(lengths, shape, strict=True))
+    return 1.0 if need <= 1.0 else math.ceil(need * 100 - 1e-9) / 100
+
+
+def _pair_lengths(
+    size: tuple[int, int], moving_size: tuple[int, int], max_shift: float
+) -> tuple[float, float]:
+    # Upscaled lengths (rows, columns) spanned by the fixed crop and the moving
+    # window together, at the worst angle and shift.
+    radius = math.hypot((moving_size[0] - 1) / 2, (moving_size[1] - 1) / 2)
+    lengths = []
+    for side in size:
+        centre, shift = (side - 1) / 2, max_shift * side
+        lengths.append(max(side - 1.0, centre + shift + radius) - min(0.0, centre - shift - radius))
+    return lengths[0], lengths[1]
 
 
 def rigid_pairs(
@@ -299,10 +331,12 @@ def rigid_pairs(
     of rotstn) so that ``moving(matrix @ (p, 1)) = fixed(p)``. The crop is
     placed so that the whole of ``moving`` comes from inside the picture: no
     padding anywhere. Pictures too small for the geometry (large sizes such as
-    512² or 2048²) are upscaled by ``scipy.ndimage.zoom`` (cubic) by the
-    smallest factor that holds the worst angle and shift; upscaled pictures
-    are smoother than the original. Pairs are made picture by picture and the
-    last two (upscaled) pictures are cached.
+    512² or 2048²) are upscaled, by the smallest factor (in steps of 0.01)
+    that holds the worst angle and shift: both images are then sampled from
+    the picture's cubic spline at scaled coordinates, as
+    ``scipy.ndimage.zoom`` (cubic) followed by the warp would, in one
+    interpolation and without building the large picture (about a second a
+    2048² pair). Upscaled pictures are smoother than the originals.
 
     Args:
         n: number of pairs; the pictures are used in turn.
@@ -341,8 +375,6 @@ def rigid_pairs(
         >>> bool((pairs.translation.abs() <= 0.25 * torch.tensor([48, 32])).all())
         True
     """
-    from scipy import ndimage
-
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     size = _check_size("size", size)
@@ -371,44 +403,29 @@ def rigid_pairs(
     matrices = np.zeros((n, 2, 3))
     angles, shifts, overlaps = np.zeros(n), np.zeros((n, 2)), np.zeros(n)
     names = [""] * n
-    # Pair i uses picture i % len(images); making the pairs picture by picture
-    # lets the small cache of upscaled pictures serve every pair.
-    for name in dict.fromkeys(images):
-        factor = _scale_for(name, size, moving_size, max_shift)
-        pic, coeffs = _picture(name, factor)
-        for i in range(n):
-            if images[i % len(images)] != name:
-                continue
-            rng = np.random.default_rng([seed, i])
-            angle, shift, matrix, top, left = _draw_geometry(
-                rng, pic, size, moving_size, min_shift, max_shift, min_overlap, max_overlap, min_std, name
-            )
-            # The map from moving pixels to picture pixels, moving(q) = picture(G q):
-            # G(q) = Aᵀ (q - c_m) + c_f + t + crop offset, written in (row, column) for scipy.
-            rot_t = matrix[:, :2].T
-            origin = rot_t @ (-c_m) + np.array([(w - 1) / 2 + left, (h - 1) / 2 + top]) + shift
-            m = ndimage.affine_transform(
-                coeffs,
-                rot_t[::-1, ::-1],
-                offset=origin[::-1],
-                output_shape=moving_size,
-                order=3,
-                mode="mirror",
-                prefilter=False,
-            )
-            f = pic[top : top + h, left : left + w].copy()
-            moving[i], fixed[i] = m, f
-            matrices[i], angles[i], shifts[i] = matrix, angle, shift
-            overlaps[i] = _overlap(matrix, size, moving_size)
-            names[i] = name
+    lengths = _pair_lengths(size, moving_size, max_shift)
+    for i in range(n):
+        name = images[i % len(images)]
+        picture = _Picture(name, _scale_for(name, lengths))
+        rng = np.random.default_rng([seed, i])
+        angle, shift, matrix, top, left = _draw_geometry(
+            rng, picture, size, moving_size, min_shift, max_shift, min_overlap, max_overlap, min_std
+        )
+        # The map from moving pixels to upscaled picture pixels, moving(q) = picture(G q):
+        # G(q) = Aᵀ (q - c_m) + c_f + t + crop offset, written in (row, column) for scipy.
+        rot_t = matrix[:, :2].T
+        origin = rot_t @ (-c_m) + np.array([(w - 1) / 2 + left, (h - 1) / 2 + top]) + shift
+        moving[i] = picture.sample(rot_t[::-1, ::-1], origin[::-1], moving_size)
+        fixed[i] = picture.crop(top, left, size)
+        matrices[i], angles[i], shifts[i] = matrix, angle, shift
+        overlaps[i] = _overlap(matrix, size, moving_size)
+        names[i] = name
     if unrelated:
         for i in range(n):
             other = _next_other(images, i)
             rng = np.random.default_rng([seed, i, 2])
-            pic = bundled_image(other)
-            if pic.shape[0] < h or pic.shape[1] < w:
-                pic = _picture(other, max(h / pic.shape[0], w / pic.shape[1]) + 0.01)[0]
-            fixed[i] = _flat_free_crop(rng, pic, size, min_std, other)
+            picture = _Picture(other, _scale_for(other, (h - 1, w - 1)))
+            fixed[i] = _flat_free_crop(rng, picture, size, min_std)
             names[i] = f"{other}/{names[i]}"
     for i in range(n):
         rng_pixels = np.random.default_rng([seed, i, 1])
@@ -455,21 +472,21 @@ def _next_other(images: tuple[str, ...], i: int) -> str:
 
 
 def _flat_free_crop(
-    rng: np.random.Generator, pic: np.ndarray, size: tuple[int, int], min_std: float, name: str
+    rng: np.random.Generator, picture: _Picture, size: tuple[int, int], min_std: float
 ) -> np.ndarray:
     h, w = size
+    (top_lo, top_hi), (left_lo, left_hi) = picture.bounds
     for _ in range(1000):
-        top = int(rng.integers(0, pic.shape[0] - h + 1))
-        left = int(rng.integers(0, pic.shape[1] - w + 1))
-        crop = pic[top : top + h, left : left + w]
-        if crop.std() > min_std:
-            return crop.copy()
-    raise ValueError(f"no crop of {name!r} has a grey-level std > min_std={min_std}")
+        top = int(rng.integers(math.ceil(top_lo), math.floor(top_hi - (h - 1)) + 1))
+        left = int(rng.integers(math.ceil(left_lo), math.floor(left_hi - (w - 1)) + 1))
+        if picture.std(top, top + h - 1, left, left + w - 1) > min_std:
+            return picture.crop(top, left, size)
+    raise ValueError(f"no crop of {picture.name!r} has a grey-level std > min_std={min_std}")
 
 
 def _draw_geometry(
     rng: np.random.Generator,
-    pic: np.ndarray,
+    picture: _Picture,
     size: tuple[int, int],
     moving_size: tuple[int, int],
     min_shift: float,
@@ -477,12 +494,12 @@ def _draw_geometry(
     min_overlap: float,
     max_overlap: float,
     min_std: float,
-    name: str,
 ) -> tuple[float, np.ndarray, np.ndarray, int, int]:
-    # Angle, shift, matrix and crop offset (top, left) of one pair: the moving
-    # window, mapped into the picture, stays _MARGIN pixels inside it.
+    # Angle, shift, matrix and crop offset (top, left) of one pair: the fixed
+    # crop and the moving window, mapped into the picture, stay within its bounds.
     h, w = size
     hm, wm = moving_size
+    (top_lo, top_hi), (left_lo, left_hi) = picture.bounds
     for _ in range(1000):
         angle = math.pi - rng.uniform(0.0, 2 * math.pi)
         magnitude = rng.uniform(min_shift, max_shift, 2) * np.array([w, h])
@@ -493,23 +510,26 @@ def _draw_geometry(
             continue
         cos, sin = abs(math.cos(angle)), abs(math.sin(angle))
         # Half extents of the turned moving window, and its centre relative to the crop.
-        ex = cos * (wm - 1) / 2 + sin * (hm - 1) / 2 + _MARGIN
-        ey = sin * (wm - 1) / 2 + cos * (hm - 1) / 2 + _MARGIN
+        ex = cos * (wm - 1) / 2 + sin * (hm - 1) / 2
+        ey = sin * (wm - 1) / 2 + cos * (hm - 1) / 2
         cx, cy = (w - 1) / 2 + shift[0], (h - 1) / 2 + shift[1]
-        left_lo = max(0, math.ceil(ex - cx))
-        left_hi = min(pic.shape[1] - w, math.floor(pic.shape[1] - 1 - ex - cx))
-        top_lo = max(0, math.ceil(ey - cy))
-        top_hi = min(pic.shape[0] - h, math.floor(pic.shape[0] - 1 - ey - cy))
-        if left_lo > left_hi or top_lo > top_hi:
+        # Relative to the crop's top-left pixel, the box that holds both images.
+        x0, x1 = min(0.0, cx - ex), max(w - 1.0, cx + ex)
+        y0, y1 = min(0.0, cy - ey), max(h - 1.0, cy + ey)
+        lefts = math.ceil(left_lo - x0), math.floor(left_hi - x1)
+        tops = math.ceil(top_lo - y0), math.floor(top_hi - y1)
+        if lefts[0] > lefts[1] or tops[0] > tops[1]:
             continue
         for _ in range(100):
-            top, left = int(rng.integers(top_lo, top_hi + 1)), int(rng.integers(left_lo, left_hi + 1))
+            top, left = int(rng.integers(tops[0], tops[1] + 1)), int(rng.integers(lefts[0], lefts[1] + 1))
             # The picture region moving shows: its bounding box is enough to tell a flat one.
-            y0, x0 = max(0, math.floor(top + cy - ey)), max(0, math.floor(left + cx - ex))
-            region = pic[y0 : math.ceil(top + cy + ey) + 1, x0 : math.ceil(left + cx + ex) + 1]
-            if pic[top : top + h, left : left + w].std() > min_std and region.std() > min_std:
+            if (
+                picture.std(top, top + h - 1, left, left + w - 1) > min_std
+                and picture.std(top + cy - ey, top + cy + ey, left + cx - ex, left + cx + ex) > min_std
+            ):
                 return angle, shift, matrix, top, left
     raise ValueError(
-        f"no pair of picture {name!r} meets the constraints (overlap in [{min_overlap}, {max_overlap}], "
+        f"no pair of picture {picture.name!r} meets the constraints "
+        f"(overlap in [{min_overlap}, {max_overlap}], "
         f"shift in [{min_shift}, {max_shift}], std > min_std={min_std}) after 1000 draws"
     )
