@@ -327,7 +327,7 @@ def _hypotheses(
         angle,
         shifts,
         min(iterations, 6),
-        max_points,
+        max_points // 2,
     )
     angle, shifts = angle.view(b, k), shifts.view(b, k, 2)
     z = _refine.significance(fixed, moving, size, moving_size, angle, shifts, max_points, min_overlap)

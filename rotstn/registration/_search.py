@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..functional import warp
-from ._images import Level, blur, centre
+from ._images import Level, centre
 
 N_ANGLES = 256  # samples of [0, π) on each ring of the spectrum: 0.7° apart
 SWEEP_BELOW = 1.2  # best refined significance (Fisher z·√overlap) under which the circle is swept
@@ -52,29 +52,35 @@ SWEEP_STEP = math.radians(4)
 LOWPASS = 0.2  # cycles per pixel: the Gaussian weight of the phase correlation
 
 
-def _window(level: Level) -> Tensor:
-    """Mean-free image times a round window and the (softened) mask, (B, 1, h, w).
+def _windows(level: Level) -> Tensor:
+    """(B, 5, h, w) mean-free image under five round windows: the inscribed disc and one per quadrant.
 
-    The window is radially symmetric (a Hann profile over the inscribed disc):
-    a separable window blurs the spectrum more along one axis than the other,
+    Each window is radially symmetric (a Hann profile over a disc): a
+    separable window blurs the spectrum more along one axis than the other,
     and that anisotropy, the same in both images, pulls the angle towards 0°.
+    The quadrant windows matter when the images overlap in part: some pair of
+    windows, one in each image, then still sees the same content.
     """
-    img, mask = level.image, level.mask
+    img = level.image
     h, w = img.shape[-2:]
-    y = torch.arange(h, dtype=img.dtype, device=img.device).view(h, 1) - (h - 1) / 2
-    x = torch.arange(w, dtype=img.dtype, device=img.device).view(1, w) - (w - 1) / 2
-    r = (x.square() + y.square()).sqrt() / (min(h, w) / 2)
-    win = torch.where(r < 1, 0.5 + 0.5 * torch.cos(math.pi * r), torch.zeros_like(r))
-    weight = win if mask is None else win * blur((mask > 0.999).to(img.dtype), 1.5)
+    y = torch.arange(h, dtype=img.dtype, device=img.device).view(1, h, 1)
+    x = torch.arange(w, dtype=img.dtype, device=img.device).view(1, 1, w)
+    side = min(h, w)
+    cx = torch.tensor([(w - 1) / 2, w / 4, 3 * w / 4, w / 4, 3 * w / 4], dtype=img.dtype, device=img.device)
+    cy = torch.tensor([(h - 1) / 2, h / 4, h / 4, 3 * h / 4, 3 * h / 4], dtype=img.dtype, device=img.device)
+    radius = torch.tensor([side / 2, *[side / 4] * 4], dtype=img.dtype, device=img.device)
+    r = ((x - cx.view(-1, 1, 1)).square() + (y - cy.view(-1, 1, 1)).square()).sqrt() / radius.view(-1, 1, 1)
+    win = torch.where(r < 1, 0.5 + 0.5 * torch.cos(math.pi * r), torch.zeros_like(r)).unsqueeze(0)
+    weight = win * level.content()
     mean = (img * weight).sum((-2, -1), keepdim=True) / weight.sum((-2, -1), keepdim=True).clamp_min(1e-12)
     return (img - mean) * weight
 
 
 def _rings(level: Level, radii: Tensor) -> Tensor:
-    """(B, R, N_ANGLES) log-magnitude spectrum on rings of ``radii`` cycles/pixel, φ in [0, π)."""
-    x = _window(level)
-    h, w = x.shape[-2:]
-    spectrum = torch.fft.fftshift(torch.fft.fft2(x).abs(), dim=(-2, -1))
+    """(B, 5, R, N_ANGLES) log-magnitudes of the windows, on rings of ``radii`` cycles/pixel, φ in [0, π)."""
+    x = _windows(level)
+    b, n, h, w = x.shape
+    spectrum = torch.fft.fftshift(torch.fft.fft2(x).abs(), dim=(-2, -1)).reshape(b * n, 1, h, w)
     spectrum = torch.log(spectrum + 1e-3 * spectrum.flatten(1).amax(1).view(-1, 1, 1, 1) + 1e-12)
     phi = torch.arange(N_ANGLES, dtype=x.dtype, device=x.device) * (math.pi / N_ANGLES)
     # Counter-clockwise as displayed, rows down: (kx, ky) = ρ (cos φ, -sin φ).
@@ -83,32 +89,55 @@ def _rings(level: Level, radii: Tensor) -> Tensor:
     col = w // 2 + kx * w
     row = h // 2 + ky * h
     grid = torch.stack(((2 * col + 1) / w - 1, (2 * row + 1) / h - 1), dim=-1)
-    rings = F.grid_sample(spectrum, grid.expand(x.shape[0], -1, -1, -1), align_corners=False)[:, 0]
+    rings = F.grid_sample(spectrum, grid.expand(b * n, -1, -1, -1), align_corners=False).view(
+        b, n, *grid.shape[:2]
+    )
     # The isotropic part of a ring says nothing about the angle.
     rings = rings - rings.mean(-1, keepdim=True)
-    return rings / rings.square().sum((1, 2), keepdim=True).sqrt().clamp_min(1e-12)
+    return rings / rings.square().sum((2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+
+
+def _peaks(corr: Tensor, n: int) -> list[Tensor]:
+    """The n highest peaks of (B, N_ANGLES) circular curves, at least 3° apart, as (B,) angles in [0, π)."""
+    rows = torch.arange(corr.shape[0], device=corr.device)
+    found = []
+    for _ in range(n):
+        k = corr.argmax(1)
+        left, mid, right = corr[rows, (k - 1) % N_ANGLES], corr[rows, k], corr[rows, (k + 1) % N_ANGLES]
+        curvature = left - 2 * mid + right
+        ok = torch.isfinite(curvature) & (curvature < 0)
+        offset = torch.where(ok, 0.5 * (left - right) / curvature, torch.zeros_like(mid)).clamp(-0.5, 0.5)
+        found.append((k + offset) * (math.pi / N_ANGLES))
+        near = (torch.arange(N_ANGLES, device=corr.device).view(1, -1) - k.view(-1, 1) + 4) % N_ANGLES <= 8
+        corr = corr.masked_fill(near, -math.inf)
+    return found
 
 
 def spectral_angles(fixed: Level, moving: Level, peaks: int) -> Tensor:
-    """(B, 2·peaks) candidate angles (radians) from the magnitude spectra."""
+    """(B, 2·peaks) candidate angles (radians) from the magnitude spectra of the windows.
+
+    Every window of fixed is correlated with every window of moving (25 circular
+    correlations over the angle); the ``peaks`` highest peaks over all of them,
+    at least 3° apart, are the candidates, each with its 180° twin.
+    """
     side = min(*fixed.image.shape[-2:], *moving.image.shape[-2:])
-    radii = torch.linspace(3.0 / side, 0.3, 24, dtype=fixed.image.dtype, device=fixed.image.device)
-    rf, rm = _rings(fixed, radii), _rings(moving, radii)
-    corr = torch.fft.irfft(
-        (torch.fft.rfft(rf, dim=-1) * torch.fft.rfft(rm, dim=-1).conj()).sum(1), n=N_ANGLES, dim=-1
-    )
-    # Local maxima of the circular correlation, best first.
-    is_peak = (corr >= corr.roll(1, -1)) & (corr >= corr.roll(-1, -1))
-    ranked = corr.masked_fill(~is_peak, -math.inf).topk(min(peaks, N_ANGLES), dim=-1)
-    k = ranked.indices
-    left = corr.gather(1, (k - 1) % N_ANGLES)
-    mid = corr.gather(1, k)
-    right = corr.gather(1, (k + 1) % N_ANGLES)
-    curvature = left - 2 * mid + right
-    offset = torch.where(curvature < 0, 0.5 * (left - right) / curvature, torch.zeros_like(mid))
-    angle = (k + offset.clamp(-0.5, 0.5)) * (math.pi / N_ANGLES)
-    # A ranked entry that is not a real peak (-inf) repeats the best one.
-    angle = torch.where(torch.isfinite(ranked.values), angle, angle[:, :1])
+    # Mid to high frequencies: texture orientation is shared by two windows even where their content
+    # differs, the lowest rings are dominated by what each window happens to hold.
+    radii = torch.linspace(max(3.0 / side, 0.08), 0.4, 24, dtype=fixed.image.dtype, device=fixed.image.device)
+    ff = torch.fft.rfft(_rings(fixed, radii), dim=-1)  # (B, 5, R, K)
+    fm = torch.fft.rfft(_rings(moving, radii), dim=-1)
+    corr = torch.fft.irfft(torch.einsum("birk,bjrk->bijk", ff, fm.conj()), n=N_ANGLES, dim=-1)
+    # The two large windows first; then the best peak among the smaller windows' 24 pairs.
+    found = _peaks(corr[:, 0, 0], peaks)
+    others = corr.flatten(1, 2)[:, 1:]
+    for a in found:
+        k = (a * (N_ANGLES / math.pi)).round().long()
+        near = (torch.arange(N_ANGLES, device=corr.device).view(1, -1) - k.view(-1, 1) + 4) % N_ANGLES <= 8
+        others = others.masked_fill(near.unsqueeze(1), -math.inf)
+    best = others.flatten(1).argmax(1)
+    rows = torch.arange(corr.shape[0], device=corr.device)
+    found += _peaks(others[rows, best // N_ANGLES], 1)
+    angle = torch.stack(found, 1)
     return torch.cat((angle, angle + math.pi), dim=1)
 
 
