@@ -275,3 +275,15 @@ def test_nan_pixels_named():
     moving[1, 0, 3, 3] = math.nan
     with pytest.raises(ValueError, match=r"moving contains NaN or Inf pixels \(sample\(s\) 1\)"):
         rotstn.register(_img(2, 1, 32, 32), moving)
+
+
+def test_noise_estimate_recovers_added_noise():
+    from rotstn.registration._images import noise_variance
+
+    picture = real_image(200, 200, seed=17).float()
+    g = torch.Generator().manual_seed(0)
+    for sigma in (0.02, 0.05, 0.1):
+        noisy = picture + sigma * torch.randn(picture.shape, generator=g)
+        estimate = noise_variance(noisy, None, 0.0).sqrt().item()
+        # The picture's own fine texture adds a little: within 25 % of the noise added.
+        assert abs(estimate - sigma) < 0.25 * sigma, (sigma, estimate)

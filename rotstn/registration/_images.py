@@ -81,16 +81,16 @@ def noise_variance(image: Tensor, mask: Tensor | None, sigma: float) -> Tensor:
     Reference: J. Immerkær, "Fast noise variance estimation", Computer Vision
     and Image Understanding 64(2), 1996.
     """
-    op = torch.tensor(
-        [[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], dtype=image.dtype, device=image.device
-    )
-    # A statistic: every few rows of a large image are plenty.
+    # The operator is the second difference [1, -2, 1] along rows times the same along columns.
+    # A statistic: the rows around every few rows of a large image are plenty.
     step = max(1, image.shape[-2] // 256)
-    response = F.conv2d(image, op.view(1, 1, 3, 3), stride=(step, 1)).abs()
+    centre = torch.arange(1, image.shape[-2] - 1, step, device=image.device)
+    dxx = image[..., :-2] - 2 * image[..., 1:-1] + image[..., 2:]
+    response = (dxx[..., centre - 1, :] - 2 * dxx[..., centre, :] + dxx[..., centre + 1, :]).abs()
     if mask is None:
         mean = response.mean((1, 2, 3))
     else:
-        inner = (F.avg_pool2d(mask, 3, stride=(step, 1)) > 0.999).to(image.dtype)
+        inner = (F.avg_pool2d(mask, 3, stride=1) > 0.999).to(image.dtype)[..., centre - 1, :]
         mean = (response * inner).sum((1, 2, 3)) / inner.sum((1, 2, 3)).clamp_min(1)
     variance = (math.sqrt(math.pi / 2) / 6 * mean).square()
     if sigma > 0:
