@@ -251,9 +251,10 @@ def rigid_matrix(
         ``(B, 2, 3)`` in the angle's floating dtype (at least float32).
 
     Example:
-        >>> rigid_matrix(0.0, (2.0, -1.0), (5, 5))
-        tensor([[[ 1.,  0., -2.],
-                 [ 0.,  1.,  1.]]])
+        >>> m = rigid_matrix(math.pi / 2, (2.0, -1.0), (5, 5))
+        >>> m.round(decimals=4) + 0.0  # output (x, y) shows source (3 - y, x - 2)
+        tensor([[[ 0., -1.,  3.],
+                 [ 1.,  0., -2.]]])
     """
     h, w = _validate.size(size)
     hs, ws = (h, w) if source_size is None else _validate.size(source_size, "source_size")
