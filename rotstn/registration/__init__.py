@@ -266,18 +266,22 @@ def _rigid(
     )
     weak = z < _search.SWEEP_BELOW
     if guess is None and bool(weak.any()):
-        # No convincing candidate: try the whole circle on those pairs.
+        # No convincing candidate: try the whole circle on those pairs, one level coarser where the
+        # images keep 32 pixels a side (a quarter of the work), then check on the search level.
+        sub_f, sub_m = coarse_f.select(weak), coarse_m.select(weak)
         sweep = _search.sweep_angles(int(weak.sum()), fixed.dtype, fixed.device)
+        coarser = min(*sub_f.image.shape[-2:], *sub_m.image.shape[-2:]) >= 64
+        level_f, level_m = (sub_f.halve(), sub_m.halve()) if coarser else (sub_f, sub_m)
         a2, t2, z2 = _hypotheses(
-            coarse_f.select(weak),
-            coarse_m.select(weak),
-            size,
-            moving_size,
-            sweep,
-            min_overlap,
-            max_points,
-            iterations,
+            level_f, level_m, size, moving_size, sweep, min_overlap, max_points, iterations
         )
+        if coarser:
+            a2, t2 = _refine.refine(
+                [sub_f], [sub_m], size, moving_size, a2, t2, min(iterations, 6), max_points
+            )
+            z2 = _refine.significance(
+                sub_f, sub_m, size, moving_size, a2[:, None], t2[:, None], max_points, min_overlap
+            )[:, 0]
         better = z2 > z[weak]
         angle[weak] = torch.where(better, a2, angle[weak])
         t[weak] = torch.where(better.unsqueeze(1), t2, t[weak])
@@ -299,7 +303,7 @@ def _hypotheses(
     min_overlap: float,
     max_points: int,
     iterations: int,
-    keep: int = 3,
+    keep: int = 2,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The best (angle, translation) on the search level for candidate angles (B, K), and its significance.
 

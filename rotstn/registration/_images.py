@@ -131,6 +131,12 @@ class Level:
             self.image[rows], None if self.mask is None else self.mask[rows], self.scale, self.margin
         )
 
+    def halve(self) -> Level:
+        """The next coarser pyramid level."""
+        image, mask = pool(self.image, self.mask)
+        # A pooled pixel reaches half a pixel further than its inputs.
+        return Level(image, mask, self.scale * 2, self.margin / 2 + 0.5)
+
     def inside(self, x: Tensor, y: Tensor) -> Tensor:
         """Whether bilinear samples at level pixels (x, y) read only compared pixels of the frame."""
         h, w = self.image.shape[-2:]
@@ -150,9 +156,7 @@ def pyramid(image: Tensor, mask: Tensor | None, halvings: int, margin: float = 0
     """Full resolution and ``halvings`` coarser levels, finest first."""
     levels = [Level(image, mask, 1, margin)]
     for _ in range(halvings):
-        img, m = pool(levels[-1].image, levels[-1].mask)
-        # A pooled pixel reaches half a pixel further than its inputs.
-        levels.append(Level(img, m, levels[-1].scale * 2, levels[-1].margin / 2 + 0.5))
+        levels.append(levels[-1].halve())
     return levels
 
 
