@@ -81,8 +81,12 @@ def _register(args: argparse.Namespace) -> int:
         _colour(fixed),
         _colour(moving),
         model=args.model,
-        fixed_mask=_mask(args.fixed_mask, fixed, "--fixed-mask"),
-        moving_mask=_mask(args.moving_mask, moving, "--moving-mask"),
+        fixed_mask=_mask(
+            args.fixed_mask or args.mask, fixed, "--fixed-mask" if args.fixed_mask else "--mask"
+        ),
+        moving_mask=_mask(
+            args.moving_mask or args.mask, moving, "--moving-mask" if args.moving_mask else "--mask"
+        ),
         channel=args.channel,
         smooth=args.smooth,
     )
@@ -117,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("moving", metavar="MOVING", help="image file to bring onto FIXED (any size)")
     reg.add_argument(
         "-o", "--output", metavar="ALIGNED", help="write MOVING resampled onto FIXED's grid here"
+    )
+    reg.add_argument(
+        "--mask", metavar="MASK", help="one mask for both images (same size): non-zero is compared"
     )
     reg.add_argument("--fixed-mask", metavar="MASK", help="image file, non-zero where FIXED is compared")
     reg.add_argument("--moving-mask", metavar="MASK", help="image file, non-zero where MOVING is compared")
