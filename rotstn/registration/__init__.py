@@ -244,9 +244,9 @@ def _rigid(
     noise = (noise_variance(fixed, fixed_mask, smooth), noise_variance(moving, moving_mask, smooth))
     fixed, fixed_mask, margin = masked_blur(fixed, fixed_mask, smooth)
     moving, moving_mask, _ = masked_blur(moving, moving_mask, smooth)
-    # Both pyramids must reach the same scale: stop when the larger image is small enough.
-    # The search level: the larger image's geometric-mean side about ``search_size`` (a long thin image keeps
-    # enough rows), never a side under 40: fewer pixels leave the spectrum and the correlations too little.
+    # Both pyramids go down to one scale, the search level: the larger image's geometric-mean side about
+    # ``search_size`` (a long thin image keeps enough rows), never a side under 40 (fewer pixels leave the
+    # spectrum and the correlations too little).
     side = math.sqrt(max(size[0] * size[1], moving_size[0] * moving_size[1]))
     smallest = min(*size, *moving_size)
     n_levels = 0
