@@ -155,23 +155,25 @@ def pieces(c: int) -> dict[str, Callable[[], object]]:
     angle = torch.rand(b, generator=torch.Generator().manual_seed(0)) * 6 - 3
     center = torch.full((b, 2), (s - 1) / 2)
     theta = rotstn.rotation_matrix(angle, (s, s))
-    grid = cpu._grid(angle, center, s, s, False, torch.float32)
+    grid = cpu._grid(angle, center, center, s, s, False, torch.float32)
     grad_grid = torch.rand(b, s, s, 2)
     x, g = torch.rand(b, c, s, s), torch.rand(b, c, s, s)
     sampler_backward = torch.ops.aten.grid_sampler_2d_backward
     kernel = {}
     if cpu.compiled.library() is not None:
         kernel = {
-            "compiled kernel forward": lambda: cpu._kernel_forward(x, angle, center),
-            "compiled kernel backward, both": lambda: cpu._kernel_backward(g, x, angle, center, True, True),
-            "… angle and centre only": lambda: cpu._kernel_backward(g, x, angle, center, False, True),
+            "compiled kernel forward": lambda: cpu._kernel_forward(x, angle, center, center),
+            "compiled kernel backward, both": lambda: cpu._kernel_backward(
+                g, x, angle, center, center, True, True
+            ),
+            "… angle and centre only": lambda: cpu._kernel_backward(g, x, angle, center, center, False, True),
         }
     return {
         "affine_grid forward (plain)": lambda: F.affine_grid(theta, [b, c, s, s], align_corners=False),
         "affine_grid backward (plain)": lambda: torch.ops.aten.affine_grid_generator_backward(
             grad_grid, [b, c, s, s], False
         ),
-        "planar grid (fast path)": lambda: cpu._grid(angle, center, s, s, False, torch.float32),
+        "planar grid (fast path)": lambda: cpu._grid(angle, center, center, s, s, False, torch.float32),
         "grid gradient → dθ, dc (fast path)": lambda: cpu._reduce_grid_grad(grad_grid, angle, center, False),
         "aten grid_sampler_2d": lambda: torch.grid_sampler_2d(x, grid, 0, 0, False),
         "aten grid_sampler_2d_backward, both": lambda: sampler_backward(

@@ -208,7 +208,8 @@ def run_kernel_and_reference(image, angle, center, grad_out, align_corners):
     ref = run("reference", image, angle, center, grad_out, align_corners=align_corners)
     # align_corners=True samples a one-pixel axis at pixel 0 everywhere: those calls stay on aten.
     served = not (align_corners and min(image.shape[-2:]) == 1)
-    assert _kernels.cpu.kernel_serves(image, angle, center, "bilinear", "zeros", align_corners) == served
+    serves = _kernels.cpu.kernel_serves(image, angle, center, center, "bilinear", "zeros", align_corners)
+    assert serves == served
     got = run("cpu", image, angle, center, grad_out, align_corners=align_corners)
     return got, ref
 
@@ -280,7 +281,7 @@ def test_compiled_kernel_gradcheck(align_corners):
     x = torch.rand(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)
     a = torch.tensor([0.3, -2.1], dtype=torch.float64, requires_grad=True)
     c = torch.tensor([[1.23, 1.71], [3.1, 2.4]], dtype=torch.float64, requires_grad=True)
-    assert _kernels.cpu.kernel_serves(x, a, c, "bilinear", "zeros", align_corners)
+    assert _kernels.cpu.kernel_serves(x, a, c, c, "bilinear", "zeros", align_corners)
 
     def f(x, a, c):
         return rotstn.rotate(x, a, c, align_corners=align_corners)
@@ -300,9 +301,9 @@ def test_compiled_kernel_is_active_when_a_compiler_exists():
         pytest.skip("ROTSTN_NO_COMPILE=1")
     assert _kernels.cpu.compiled.library() is not None
     x, a, c = torch.rand(2, 1, 8, 8), torch.rand(2), torch.rand(2, 2) * 8
-    assert _kernels.cpu.kernel_serves(x, a, c, "bilinear", "zeros", False)
-    assert not _kernels.cpu.kernel_serves(x, a, c, "bicubic", "zeros", False)
-    assert not _kernels.cpu.kernel_serves(x, a, c, "bilinear", "border", False)
+    assert _kernels.cpu.kernel_serves(x, a, c, c, "bilinear", "zeros", False)
+    assert not _kernels.cpu.kernel_serves(x, a, c, c, "bicubic", "zeros", False)
+    assert not _kernels.cpu.kernel_serves(x, a, c, c, "bilinear", "border", False)
 
 
 def test_compiled_kernel_fallback_without_compiling(tmp_path):
@@ -348,7 +349,7 @@ def test_compiled_kernel_without_channels():
     x = torch.rand(2, 0, 5, 6)
     a = torch.tensor([0.3, -1.0], requires_grad=True)
     c = torch.tensor([[2.0, 2.5], [1.0, 3.0]], requires_grad=True)
-    assert _kernels.cpu.kernel_serves(x, a, c, "bilinear", "zeros", False)
+    assert _kernels.cpu.kernel_serves(x, a, c, c, "bilinear", "zeros", False)
     out = rotstn.rotate(x, a, c)
     assert out.shape == (2, 0, 5, 6)
     (out.sum() + a.sum() * 0 + c.sum() * 0).backward()

@@ -5,10 +5,12 @@ implementation for the tensors it is given; ``use_backend`` forces one, for
 tests and benchmarks.
 
 "cpu" (``cpu``) is chosen automatically for CPU tensors outside
-``torch.compile``: one autograd function around aten's grid sampler with a
-grid built from a row and a column term and a backward that reduces straight
-to dθ and d(centre); bilinear with zero padding runs a compiled C kernel
-instead of aten's sampler where one could be built (``compiled.py``). Under
+``torch.compile`` when the output has the input's size (rotations and rigid
+warps alike): one autograd function around aten's grid sampler with a grid
+built from a row and a column term and a backward that reduces straight to
+dθ and the centre's and source point's gradients; bilinear with zero padding
+runs a compiled C kernel instead of aten's sampler where one could be built
+(``compiled.py``: AVX-512, AVX2 or generic, picked at run time). Under
 ``torch.compile`` the reference graph is traced instead (inductor fuses it), and
 under torch.func transforms (vmap, grad) the reference path runs.
 
@@ -85,16 +87,18 @@ def warp(
         and triton_warp.available()
     ):
         return triton_warp.warp(image, angle, center, padding_mode, align_corners)
-    if same_size and rotation and (_forced == "cpu" or (_forced == "auto" and _cpu_fits(image, angle, center))):
-        return cpu.warp(image, angle, center, mode, padding_mode, align_corners)
+    if same_size and (_forced == "cpu" or (_forced == "auto" and _cpu_fits(image, angle, center, source))):
+        return cpu.warp(image, angle, center, source, mode, padding_mode, align_corners)
     return reference.warp(image, angle, center, source, mode, padding_mode, align_corners, size)
 
 
-def _cpu_fits(image: Tensor, angle: Tensor, center: Tensor) -> bool:
+def _cpu_fits(image: Tensor, angle: Tensor, center: Tensor, source: Tensor) -> bool:
     # Under torch.compile the reference graph is the better input: inductor fuses it.
     # torch.func transforms (vmap, grad) need plain differentiable ops, not a custom Function.
     return (
         image.device.type == "cpu"
         and not torch.compiler.is_compiling()
-        and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (image, angle, center))
+        and not any(
+            torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (image, angle, center, source)
+        )
     )

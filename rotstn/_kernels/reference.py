@@ -54,7 +54,7 @@ def warp(
     align_corners: bool,
     size: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Rotate ``image`` (B, C, H, W) by ``angle`` (B,): output ``center`` (B, 2) shows input ``source`` (B, 2).
+    """Warp ``image`` (B, C, H, W) by ``angle`` (B,): output ``center`` (B, 2) shows input ``source`` (B, 2).
 
     ``angle``, ``center`` and ``source`` are in the coordinate dtype (float32
     or float64); the image is sampled in that dtype and cast back to its own.
