@@ -319,6 +319,24 @@ static inline void zip_zf(V_zf a, V_zf b, float *dst) {
     _mm512_storeu_ps(dst, _mm512_permutex2var_ps(a, lo, b));
     _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(a, hi, b));
 }
+/* All four corners of 16 interior pixels: the row pairs (x0, x0+1) come in as 8-byte elements of
+ * 64-bit gathers (half the elements of four 32-bit gathers), then split into left and right. */
+static inline void corners4_zf(const float *p, I_zf o, int32_t w, V_zf *a, V_zf *b, V_zf *c, V_zf *d) {
+    const __m256i lo = _mm512_castsi512_si256(o), hi = _mm512_extracti64x4_epi64(o, 1);
+    const __m256i wv = _mm256_set1_epi32(w);
+    const __m512 t0 = _mm512_castsi512_ps(_mm512_i32gather_epi64(lo, (const void *)p, 4));
+    const __m512 t1 = _mm512_castsi512_ps(_mm512_i32gather_epi64(hi, (const void *)p, 4));
+    const __m512 u0 = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm256_add_epi32(lo, wv), (const void *)p, 4));
+    const __m512 u1 = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm256_add_epi32(hi, wv), (const void *)p, 4));
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    *a = _mm512_permutex2var_ps(t0, even, t1);
+    *b = _mm512_permutex2var_ps(t0, odd, t1);
+    *c = _mm512_permutex2var_ps(u0, even, u1);
+    *d = _mm512_permutex2var_ps(u0, odd, u1);
+}
+static inline K_zf kor_zf(K_zf a, K_zf b) { return a | b; }
+static inline unsigned kbits_zf(K_zf k) { return (unsigned)k; }
 static const int lane_order_zf[N_zf] = {0, 3, 6, 9, 12, 15, 1, 4, 7, 10, 13, 2, 5, 8, 11, 14};
 static inline V_zf iota_zf(void) { return _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
 static inline V_zf clamp_zf(V_zf x, float hi) { return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-2.0f)), _mm512_set1_ps(hi)); }
@@ -363,6 +381,14 @@ static inline void zip_zd(V_zd a, V_zd b, double *dst) {
     _mm512_storeu_pd(dst, _mm512_permutex2var_pd(a, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), b));
     _mm512_storeu_pd(dst + 8, _mm512_permutex2var_pd(a, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), b));
 }
+static inline void corners4_zd(const double *p, I_zd o, int32_t w, V_zd *a, V_zd *b, V_zd *c, V_zd *d) {
+    *a = _mm512_i32gather_pd(o, p, 8);
+    *b = _mm512_i32gather_pd(_mm256_add_epi32(o, _mm256_set1_epi32(1)), p, 8);
+    *c = _mm512_i32gather_pd(_mm256_add_epi32(o, _mm256_set1_epi32(w)), p, 8);
+    *d = _mm512_i32gather_pd(_mm256_add_epi32(o, _mm256_set1_epi32(w + 1)), p, 8);
+}
+static inline K_zd kor_zd(K_zd a, K_zd b) { return a | b; }
+static inline unsigned kbits_zd(K_zd k) { return (unsigned)k; }
 static const int lane_order_zd[N_zd] = {0, 3, 6, 1, 4, 7, 2, 5};
 static inline V_zd iota_zd(void) { return _mm512_set_pd(7, 6, 5, 4, 3, 2, 1, 0); }
 static inline V_zd clamp_zd(V_zd x, double hi) { return _mm512_min_pd(_mm512_max_pd(x, _mm512_set1_pd(-2.0)), _mm512_set1_pd(hi)); }
@@ -422,6 +448,23 @@ static inline void zip_yf(V_yf a, V_yf b, float *dst) {
     _mm256_storeu_ps(dst, _mm256_permute2f128_ps(lo, hi, 0x20));
     _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
 }
+/* As corners4_zf, for 8 pixels: four 64-bit gathers of 4 row pairs. */
+static inline void corners4_yf(const float *p, I_yf o, int32_t w, V_yf *a, V_yf *b, V_yf *c, V_yf *d) {
+    const __m128i lo = _mm256_castsi256_si128(o), hi = _mm256_extracti128_si256(o, 1);
+    const __m128i wv = _mm_set1_epi32(w);
+    const long long *q = (const long long *)(const void *)p;
+    const __m256 t0 = _mm256_castsi256_ps(_mm256_i32gather_epi64(q, lo, 4));
+    const __m256 t1 = _mm256_castsi256_ps(_mm256_i32gather_epi64(q, hi, 4));
+    const __m256 u0 = _mm256_castsi256_ps(_mm256_i32gather_epi64(q, _mm_add_epi32(lo, wv), 4));
+    const __m256 u1 = _mm256_castsi256_ps(_mm256_i32gather_epi64(q, _mm_add_epi32(hi, wv), 4));
+    /* shuffle gives a0 a1 a4 a5 | a2 a3 a6 a7; the 64-bit permute puts the quarters in order */
+    *a = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(t0, t1, 0x88)), 0xD8));
+    *b = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(t0, t1, 0xDD)), 0xD8));
+    *c = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(u0, u1, 0x88)), 0xD8));
+    *d = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(u0, u1, 0xDD)), 0xD8));
+}
+static inline K_yf kor_yf(K_yf a, K_yf b) { return _mm256_or_si256(a, b); }
+static inline unsigned kbits_yf(K_yf k) { return (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(k)); }
 static const int lane_order_yf[N_yf] = {0, 3, 6, 1, 4, 7, 2, 5};
 static inline V_yf iota_yf(void) { return _mm256_set_ps(7, 6, 5, 4, 3, 2, 1, 0); }
 static inline V_yf clamp_yf(V_yf x, float hi) { return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-2.0f)), _mm256_set1_ps(hi)); }
@@ -468,6 +511,14 @@ static inline void zip_yd(V_yd a, V_yd b, double *dst) {
     _mm256_storeu_pd(dst, _mm256_permute2f128_pd(lo, hi, 0x20));
     _mm256_storeu_pd(dst + 4, _mm256_permute2f128_pd(lo, hi, 0x31));
 }
+static inline void corners4_yd(const double *p, I_yd o, int32_t w, V_yd *a, V_yd *b, V_yd *c, V_yd *d) {
+    *a = _mm256_i32gather_pd(p, o, 8);
+    *b = _mm256_i32gather_pd(p, _mm_add_epi32(o, _mm_set1_epi32(1)), 8);
+    *c = _mm256_i32gather_pd(p, _mm_add_epi32(o, _mm_set1_epi32(w)), 8);
+    *d = _mm256_i32gather_pd(p, _mm_add_epi32(o, _mm_set1_epi32(w + 1)), 8);
+}
+static inline K_yd kor_yd(K_yd a, K_yd b) { return _mm_or_si128(a, b); }
+static inline unsigned kbits_yd(K_yd k) { return (unsigned)_mm_movemask_ps(_mm_castsi128_ps(k)); }
 static const int lane_order_yd[N_yd] = {0, 2, 1, 3};
 static inline V_yd iota_yd(void) { return _mm256_set_pd(3, 2, 1, 0); }
 static inline V_yd clamp_yd(V_yd x, double hi) { return _mm256_min_pd(_mm256_max_pd(x, _mm256_set1_pd(-2.0)), _mm256_set1_pd(hi)); }
@@ -508,6 +559,18 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
  * bx = sx - c·cx - s·v, by = sy - s·cx + c·v formed in double and rounded once to T (for float the
  * same order of rounding as the reference path's float grid; at θ = 0 with source = centre, x is
  * exactly j). Clamped to [-2, W+1] × [-2, H+1] (NaN to -2), where every corner is outside. */
+/* The four corners a (x0, y0), b (x0+1, y0), c (x0, y0+1), d (x0+1, y0+1) of a step's pixels in
+ * channel plane p; corners outside the image read as 0. */
+#define CORNERS(S)                                                                                      \
+    if (interior) {                                                                                     \
+        corners4_##S(p, o00, w32, &a, &b, &c, &d);                                                      \
+    } else {                                                                                            \
+        a = gather_##S(p, o00, k00);                                                                    \
+        b = gather_##S(p, o01, k01);                                                                    \
+        c = gather_##S(p, o10, k10);                                                                    \
+        d = gather_##S(p, o11, k11);                                                                    \
+    }
+
 #define ROW_SETUP(T, S)                                                                                 \
     const double c_ = par[0], s_ = par[1], v_ = (double)i - par[3];                                     \
     const V_##S cv = set1_##S((T)c_), sv = set1_##S((T)s_), iota = iota_##S();                         \
@@ -540,10 +603,11 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
             const K_##S k10 = kand_##S(vx0, vy1), k11 = kand_##S(vx1, vy1);                             \
             const I_##S o00 = imad_##S(y0, w32, x0), o01 = iaddc_##S(o00, 1);                           \
             const I_##S o10 = iaddc_##S(o00, w32), o11 = iaddc_##S(o00, w32 + 1);                       \
+            const int interior = kall_##S(kand_##S(k00, k11));                                         \
             for (int64_t ch = 0; ch < C; ch++) {                                                        \
                 const T *p = img + ch * HW;                                                             \
-                const V_##S a = gather_##S(p, o00, k00), b = gather_##S(p, o01, k01);                   \
-                const V_##S c = gather_##S(p, o10, k10), d = gather_##S(p, o11, k11);                   \
+                V_##S a, b, c, d;                                                                       \
+                CORNERS(S)                                                                              \
                 const V_##S top = fma_##S(wx, sub_##S(b, a), a);                                        \
                 const V_##S bottom = fma_##S(wx, sub_##S(d, c), c);                                     \
                 store_##S(out + ch * HW + i * W + j, fma_##S(wy, sub_##S(bottom, top), top));           \
@@ -568,7 +632,7 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
         ROW_SETUP(T, S)                                                                                 \
         CAT(D_, DZ) acc[4] = {CAT(dzero_, DZ)(), CAT(dzero_, DZ)(), CAT(dzero_, DZ)(), CAT(dzero_, DZ)()}; \
         int32_t off[4][N_##S];                                                                          \
-        T add[4][2 * N_##S]; /* per corner, or interleaved corner pairs (x0, x0+1) in add[0], add[2] */ \
+        T add[2][2 * N_##S]; /* interleaved corner pairs: (x0, x0+1) of row y0 in add[0], y0+1 in add[1] */ \
         const V_##S one = set1_##S((T)1);                                                               \
         int64_t j = 0;                                                                                  \
         for (; j + N_##S <= W; j += N_##S) {                                                            \
@@ -582,6 +646,8 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
             V_##S w00 = zero_##S(), w01 = w00, w10 = w00, w11 = w00;                                    \
             /* Every corner of every lane inside: the scatter adds row pairs (x0, x0+1) at once. */     \
             const int interior = kall_##S(kand_##S(k00, k11));                                         \
+            const unsigned inside = kbits_##S(kand_##S(k00, k11));                                     \
+            const unsigned touched = kbits_##S(kor_##S(kor_##S(k00, k01), kor_##S(k10, k11)));         \
             if (do_img) {                                                                               \
                 const V_##S ux = sub_##S(one, wx), uy = sub_##S(one, wy);                               \
                 w00 = maskz_##S(k00, mul_##S(ux, uy));                                                  \
@@ -602,8 +668,8 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
                 const V_##S g = load_##S(gout + ch * HW + i * W + j);                                   \
                 if (do_geo) {                                                                           \
                     const T *p = img + ch * HW;                                                         \
-                    const V_##S a = gather_##S(p, o00, k00), b = gather_##S(p, o01, k01);               \
-                    const V_##S c = gather_##S(p, o10, k10), d = gather_##S(p, o11, k11);               \
+                    V_##S a, b, c, d;                                                                   \
+                    CORNERS(S)                                                                          \
                     const V_##S dx0 = sub_##S(b, a), dy0 = sub_##S(c, a);                               \
                     const V_##S dx = fma_##S(wy, sub_##S(sub_##S(d, c), dx0), dx0);                     \
                     const V_##S dy = fma_##S(wx, sub_##S(sub_##S(d, b), dy0), dy0);                     \
@@ -617,24 +683,29 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
                     T *q = gimg + ch * HW;                                                              \
                     if (interior) {                                                                     \
                         zip_##S(mul_##S(g, w00), mul_##S(g, w01), add[0]);                              \
-                        zip_##S(mul_##S(g, w10), mul_##S(g, w11), add[2]);                              \
+                        zip_##S(mul_##S(g, w10), mul_##S(g, w11), add[1]);                              \
                         for (int k = 0; k < N_##S; k++) {                                               \
                             const int l = lane_order_##S[k];                                            \
                             pair_add_##SS(q + off[0][l], add[0] + 2 * l);                               \
-                            pair_add_##SS(q + off[0][l] + W, add[2] + 2 * l);                           \
+                            pair_add_##SS(q + off[0][l] + W, add[1] + 2 * l);                           \
                         }                                                                               \
                         continue;                                                                       \
                     }                                                                                   \
-                    store_##S(add[0], mul_##S(g, w00));                                                 \
-                    store_##S(add[1], mul_##S(g, w01));                                                 \
-                    store_##S(add[2], mul_##S(g, w10));                                                 \
-                    store_##S(add[3], mul_##S(g, w11));                                                 \
+                    /* A step across the border: lanes inside as above, lanes with some corners      \
+                     * inside corner by corner, lanes with none skipped. */                              \
+                    zip_##S(mul_##S(g, w00), mul_##S(g, w01), add[0]);                                  \
+                    zip_##S(mul_##S(g, w10), mul_##S(g, w11), add[1]);                                  \
                     for (int k = 0; k < N_##S; k++) {                                                   \
                         const int l = lane_order_##S[k];                                                \
-                        q[off[0][l]] += add[0][l];                                                      \
-                        q[off[1][l]] += add[1][l];                                                      \
-                        q[off[2][l]] += add[2][l];                                                      \
-                        q[off[3][l]] += add[3][l];                                                      \
+                        if (inside >> l & 1) {                                                          \
+                            pair_add_##SS(q + off[0][l], add[0] + 2 * l);                               \
+                            pair_add_##SS(q + off[0][l] + W, add[1] + 2 * l);                           \
+                        } else if (touched >> l & 1) {                                                  \
+                            q[off[0][l]] += add[0][2 * l];                                              \
+                            q[off[1][l]] += add[0][2 * l + 1];                                          \
+                            q[off[2][l]] += add[1][2 * l];                                              \
+                            q[off[3][l]] += add[1][2 * l + 1];                                          \
+                        }                                                                               \
                     }                                                                                   \
                 }                                                                                       \
             }                                                                                           \
@@ -705,6 +776,20 @@ DEFINE_SCALAR_ROWS(float, f32)
 DEFINE_SCALAR_ROWS(double, f64)
 #endif
 
+/* The next sample's image, a slice per row, into L2 while this sample is sampled: a rotated
+ * walk over a fresh image defeats the hardware prefetchers, and its misses stall the gathers.
+ * Only images that fit a typical L2 share (PREFETCH_MAX_BYTES) are fetched ahead. */
+#define PREFETCH_MAX_BYTES (512 * 1024)
+static inline void prefetch_slice(const void *next, size_t bytes, int64_t i, int64_t H) {
+    if (!next || bytes > PREFETCH_MAX_BYTES)
+        return;
+    const size_t per_row = (bytes / (size_t)H + 63) / 64 * 64;
+    const char *p = (const char *)next + (size_t)i * per_row;
+    const char *end = (const char *)next + bytes;
+    for (size_t o = 0; o < per_row && p + o < end; o += 64)
+        __builtin_prefetch(p + o, 0, 2);
+}
+
 #define WORKER_SETUP(T)                                                                                 \
     const job_t *jb = (const job_t *)arg;                                                               \
     const int64_t C = jb->C, H = jb->H, W = jb->W, HW = H * W;                                          \
@@ -721,7 +806,10 @@ DEFINE_SCALAR_ROWS(double, f64)
             const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
             T *out = (T *)jb->out + b * C * HW;                                                         \
             const double *par = jb->par + 6 * b;                                                        \
+            const T *next = b + bstep < jb->B && !jb->by_rows && jb->img_bstride                        \
+                                ? img + bstep * jb->img_bstride : NULL;                                 \
             for (int64_t i = r0; i < r1; i++) {                                                         \
+                prefetch_slice(next, (size_t)(C * HW) * sizeof(T), i, H);                               \
                 if (C == 1)                                                                             \
                     forward_row_##SUFFIX(img, out, 1, H, W, i, par, rx0, ry0, rwx, rwy);                \
                 else                                                                                    \
@@ -742,7 +830,11 @@ DEFINE_SCALAR_ROWS(double, f64)
             const double *par = jb->par + 6 * b;                                                        \
             if (gimg)                                                                                   \
                 memset(gimg, 0, (size_t)(C * HW) * sizeof(T));                                          \
+            const T *next = b + bstep < jb->B && !jb->by_rows && jb->img_bstride                        \
+                                ? img + bstep * jb->img_bstride : NULL;                                 \
             for (int64_t i = r0; i < r1; i++) {                                                         \
+                if (want_geo)                                                                           \
+                    prefetch_slice(next, (size_t)(C * HW) * sizeof(T), i, H);                           \
                 double *r = want_geo ? jb->rows + 4 * (b * H + i) : scrap;                              \
                 /* Constant flags and channel count let the compiler specialise the common calls. */   \
                 if (C == 1 && gimg && want_geo)                                                         \
