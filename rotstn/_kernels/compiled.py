@@ -71,6 +71,20 @@ def _compiler() -> list[str] | None:
     return None
 
 
+def _openmp_flags() -> tuple[str, ...] | None:
+    """-fopenmp where torch runs on GNU OpenMP (libgomp loaded in this process), else None.
+
+    Linked against libgomp.so.1, the kernel gets the runtime torch already loaded and with it
+    torch's thread pool. Under another OpenMP runtime (LLVM's or Intel's) a second pool would
+    compete with torch's, so the kernel keeps its own pthreads there.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            return ("-fopenmp",) if "libgomp" in maps.read() else None
+    except OSError:
+        return None
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for suffix in ("f32", "f64"):
         fwd = getattr(lib, f"rotstn_forward_{suffix}")
@@ -84,6 +98,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         bwd.restype = _c_int
     lib.rotstn_isa.restype = ctypes.c_char_p
     lib.rotstn_cpu_features.restype = _c_int
+    lib.rotstn_openmp.restype = _c_int
     return lib
 
 
@@ -96,10 +111,22 @@ def _build(isa: str) -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (cc, gcc, clang)")
-    flags = (*FLAGS, *ISA_FLAGS[isa])
-    target = _target(cache_dir(), cc, flags, isa)
-    if not target.exists():
-        _compile(cc, flags, target)
+    # With OpenMP where the compiler has it (the kernel then shares torch's libgomp pool, see
+    # run() in the source), else pthreads. A cached build of either is reused without compiling.
+    attempts = [(*FLAGS, *ISA_FLAGS[isa], *extra) for extra in (_openmp_flags(), ()) if extra is not None]
+    targets = [_target(cache_dir(), cc, flags, isa) for flags in attempts]
+    target = next((t for t in targets if t.exists()), None)
+    errors = []
+    for flags, candidate in zip(attempts, targets, strict=True):
+        if target is not None:
+            break
+        try:
+            _compile(cc, flags, candidate)
+            target = candidate
+        except RuntimeError as err:
+            errors.append(str(err))
+    if target is None:
+        raise RuntimeError("; ".join(errors))
     lib = _declare(ctypes.CDLL(str(target)))
     built = lib.rotstn_isa().decode()
     if built != isa:  # e.g. a compiler that accepts the flags but lacks the intrinsics' macros

@@ -855,7 +855,34 @@ static inline void prefetch_slice(const void *next, size_t bytes, int64_t i, int
 DEFINE_WORKERS(float, f32)
 DEFINE_WORKERS(double, f64)
 
-/* Run worker on n threads (the caller's thread is one of them). */
+/* Run worker on n shares. Built with -fopenmp, the shares go to an OpenMP team: loaded into a
+ * process where torch has loaded libgomp.so.1, the dynamic linker hands this library the same
+ * runtime, so the team is torch's own intra-op pool (threads already made, often still
+ * spinning after the previous torch op) instead of threads made per call that compete with
+ * it for the cores. Without OpenMP, pthreads (the caller's thread is one of them). Either way
+ * share t is job t, whatever the team size, so results do not depend on it. */
+#if defined(_OPENMP)
+#include <omp.h>
+static void run(void *(*worker)(void *), job_t *base, int n, int by_rows) {
+    job_t jobs[MAX_THREADS];
+    for (int t = 0; t < n; t++) {
+        jobs[t] = *base;
+        jobs[t].nthreads = n;
+        jobs[t].tid = t;
+        jobs[t].by_rows = by_rows;
+    }
+    if (n == 1) {
+        worker(&jobs[0]);
+        return;
+    }
+#pragma omp parallel num_threads(n)
+    {
+        const int team = omp_get_num_threads();
+        for (int t = omp_get_thread_num(); t < n; t += team)
+            worker(&jobs[t]);
+    }
+}
+#else
 static void run(void *(*worker)(void *), job_t *base, int n, int by_rows) {
     job_t jobs[MAX_THREADS];
     pthread_t threads[MAX_THREADS];
@@ -877,9 +904,24 @@ static void run(void *(*worker)(void *), job_t *base, int n, int by_rows) {
             worker(&jobs[t]);
     }
 }
+#endif
 
-/* Below this many output pixels one thread is faster than starting more. */
+/* Whether this build runs its shares on OpenMP (torch's pool when torch loaded libgomp first). */
+int rotstn_openmp(void) {
+#if defined(_OPENMP)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Below this many output pixels one thread is faster than starting more (an OpenMP team from a
+ * warm pool costs microseconds, a pthread per call tens of them). */
+#if defined(_OPENMP)
+#define MIN_PIXELS_PER_THREAD 1024
+#else
 #define MIN_PIXELS_PER_THREAD 4096
+#endif
 
 static int thread_count(int64_t work_pixels, int nthreads) {
     if (nthreads < 1)
