@@ -14,19 +14,20 @@ Here:
   directly;
 * backward asks ``grid_sampler_2d_backward`` only for the gradients that are
   needed (its ``output_mask``) and reduces the (B, H, W, 2) grid gradient to
-  dθ, d(cx), d(cy) in one pass: the source coordinates are separable,
-  ``x_src = cx + cos θ·u_j - sin θ·v_i`` with ``u_j = j - cx`` and
+  dθ and S = Σ (∂L/∂x_src, ∂L/∂y_src) in one pass: the source coordinates are
+  separable, ``x_src = sx + cos θ·u - sin θ·v`` with ``u_j = j - cx`` and
   ``v_i = i - cy``, so every sum needed is a sum over i weighted by 1 or
   ``v_i`` (one batched matmul over the gradient) followed by a small sum over
-  j weighted by 1 or ``u_j``.
+  j weighted by 1 or ``u_j``. S is the source point's gradient; the centre's
+  follows from it (``_center_and_source_grads``).
 
 Bilinear with zero padding on real CPU tensors goes one step further when the
 compiled kernel (``compiled.py``, ``rotate_cpu.c``) could be built: forward and
-backward are each one fused pass in C over the pixels, with no grid at all and
-the angle and centre gradients accumulated per sample (inference calls above
-96² pixels keep aten's vectorised sampler, which was as fast or faster there).
-Other modes and paddings, traced calls (``torch.compile``, export,
-``torch.jit``), and machines without a C compiler use aten's sampler as above.
+backward are each one fused pass in C over the pixels, vectorised with masked
+gathers on AVX2 and AVX-512 (the variant is picked at run time), with no grid
+at all and dθ and S accumulated per sample. Other modes and paddings, traced
+calls (``torch.compile``, export, ``torch.jit``), and machines without a C
+compiler use aten's sampler as above.
 
 Double backward (``create_graph=True``) recomputes the gradient through the
 reference path, which is made of differentiable ops.
