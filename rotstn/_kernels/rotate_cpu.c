@@ -1,7 +1,8 @@
 /* Fused bilinear warp with zero padding, forward and backward, for rotstn.
  *
- * Plain C99 + pthreads, no Python or torch headers: rotstn compiles this file
- * at first use (rotstn/_kernels/compiled.py) and calls it through ctypes.
+ * Plain C99 with OpenMP (torch's own libgomp pool, see run()) or pthreads, no
+ * Python or torch headers: rotstn compiles this file at first use
+ * (rotstn/_kernels/compiled.py) and calls it through ctypes.
  *
  * One source, several instruction sets: compiled.py builds it once per variant
  * it needs, with -mavx512f -mavx512vl -mavx512bw -mavx512dq -mavx2 -mfma
