@@ -1,7 +1,7 @@
 """rotstn: rotation as a first-class, differentiable operation in PyTorch."""
 
 from . import encoders, heads, losses
-from .functional import angle_difference, rotate, rotation_matrix, wrap_angle
+from .functional import angle_difference, rigid_matrix, rotate, rotation_matrix, warp, wrap_angle
 from .modules import Rotate, RotationSTN, STNOutput
 from .registration import Registration, register
 from .search import best_turn
@@ -17,8 +17,10 @@ __all__ = [
     "heads",
     "losses",
     "register",
+    "rigid_matrix",
     "rotate",
     "rotation_matrix",
+    "warp",
     "wrap_angle",
 ]
 __version__ = "0.1.0"

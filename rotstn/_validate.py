@@ -106,9 +106,48 @@ def center(value: object, like: Tensor, dtype: torch.dtype, batch: int | None) -
     return t.reshape(-1, 2)
 
 
-def size(value: object) -> tuple[int, int]:
+def size(value: object, name: str = "size") -> tuple[int, int]:
     if isinstance(value, torch.Size | tuple | list) and len(value) == 2:
         h, w = value
         if isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1:
             return h, w
-    raise ValueError(f"size must be (H, W) with positive ints, got {value!r}")
+    raise ValueError(f"{name} must be (H, W) with positive ints, got {value!r}")
+
+
+def pair(value: object, name: str, like: Tensor, dtype: torch.dtype, batch: int | None) -> Tensor | None:
+    """An (x, y) pixel pair as (1, 2) or (B, 2) in ``dtype``, or None."""
+    if value is None:
+        return None
+    t = _as_tensor(value, name, like, dtype)
+    ok = (t.dim() == 1 and t.shape[0] == 2) or (t.dim() == 2 and t.shape[1] == 2)
+    if ok and batch is not None and t.dim() == 2:
+        ok = t.shape[0] in (1, batch)
+    if not ok:
+        want = "(2,) or (B, 2)" if batch is None else f"(2,) or (B, 2) with B={batch}"
+        raise ValueError(f"{name} must have shape {want} as (x, y) pixels, got {shape_str(t)}")
+    return t.reshape(-1, 2)
+
+
+def rigid(value: object, like: Tensor, dtype: torch.dtype, batch: int | None, name: str = "matrix") -> Tensor:
+    """A rigid (rotation + translation) pixel matrix as (1, 2, 3) or (B, 2, 3) in ``dtype``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a (B, 2, 3) tensor, got {type(value).__name__}")
+    t = _as_tensor(value, name, like, dtype)
+    ok = t.shape[-2:] == (2, 3) and t.dim() in (2, 3)
+    if ok and batch is not None and t.dim() == 3:
+        ok = t.shape[0] in (1, batch)
+    if not ok:
+        want = "(2, 3) or (B, 2, 3)" if batch is None else f"(2, 3) or (B, 2, 3) with B={batch}"
+        raise ValueError(f"{name} must have shape {want}, got {shape_str(t)}")
+    t = t.reshape(-1, 2, 3)
+    a = t[:, :, :2].detach()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    eye = torch.eye(2, dtype=dtype, device=t.device)
+    off = (a.transpose(1, 2) @ a - eye).abs().amax((1, 2)) + (torch.linalg.det(a) - 1).abs()
+    if bool((off > 1e-3).any()):
+        raise ValueError(
+            f"{name} must be rigid (its 2×2 part a rotation: orthonormal, determinant 1); "
+            f"sample(s) {(off > 1e-3).nonzero().flatten().tolist()[:10]} are not"
+        )
+    return t

@@ -1,9 +1,11 @@
-"""Command line: ``rotstn register FIXED MOVING [-o ALIGNED]``.
+"""Command line: ``rotstn register FIXED MOVING [-o ALIGNED] [--fixed-mask M] [--moving-mask M]``.
 
 Also runnable as ``python -m rotstn``. Images are read and written with
 Pillow (PNG, JPEG, TIFF, BMP, ...). Colour images are registered on their
-grey level (the channel mean) and every channel is rotated by the angle found;
-an alpha channel is rotated too but not used for the estimate.
+grey level (the channel mean, or ``--channel``) and every channel is
+resampled with the transform found; an alpha channel is resampled too but
+not used for the estimate. Masks are image files: non-zero pixels are
+compared, zero pixels (labels, rulers, borders) are not.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .functional import rotate
-from .registration import register
+from .registration import TRUST, register
 
 __all__ = ["main"]
 
@@ -61,22 +62,45 @@ def _colour(image: torch.Tensor) -> torch.Tensor:
     return image[:3] if image.shape[0] in (2, 4) else image
 
 
+def _mask(path: str | None, image: torch.Tensor, name: str) -> torch.Tensor | None:
+    if path is None:
+        return None
+    mask, _ = _read(path)
+    if mask.shape[1:] != image.shape[1:]:
+        raise ValueError(
+            f"{name} {path} is {mask.shape[2]}×{mask.shape[1]} (W×H) but its image is "
+            f"{image.shape[2]}×{image.shape[1]}"
+        )
+    return _colour(mask).amax(0) > 0
+
+
 def _register(args: argparse.Namespace) -> int:
     fixed, _ = _read(args.fixed)
     moving, dtype = _read(args.moving)
-    if fixed.shape[1:] != moving.shape[1:]:
-        raise ValueError(
-            f"FIXED and MOVING must have the same size, got {args.fixed} "
-            f"{fixed.shape[2]}×{fixed.shape[1]} and {args.moving} {moving.shape[2]}×{moving.shape[1]} (W×H)"
-        )
-    result = register(_colour(fixed), _colour(moving), smooth=args.smooth)
-    angle = result.angle[0]
-    print(f"angle: {math.degrees(float(angle)):.4f} deg")
-    print(f"score: {float(result.score[0]):.4f}")
+    result = register(
+        _colour(fixed),
+        _colour(moving),
+        model=args.model,
+        fixed_mask=_mask(
+            args.fixed_mask or args.mask, fixed, "--fixed-mask" if args.fixed_mask else "--mask"
+        ),
+        moving_mask=_mask(
+            args.moving_mask or args.mask, moving, "--moving-mask" if args.moving_mask else "--mask"
+        ),
+        channel=args.channel,
+        smooth=args.smooth,
+    )
+    tx, ty = (float(v) for v in result.translation[0])
+    score = float(result.score[0])
+    print(f"angle: {math.degrees(float(result.angle[0])):.4f} deg")
+    print(f"translation: {tx:.3f} {ty:.3f} px (x right, y down)")
+    print(f"score: {score:.4f}" + ("" if score >= TRUST else f" (below {TRUST}: do not trust this result)"))
+    m = result.matrix[0].tolist()
+    print("matrix: " + "  ".join(" ".join(f"{v:.6f}" for v in row) for row in m))
     if args.output is not None:
-        _write(args.output, rotate(moving, angle), dtype)
+        _write(args.output, result.apply(moving[None])[0], dtype)
         print(f"aligned: {args.output}")
-    return 0
+    return 0 if score >= TRUST or not args.strict else 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,18 +108,39 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     reg = commands.add_parser(
         "register",
-        help="find the rotation that aligns MOVING onto FIXED",
+        help="find the rotation and translation that align MOVING onto FIXED",
         description=(
-            "Find the rotation about the image centre that aligns MOVING onto FIXED, over the "
-            "full circle. Prints the angle in degrees (counter-clockwise as displayed) and the "
-            "normalised cross-correlation of the aligned pair over the central disc."
+            "Find the rigid transform (a rotation about an unknown point: angle and translation) "
+            "that aligns MOVING onto FIXED, over the full circle. Prints the angle in degrees "
+            "(counter-clockwise as displayed), the translation in pixels, the score (trust the "
+            f"result above {TRUST}) and the 2×3 pixel matrix that maps a FIXED pixel (x, y, 1) to the "
+            "MOVING pixel that shows it. Exit status: 0 done, 1 bad input, 3 low score with --strict."
         ),
     )
     reg.add_argument("fixed", metavar="FIXED", help="reference image file")
-    reg.add_argument("moving", metavar="MOVING", help="image file to turn onto FIXED (same size)")
-    reg.add_argument("-o", "--output", metavar="ALIGNED", help="write MOVING rotated onto FIXED here")
+    reg.add_argument("moving", metavar="MOVING", help="image file to bring onto FIXED (any size)")
+    reg.add_argument(
+        "-o", "--output", metavar="ALIGNED", help="write MOVING resampled onto FIXED's grid here"
+    )
+    reg.add_argument(
+        "--mask", metavar="MASK", help="one mask for both images (same size): non-zero is compared"
+    )
+    reg.add_argument("--fixed-mask", metavar="MASK", help="image file, non-zero where FIXED is compared")
+    reg.add_argument("--moving-mask", metavar="MASK", help="image file, non-zero where MOVING is compared")
+    reg.add_argument(
+        "--model",
+        choices=("rigid", "rotation"),
+        default="rigid",
+        help="rigid (default): angle and translation; rotation: about the image centre only",
+    )
+    reg.add_argument(
+        "--channel", type=int, default=None, help="estimate on this channel (default: their mean)"
+    )
     reg.add_argument(
         "--smooth", type=float, default=1.0, help="Gaussian blur (pixels) before estimating (default 1)"
+    )
+    reg.add_argument(
+        "--strict", action="store_true", help=f"exit with status 3 when the score is below {TRUST}"
     )
     return parser
 

@@ -18,6 +18,16 @@ follows it and ``tests/test_oracles.py`` checks it against scipy and torch.
 * Output pixel ``p`` reads the input at ``c + R(θ)ᵀ·(p - c)`` in (x, y-down)
   coordinates, i.e. ``x_src = cx + cos θ·(x - cx) - sin θ·(y - cy)`` and
   ``y_src = cy + sin θ·(x - cx) + cos θ·(y - cy)``.
+* A **rigid map** (rotation about an unknown point = rotation + translation) is
+  a ``(B, 2, 3)`` pixel matrix ``M``: the input pixel that output pixel
+  ``(x, y)`` shows is ``M @ (x, y, 1)`` (the map a warp samples with; for
+  :func:`rotstn.register`, output = fixed and input = moving). With angle θ
+  and translation ``t = (tx, ty)`` pixels (x right, y down),
+  ``M = [A | c_in - A·(c_out + t)]`` with ``A = [[cos θ, -sin θ], [sin θ, cos θ]]``
+  and ``c_in``, ``c_out`` the two image centres: the input turned by θ about its
+  centre, then moved by ``t`` (centres on each other when ``t = 0``). So
+  ``warp(x, θ)`` is ``rotate(x, θ)``, and ``warp(x, θ, t)`` is that rotation
+  followed by a shift of the content by ``t``.
 
 Gradient at the identity
 ------------------------
@@ -44,7 +54,7 @@ from torch import Tensor
 
 from . import _kernels, _validate
 
-__all__ = ["angle_difference", "rotate", "rotation_matrix", "wrap_angle"]
+__all__ = ["angle_difference", "rigid_matrix", "rotate", "rotation_matrix", "warp", "wrap_angle"]
 
 Number = float | int
 AngleLike = Tensor | Number
@@ -212,7 +222,157 @@ def rotate(
         out = img[:0] + (a.sum() + c.sum()).to(img.dtype) * 0
     else:
         c = c.expand(n, 2)
+        out = _kernels.warp(img.expand(n, ch, h, w), a.expand(n), c, c, mode, padding_mode, align_corners)
+    return out if batched else out.squeeze(0)
+
+
+TranslationLike = Tensor | tuple[float, float] | list[float] | None
+
+
+def rigid_matrix(
+    angle: AngleLike,
+    translation: TranslationLike = None,
+    size: tuple[int, int] = (1, 1),
+    source_size: tuple[int, int] | None = None,
+) -> Tensor:
+    """The ``(B, 2, 3)`` pixel matrix of a rigid map (module docstring, "rigid map").
+
+    ``M @ (x, y, 1)`` is the pixel of the source image (``source_size``) that
+    output pixel ``(x, y)`` of an image of ``size`` shows. Differentiable in
+    ``angle`` and ``translation``.
+
+    Args:
+        angle: radians, counter-clockwise as displayed; number, ``()`` or ``(B,)``.
+        translation: ``(tx, ty)`` pixels, ``(2,)`` or ``(B, 2)``; default none.
+        size: ``(H, W)`` of the output (for :func:`rotstn.register`: fixed).
+        source_size: ``(H, W)`` of the source (moving); default ``size``.
+
+    Returns:
+        ``(B, 2, 3)`` in the angle's floating dtype (at least float32).
+
+    Example:
+        >>> m = rigid_matrix(math.pi / 2, (2.0, -1.0), (5, 5))
+        >>> m.round(decimals=4) + 0.0  # output (x, y) shows source (3 - y, x - 2)
+        tensor([[[ 0., -1.,  3.],
+                 [ 1.,  0., -2.]]])
+    """
+    h, w = _validate.size(size)
+    hs, ws = (h, w) if source_size is None else _validate.size(source_size, "source_size")
+    like = next((t for t in (angle, translation) if isinstance(t, Tensor)), torch.empty(0))
+    dtype = _coord_dtype(like.dtype if like.is_floating_point() else torch.get_default_dtype())
+    a = _validate.angle(angle, like, dtype, None)
+    t = _validate.pair(translation, "translation", like, dtype, None)
+    if t is None:
+        t = torch.zeros(1, 2, dtype=dtype, device=like.device)
+    n = _validate.batch_size({"angle": a.shape[0], "translation": t.shape[0]})
+    a, t = a.expand(n), t.expand(n, 2)
+    cos, sin = torch.cos(a), torch.sin(a)
+    # centre of the output moved by t: the point that shows the source's centre
+    ox, oy = (w - 1) / 2 + t[:, 0], (h - 1) / 2 + t[:, 1]
+    bx = (ws - 1) / 2 - (cos * ox - sin * oy)
+    by = (hs - 1) / 2 - (sin * ox + cos * oy)
+    row0 = torch.stack((cos, -sin, bx), dim=-1)
+    row1 = torch.stack((sin, cos, by), dim=-1)
+    return torch.stack((row0, row1), dim=-2)
+
+
+def warp(
+    image: Tensor,
+    angle: AngleLike | None = None,
+    translation: TranslationLike = None,
+    *,
+    matrix: Tensor | None = None,
+    size: tuple[int, int] | None = None,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    align_corners: bool = False,
+) -> Tensor:
+    """Apply a rigid map (rotation + translation) to images, differentiably.
+
+    Convention (module docstring, "rigid map"): ``warp(x, θ, t)`` turns the
+    content by θ radians counter-clockwise as displayed about the image
+    centre, then moves it by ``t = (tx, ty)`` pixels (x right, y down);
+    ``warp(x, θ)`` equals ``rotate(x, θ)``. Equivalently, give the map as
+    ``matrix``: output pixel ``(x, y)`` shows input pixel ``matrix @ (x, y, 1)``,
+    e.g. the ``.matrix`` of :func:`rotstn.register` (then ``warp(moving,
+    matrix=result.matrix, size=fixed.shape[-2:]) ≈ fixed``).
+
+    Args:
+        image: ``(B, C, H, W)`` or ``(C, H, W)``, any floating dtype.
+        angle: radians; a number, ``()`` or ``(B,)``. Required unless ``matrix`` is given.
+        translation: ``(tx, ty)`` pixels; ``(2,)`` or ``(B, 2)``; default no shift.
+        matrix: ``(2, 3)`` or ``(B, 2, 3)`` rigid pixel matrix, instead of angle and
+            translation; its 2×2 part must be a rotation (to 1e-3).
+        size: ``(H, W)`` of the output, default the input's. The input's centre is
+            placed on the output's centre (plus ``t``).
+        mode, padding_mode, align_corners: as in :func:`rotate`.
+
+    Batch sizes broadcast as in :func:`rotate`.
+
+    Returns:
+        ``(B, C, H_out, W_out)``, same dtype and device; ``(C, H_out, W_out)`` when
+        nothing is batched.
+
+    Differentiable with respect to image, angle and translation (or matrix).
+    Same-size warps run on the fast CPU and Triton kernels (a translation
+    moves the output centre against the input point it shows).
+
+    Example:
+        >>> x = torch.zeros(1, 5, 5); x[0, 2, 2] = 1.0
+        >>> y = warp(x, 0.0, (1.0, -2.0))  # the bright pixel moves right 1, up 2
+        >>> [int(i) for i in (y[0] == 1).nonzero()[0]]
+        [0, 3]
+    """
+    img = _validate.image(image)
+    mode = _validate.choice(mode, _validate.MODES, "mode")
+    padding_mode = _validate.choice(padding_mode, _validate.PADDING_MODES, "padding_mode")
+    align_corners = _validate.flag(align_corners, "align_corners")
+    dtype = _coord_dtype(img.dtype)
+    b, ch, h, w = img.shape
+    ho, wo = (h, w) if size is None else _validate.size(size)
+    hint = b if b != 1 else None
+    if matrix is not None:
+        if angle is not None or translation is not None:
+            raise ValueError("give either matrix or angle (and translation), not both")
+        m = _validate.rigid(matrix, img, dtype, hint)
+        a = torch.atan2(m[:, 1, 0], m[:, 0, 0])
+        # x_src = A·p + b: the output origin shows input pixel b.
+        center = torch.zeros_like(m[:, :, 2])
+        source = m[:, :, 2]
+        batched = image.dim() == 4 or matrix.dim() == 3
+        sizes = {"image": b, "matrix": m.shape[0]}
+    else:
+        if angle is None:
+            raise ValueError("angle is required (or give matrix=)")
+        a = _validate.angle(angle, img, dtype, hint)
+        t = _validate.pair(translation, "translation", img, dtype, hint)
+        source = torch.tensor([[(w - 1) / 2, (h - 1) / 2]], dtype=dtype, device=img.device)
+        center = torch.tensor([[(wo - 1) / 2, (ho - 1) / 2]], dtype=dtype, device=img.device)
+        if t is not None:
+            center = center + t
+        batched = (
+            image.dim() == 4
+            or (isinstance(angle, Tensor) and angle.dim() == 1)
+            or (isinstance(translation, Tensor) and translation.dim() == 2)
+        )
+        sizes = {"image": b, "angle": a.shape[0], "translation": 1 if t is None else t.shape[0]}
+    n = _validate.batch_size(sizes)
+    if mode == "nearest" and (a.requires_grad or center.requires_grad) and torch.is_grad_enabled():
+        warnings.warn(
+            "warp(mode='nearest') is piecewise constant: angle and translation get zero gradient",
+            stacklevel=2,
+        )
+    if n == 0:
+        out = img[:0, :, :ho, :wo].new_zeros((0, ch, ho, wo)) + (a.sum() + center.sum()).to(img.dtype) * 0
+    else:
         out = _kernels.warp(
-            img.expand(n, ch, h, w), a.expand(n), c, c, mode, padding_mode, align_corners
+            img.expand(n, ch, h, w),
+            a.expand(n),
+            center.expand(n, 2),
+            source.expand(n, 2),
+            mode,
+            padding_mode,
+            align_corners,
+            None if (ho, wo) == (h, w) else (ho, wo),
         )
     return out if batched else out.squeeze(0)

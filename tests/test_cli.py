@@ -74,10 +74,14 @@ def test_errors(tmp_path, capsys):
     Image.fromarray((np.arange(40 * 50) % 13).astype(np.uint8).reshape(40, 50)).save(tmp_path / "b.png")
     for files, message in [
         (("nothere.png", "b.png"), "No such file"),
-        (("wide.png", "b.png"), "must have the same size, got .*wide.png 60×40 and .*b.png 50×40"),
-        (("flat.png", "b.png"), "fixed is constant over its central disc"),
+        (
+            ("b.png", "b.png", "--fixed-mask", "wide.png"),
+            "--fixed-mask .*wide.png is 60×40 .* but its image is 50×40",
+        ),
+        (("flat.png", "b.png"), "fixed is constant"),
     ]:
-        assert main(["register", *(str(tmp_path / f) for f in files)]) == 1
+        args = [str(tmp_path / f) if f.endswith(".png") else f for f in files]
+        assert main(["register", *args]) == 1
         assert re.search("rotstn register: error: .*" + message, capsys.readouterr().err)
     with pytest.raises(SystemExit) as usage:
         main(["register", str(tmp_path / "b.png")])
@@ -92,6 +96,45 @@ def test_16_bit_round_trip(tmp_path, capsys):
         main(["register", str(tmp_path / "f.png"), str(tmp_path / "m.png"), "-o", str(tmp_path / "a.png")])
         == 0
     )
-    assert "angle: -30.0" in capsys.readouterr().out
+    found = float(re.search(r"angle: (-?[\d.]+) deg", capsys.readouterr().out).group(1))
+    assert abs(found + 30.0) < 0.01
     aligned = np.asarray(Image.open(tmp_path / "a.png"))
     assert aligned.shape == moving.shape and aligned.max() > 255
+
+
+def test_rotation_and_translation_with_a_mask(tmp_path, capsys):
+    from rotstn.data import rigid_pairs
+
+    pairs = rigid_pairs(1, (120, 150), moving_size=(130, 130), seed=2)
+    fixed = np.clip(pairs.fixed[0, 0].numpy() * 255, 0, 255).round().astype(np.uint8)
+    moving = np.clip(pairs.moving[0, 0].numpy() * 255, 0, 255).round().astype(np.uint8)
+    moving[5:25, 5:70] = 255  # a label that fixed does not have
+    mask = np.full(moving.shape, 255, np.uint8)
+    mask[3:27, 3:72] = 0
+    for name, array in (("f.png", fixed), ("m.png", moving), ("mask.png", mask)):
+        Image.fromarray(array).save(tmp_path / name)
+    files = [str(tmp_path / n) for n in ("f.png", "m.png")]
+    assert (
+        main(["register", *files, "--moving-mask", str(tmp_path / "mask.png"), "-o", str(tmp_path / "a.png")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    found = float(re.search(r"angle: (-?[\d.]+) deg", out).group(1))
+    tx, ty = (float(v) for v in re.search(r"translation: (-?[\d.]+) (-?[\d.]+) px", out).groups())
+    assert abs((found - np.degrees(pairs.angle[0].item()) + 180) % 360 - 180) < 0.05
+    assert abs(tx - pairs.translation[0, 0].item()) < 0.1 and abs(ty - pairs.translation[0, 1].item()) < 0.1
+    matrix = np.array([float(v) for v in re.search(r"matrix: (.*)", out).group(1).split()]).reshape(2, 3)
+    np.testing.assert_allclose(matrix, pairs.matrix[0].numpy(), atol=0.1)
+    assert np.asarray(Image.open(tmp_path / "a.png")).shape == fixed.shape
+
+
+def test_strict_exit_status_on_an_unrelated_pair(tmp_path, capsys):
+    from rotstn.data import rigid_pairs
+
+    pairs = rigid_pairs(1, (96, 96), unrelated=True, seed=3)
+    for name, t in (("f.png", pairs.fixed), ("m.png", pairs.moving)):
+        Image.fromarray(np.clip(t[0, 0].numpy() * 255, 0, 255).round().astype(np.uint8)).save(tmp_path / name)
+    files = [str(tmp_path / n) for n in ("f.png", "m.png")]
+    assert main(["register", *files]) == 0
+    assert "do not trust this result" in capsys.readouterr().out
+    assert main(["register", *files, "--strict"]) == 3

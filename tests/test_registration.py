@@ -1,10 +1,13 @@
-"""register(): recovered angles on real pictures rotated by scipy, conventions, errors.
+"""register(model="rotation"): rotation about the centre, on pictures rotated by scipy; conventions, errors.
+
+The rigid model (the default) has its own file, test_rigid.py.
 
 References nobody here wrote: scipy.ndimage.rotate makes the pairs, torch.rot90
 gives exact quarter turns, and scikit-image's Fourier–Mellin recipe
 (warp_polar + phase_cross_correlation) is the classical estimate we must agree with.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -14,7 +17,9 @@ from helpers import real_image
 
 import rotstn
 from rotstn.data import rotated_pairs
-from rotstn.registration import _Disc
+from rotstn.registration._rotation import _Disc
+
+register = functools.partial(rotstn.register, model="rotation")
 
 FULL_CIRCLE = [math.radians(a) for a in (-179.5, -135.0, -90.0, -33.3, 0.0, 12.7, 90.0, 180.0)]
 
@@ -26,7 +31,7 @@ def error_deg(estimate, truth):
 @pytest.mark.parametrize("size", [(64, 64), (48, 80), (81, 57)])
 def test_recovers_scipy_rotations_over_the_full_circle(size):
     pairs = rotated_pairs(len(FULL_CIRCLE), size, angles=FULL_CIRCLE, seed=1)
-    result = rotstn.register(pairs.fixed, pairs.moving)
+    result = register(pairs.fixed, pairs.moving)
     err = error_deg(result.angle, pairs.angle)
     assert err.max() < 0.1, err
     assert result.angle.shape == (len(FULL_CIRCLE),)
@@ -36,15 +41,15 @@ def test_recovers_scipy_rotations_over_the_full_circle(size):
 
 def test_noise_and_photometric_change():
     pairs = rotated_pairs(10, (96, 96), noise=0.05, photometric=True, seed=3)
-    result = rotstn.register(pairs.fixed, pairs.moving)
+    result = register(pairs.fixed, pairs.moving)
     err = error_deg(result.angle, pairs.angle)
     assert err.median() < 0.1 and err.max() < 1.0, err
 
 
 def test_refinement_improves_the_global_estimate():
     pairs = rotated_pairs(10, (64, 64), seed=4)
-    coarse = error_deg(rotstn.register(pairs.fixed, pairs.moving, iterations=0).angle, pairs.angle)
-    fine = error_deg(rotstn.register(pairs.fixed, pairs.moving).angle, pairs.angle)
+    coarse = error_deg(register(pairs.fixed, pairs.moving, iterations=0).angle, pairs.angle)
+    fine = error_deg(register(pairs.fixed, pairs.moving).angle, pairs.angle)
     assert coarse.max() < 0.5
     assert fine.mean() < coarse.mean() / 2
 
@@ -53,13 +58,13 @@ def test_refinement_improves_the_global_estimate():
 def test_sign_convention(theta):
     # register(fixed=rotate(x, θ), moving=x) gives θ: rotate(moving, θ) ≈ fixed.
     x = real_image(64, 96, seed=2)
-    result = rotstn.register(rotstn.rotate(x, theta), x)
+    result = register(rotstn.rotate(x, theta), x)
     assert error_deg(result.angle, torch.tensor([theta])).item() < 0.01
 
 
 def test_quarter_turn_from_rot90():
     x = real_image(64, 64, seed=5)
-    result = rotstn.register(torch.rot90(x, 1, (-2, -1)), x)
+    result = register(torch.rot90(x, 1, (-2, -1)), x)
     assert error_deg(result.angle, torch.tensor([math.pi / 2])).item() < 0.01
     # The aligned image is moving rotated by the answer, and it matches fixed on the disc.
     disc = _Disc(64, 64, torch.float64, x.device)
@@ -91,7 +96,7 @@ def test_agrees_with_scikit_image_fourier_mellin():
 
     angles = [math.radians(a) for a in (-150, -60, 25, 100, 170, -20)]
     pairs = rotated_pairs(6, (128, 128), images=("camera", "astronaut", "coins"), angles=angles, seed=2)
-    ours = rotstn.register(pairs.fixed, pairs.moving).angle
+    ours = register(pairs.fixed, pairs.moving).angle
     peer = torch.tensor([fourier_mellin(f[0].double().numpy(), m[0].double().numpy())
                          for f, m in zip(pairs.fixed, pairs.moving, strict=True)])  # fmt: skip
     assert error_deg(ours, peer).max() < 1.5
@@ -101,10 +106,10 @@ def test_agrees_with_scikit_image_fourier_mellin():
 def test_batch_broadcasting_and_3d_inputs():
     pairs = rotated_pairs(3, (48, 64), seed=6)
     moving = rotstn.rotate(pairs.fixed[:1], torch.tensor([-0.5, 0.2, 1.0]))
-    one_fixed = rotstn.register(pairs.fixed[:1], moving)
+    one_fixed = register(pairs.fixed[:1], moving)
     assert one_fixed.angle.shape == (3,) and one_fixed.aligned.shape == (3, 1, 48, 64)
     assert error_deg(one_fixed.angle, torch.tensor([0.5, -0.2, -1.0])).max() < 0.1
-    single = rotstn.register(pairs.fixed[1], pairs.moving[1])
+    single = register(pairs.fixed[1], pairs.moving[1])
     assert single.angle.shape == (1,) and single.aligned.shape == (1, 1, 48, 64)
     assert error_deg(single.angle, pairs.angle[1:2]).item() < 0.1
 
@@ -117,7 +122,7 @@ def test_colour_images_rotate_every_channel():
     turned = ndimage.rotate(rgb, 70.0, axes=(1, 0), reshape=False, order=3)
     fixed = torch.from_numpy(turned[50:150, 50:150]).permute(2, 0, 1)
     moving = torch.from_numpy(rgb[50:150, 50:150]).permute(2, 0, 1).contiguous()
-    result = rotstn.register(fixed, moving)
+    result = register(fixed, moving)
     assert error_deg(result.angle, torch.tensor([math.radians(70.0)])).item() < 0.05
     assert result.aligned.shape == (1, 3, 100, 100)
     disc = _Disc(100, 100, torch.float64, fixed.device)
@@ -128,8 +133,8 @@ def test_colour_images_rotate_every_channel():
 
 def test_score_flags_a_wrong_pair():
     pairs = rotated_pairs(2, (64, 64), images=("camera", "grass"), seed=7)
-    good = rotstn.register(pairs.fixed, pairs.moving)
-    swapped = rotstn.register(pairs.fixed, pairs.moving.flip(0))
+    good = register(pairs.fixed, pairs.moving)
+    swapped = register(pairs.fixed, pairs.moving.flip(0))
     assert good.score.min() > 0.95
     assert swapped.score.max() < 0.5
 
@@ -137,17 +142,17 @@ def test_score_flags_a_wrong_pair():
 def test_dtypes_and_detached_outputs():
     x = real_image(48, 48, seed=8).requires_grad_()
     fixed = rotstn.rotate(x, 0.7)
-    result = rotstn.register(fixed, x)
+    result = register(fixed, x)
     assert result.angle.dtype == torch.float64 and not result.angle.requires_grad
     assert not result.aligned.requires_grad
-    half = rotstn.register(fixed.detach().half(), x.detach().half())
+    half = register(fixed.detach().half(), x.detach().half())
     assert half.angle.dtype == torch.float32 and half.aligned.dtype == torch.float16
     assert error_deg(half.angle, torch.tensor([0.7])).item() < 0.1
 
 
 def test_device(device):
     pairs = rotated_pairs(2, (48, 48), seed=9)
-    result = rotstn.register(pairs.fixed.to(device), pairs.moving.to(device))
+    result = register(pairs.fixed.to(device), pairs.moving.to(device))
     assert result.angle.device.type == device
     assert error_deg(result.angle.cpu(), pairs.angle).max() < 0.1
 
@@ -169,7 +174,7 @@ def test_init_callable_and_object_with_angle():
     theta = torch.tensor([0.6], dtype=torch.float64)
     fixed = rotstn.rotate(x, theta)
     for guess in (0.6 + 0.1, 0.6 + math.pi - 0.2):
-        result = rotstn.register(fixed, x, init=lambda moving, fixed, g=guess: torch.full((1,), g))
+        result = register(fixed, x, init=lambda moving, fixed, g=guess: torch.full((1,), g))
         expected = theta if abs(guess - 0.6) < 1 else theta + math.pi
         assert error_deg(result.angle, expected).item() < 0.01
 
@@ -177,7 +182,7 @@ def test_init_callable_and_object_with_angle():
         def __init__(self, angle):
             self.angle = angle
 
-    result = rotstn.register(fixed, x, init=lambda moving, fixed: Output(torch.tensor([0.5])))
+    result = register(fixed, x, init=lambda moving, fixed: Output(torch.tensor([0.5])))
     assert error_deg(result.angle, theta).item() < 0.01
 
 
@@ -189,7 +194,7 @@ def test_init_is_called_with_moving_then_fixed():
         seen["moving"], seen["fixed"] = moving, fixed
         return pairs.angle
 
-    rotstn.register(pairs.fixed, pairs.moving, init=init)
+    register(pairs.fixed, pairs.moving, init=init)
     assert torch.equal(seen["moving"], pairs.moving) and torch.equal(seen["fixed"], pairs.fixed)
 
 
@@ -205,7 +210,8 @@ BAD_INPUTS = {
     "size mismatch": (
         {"fixed": _image(1, 1, 32, 32), "moving": _image(1, 1, 32, 33)},
         ValueError,
-        r"same height and width.*fixed \(1, 1, 32, 32\).*moving \(1, 1, 32, 33\)",
+        r"model='rotation' needs fixed and moving of one size"
+        r".*fixed \(1, 1, 32, 32\), moving \(1, 1, 32, 33\)",
     ),
     "batch mismatch": (
         {"fixed": _image(2, 1, 32, 32), "moving": _image(3, 1, 32, 32)},
@@ -271,7 +277,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize(("kwargs", "error", "match"), BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
 def test_bad_input_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
-        rotstn.register(**kwargs)
+        register(**kwargs)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -279,7 +285,7 @@ def test_non_finite_pixels(bad):
     moving = _image(3, 1, 32, 32)
     moving[2, 0, 5, 7] = bad
     with pytest.raises(ValueError, match=r"moving contains NaN or Inf pixels \(sample\(s\) 2\)"):
-        rotstn.register(_image(3, 1, 32, 32), moving)
+        register(_image(3, 1, 32, 32), moving)
 
 
 def test_rotated_pairs_agree_with_rotate():
@@ -298,11 +304,11 @@ def test_init_with_a_rotation_stn():
     # A fresh RotationSTN predicts θ ≈ 0; register() searches init_window around it.
     stn = rotstn.RotationSTN(1).eval()
     pairs = rotated_pairs(2, (48, 48), angles=[0.2, 2.0], seed=14)
-    near = rotstn.register(pairs.fixed, pairs.moving, init=stn)
+    near = register(pairs.fixed, pairs.moving, init=stn)
     assert error_deg(near.angle[:1], pairs.angle[:1]).item() < 0.1
     # 2 rad lies outside the window: not found, and the low score says so.
     assert near.angle[1].abs() < math.radians(26) and near.score[1] < 0.9 < near.score[0]
-    wide = rotstn.register(pairs.fixed, pairs.moving, init=stn, init_window=math.pi)
+    wide = register(pairs.fixed, pairs.moving, init=stn, init_window=math.pi)
     assert error_deg(wide.angle, pairs.angle).max() < 0.1
     with pytest.warns(UserWarning, match=r"init is in training mode.*init.eval\(\)"):
-        rotstn.register(pairs.fixed, pairs.moving, init=stn.train())
+        register(pairs.fixed, pairs.moving, init=stn.train())

@@ -52,7 +52,7 @@ def _run(warp, img, angle, center, grad_out):
 
 def _both(img, angle, center, grad_out, padding_mode, align_corners):
     def fused(i, a, c):
-        return triton_warp.warp(i, a, c, padding_mode, align_corners)
+        return triton_warp.warp(i, a, c, c, padding_mode, align_corners)
 
     def ref(i, a, c):
         return reference.warp(i, a, c, c, "bilinear", padding_mode, align_corners)
@@ -178,7 +178,7 @@ def test_kernels_compile_for_hopper(image, padding, align, need_image, need_geom
     if not isinstance(module.warp_forward, triton.runtime.jit.JITFunction):
         pytest.skip("TRITON_INTERPRET=1 is set for the whole process")
     target = GPUTarget("cuda", 90, 32)
-    coords = {"angle_ptr": "*fp32", "center_ptr": "*fp32"}
+    coords = {"angle_ptr": "*fp32", "center_ptr": "*fp32", "source_ptr": "*fp32"}
     fwd_consts = {"PADDING": padding, "ALIGN": align, "BLOCK": 256}
     fwd_ptrs = {"img_ptr": f"*{image}", "out_ptr": f"*{image}", **coords}
     bwd_consts = {**fwd_consts, "NEED_IMAGE": need_image, "NEED_GEOMETRY": need_geometry}
@@ -193,6 +193,34 @@ def test_kernels_compile_for_hopper(image, padding, align, need_image, need_geom
             pytest.skip(f"triton {triton.__version__} has an older ahead-of-time compile API")
         compiled = triton.compile(src, target=target, options={"num_warps": 4, "enable_fp_fusion": True})
         assert compiled.asm["cubin"]
+
+
+@needs_triton
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_rigid_warp_matches_reference(padding_mode, device):
+    # A translation moves the output centre against the input point it shows (source ≠ centre).
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(2, 3, 11, 13, generator=g).to(device).requires_grad_()
+    angle = torch.tensor([0.4, -2.2], device=device, requires_grad=True)
+    center = torch.tensor([[6.0, 5.0], [7.5, 4.0]], device=device, requires_grad=True)
+    source = torch.tensor([[4.5, 6.25], [8.0, 3.0]], device=device, requires_grad=True)
+    grad_out = torch.rand(2, 3, 11, 13, generator=g).to(device)
+    results = []
+    for fn in (
+        lambda: triton_warp.warp(img, angle, center, source, padding_mode, False),
+        lambda: reference.warp(img, angle, center, source, "bilinear", padding_mode, False),
+    ):
+        out = fn()
+        results.append((out, *torch.autograd.grad(out, [img, angle, center, source], grad_out)))
+    for fused, ref in zip(*results, strict=True):
+        torch.testing.assert_close(fused, ref, atol=2e-4, rtol=1e-4)
+    with use_backend("triton"):
+        torch.testing.assert_close(
+            rotstn.warp(img, angle, source - center), reference.warp(
+                img, angle, torch.tensor([[6.0, 5.0]], device=device) + source - center,
+                torch.tensor([[6.0, 5.0]], device=device).expand(2, 2), "bilinear", "zeros", False
+            ), atol=2e-4, rtol=1e-4,
+        )  # fmt: skip
 
 
 def test_forced_backend_rejects_what_it_does_not_serve():

@@ -66,28 +66,27 @@ def warp(
     is the output's (H, W), default the input's.
     """
     same_size = size is None or tuple(size) == tuple(image.shape[-2:])
-    rotation = source is center
     if _forced == "triton":
         reason = triton_warp.unsupported(image, angle, mode, align_corners)
-        if reason is None and not (same_size and rotation):
-            reason = "a translation or an output size other than the input's"
+        if reason is None and not same_size:
+            reason = "an output size other than the input's"
         if reason is not None:
             raise ValueError(f"backend 'triton' does not support {reason}; use backend 'auto' or 'reference'")
         if not triton_warp.available():
             raise RuntimeError(
                 "backend 'triton' needs the optional triton package: pip install 'rotstn[triton]'"
             )
-        return triton_warp.warp(image, angle, center, padding_mode, align_corners)
+        return triton_warp.warp(image, angle, center, source, padding_mode, align_corners)
     if (
         _forced == "auto"
         and same_size
-        and rotation
         and image.is_cuda
         and triton_warp.unsupported(image, angle, mode, align_corners) is None
         and triton_warp.available()
     ):
-        return triton_warp.warp(image, angle, center, padding_mode, align_corners)
-    if same_size and (_forced == "cpu" or (_forced == "auto" and _cpu_fits(image, angle, center, source))):
+        return triton_warp.warp(image, angle, center, source, padding_mode, align_corners)
+    cpu_ok = _forced == "cpu" or (_forced == "auto" and _cpu_fits(image, angle, center, source))
+    if same_size and cpu_ok:
         return cpu.warp(image, angle, center, source, mode, padding_mode, align_corners)
     return reference.warp(image, angle, center, source, mode, padding_mode, align_corners, size)
 

@@ -62,16 +62,18 @@ def _pad(coord, size, PADDING: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _geometry(angle_ptr, center_ptr, b, s_a, s_cb, s_ck, offs, W):
-    """Rotation parameters of batch element ``b`` and the (u, v) = p - c of pixels ``offs``."""
+def _geometry(angle_ptr, center_ptr, source_ptr, b, s_a, s_cb, s_ck, s_sb, s_sk, offs, W):
+    """Batch element ``b``'s source point, cos and sin, and the (u, v) = p - c of pixels ``offs``."""
     theta = tl.load(angle_ptr + b * s_a)
     cx = tl.load(center_ptr + b * s_cb)
     cy = tl.load(center_ptr + b * s_cb + s_ck)
+    sx = tl.load(source_ptr + b * s_sb)
+    sy = tl.load(source_ptr + b * s_sb + s_sk)
     cos = tl.cos(theta)
     sin = tl.sin(theta)
     u = (offs % W).to(tl.float32) - cx
     v = (offs // W).to(tl.float32) - cy
-    return cx, cy, cos, sin, u, v
+    return sx, sy, cos, sin, u, v
 
 
 @triton.jit
@@ -100,6 +102,7 @@ def warp_forward(
     out_ptr,
     angle_ptr,
     center_ptr,
+    source_ptr,
     C,
     H,
     W,
@@ -110,6 +113,8 @@ def warp_forward(
     s_a,
     s_cb,
     s_ck,
+    s_sb,
+    s_sk,
     PADDING: tl.constexpr,
     ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -117,9 +122,10 @@ def warp_forward(
     b = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < H * W
-    cx, cy, cos, sin, u, v = _geometry(angle_ptr, center_ptr, b, s_a, s_cb, s_ck, offs, W)
-    x, _ = _pad(cx + cos * u - sin * v, W * 1.0, PADDING, ALIGN)
-    y, _ = _pad(cy + sin * u + cos * v, H * 1.0, PADDING, ALIGN)
+    geometry = (angle_ptr, center_ptr, source_ptr, b, s_a, s_cb, s_ck, s_sb, s_sk, offs, W)
+    sx, sy, cos, sin, u, v = _geometry(*geometry)
+    x, _ = _pad(sx + cos * u - sin * v, W * 1.0, PADDING, ALIGN)
+    y, _ = _pad(sy + sin * u + cos * v, H * 1.0, PADDING, ALIGN)
 
     _, _, tx0, tx1, ty0, ty1, m00, m01, m10, m11, o00 = _corners(x, y, valid, H, W, s_ih, s_iw)
     w00 = tx0 * ty0
@@ -150,6 +156,7 @@ def warp_backward(
     gpart_ptr,
     angle_ptr,
     center_ptr,
+    source_ptr,
     C,
     H,
     W,
@@ -160,6 +167,8 @@ def warp_backward(
     s_a,
     s_cb,
     s_ck,
+    s_sb,
+    s_sk,
     PADDING: tl.constexpr,
     ALIGN: tl.constexpr,
     NEED_IMAGE: tl.constexpr,
@@ -170,9 +179,10 @@ def warp_backward(
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < H * W
-    cx, cy, cos, sin, u, v = _geometry(angle_ptr, center_ptr, b, s_a, s_cb, s_ck, offs, W)
-    x, dx_pad = _pad(cx + cos * u - sin * v, W * 1.0, PADDING, ALIGN)
-    y, dy_pad = _pad(cy + sin * u + cos * v, H * 1.0, PADDING, ALIGN)
+    geometry = (angle_ptr, center_ptr, source_ptr, b, s_a, s_cb, s_ck, s_sb, s_sk, offs, W)
+    sx, sy, cos, sin, u, v = _geometry(*geometry)
+    x, dx_pad = _pad(sx + cos * u - sin * v, W * 1.0, PADDING, ALIGN)
+    y, dy_pad = _pad(sy + sin * u + cos * v, H * 1.0, PADDING, ALIGN)
 
     x0, y0, tx0, tx1, ty0, ty1, m00, m01, m10, m11, o00 = _corners(x, y, valid, H, W, s_ih, s_iw)
     # grad-image is a fresh contiguous float32 tensor, whatever the image strides.
@@ -206,11 +216,10 @@ def warp_backward(
     if NEED_GEOMETRY:
         gx *= dx_pad
         gy *= dy_pad
-        # x = cx + cos·u - sin·v and y = cy + sin·u + cos·v with (u, v) = p - c.
+        # x = sx + cos·u - sin·v and y = sy + sin·u + cos·v with (u, v) = p - c: the sums of
+        # (gx, gy) are the source point's gradient; the centre's follows from them (triton_warp.py).
         g_theta = gx * (-sin * u - cos * v) + gy * (cos * u - sin * v)
-        g_cx = gx * (1.0 - cos) - gy * sin
-        g_cy = gx * sin + gy * (1.0 - cos)
         part = gpart_ptr + (b * tl.num_programs(0) + pid) * 3
         tl.store(part, tl.reduce(g_theta, 0, _add))
-        tl.store(part + 1, tl.reduce(g_cx, 0, _add))
-        tl.store(part + 2, tl.reduce(g_cy, 0, _add))
+        tl.store(part + 1, tl.reduce(gx, 0, _add))
+        tl.store(part + 2, tl.reduce(gy, 0, _add))

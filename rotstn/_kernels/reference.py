@@ -14,9 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def source_coords(
-    angle: Tensor, center: Tensor, source: Tensor, h: int, w: int
-) -> tuple[Tensor, Tensor]:
+def source_coords(angle: Tensor, center: Tensor, source: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
     """Pixel coordinates (x, y), each (B, H, W), that the output pixels of an H×W output read from.
 
     The output pixel p takes the input at ``s + R(θ)ᵀ (p - c)``: with rows
@@ -54,7 +52,7 @@ def warp(
     align_corners: bool,
     size: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Warp ``image`` (B, C, H, W) by ``angle`` (B,): output ``center`` (B, 2) shows input ``source`` (B, 2).
+    """Turn ``image`` (B, C, H, W) by ``angle`` (B,): output ``center`` (B, 2) shows input ``source`` (B, 2).
 
     ``angle``, ``center`` and ``source`` are in the coordinate dtype (float32
     or float64); the image is sampled in that dtype and cast back to its own.

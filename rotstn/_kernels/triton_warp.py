@@ -95,43 +95,52 @@ def kernels(interpret: bool) -> ModuleType:
     return module
 
 
-def _launch_args(image: Tensor, angle: Tensor, center: Tensor) -> tuple[ModuleType, tuple[int, int], tuple]:
+def _launch_args(
+    image: Tensor, angle: Tensor, center: Tensor, source: Tensor
+) -> tuple[ModuleType, tuple[int, int], tuple]:
     b, c, h, w = image.shape
     module = kernels(interpret=not image.is_cuda)
     grid = (-(-h * w // _BLOCK), b)
-    args = (c, h, w, *image.stride(), angle.stride(0), *center.stride())
+    args = (c, h, w, *image.stride(), angle.stride(0), *center.stride(), *source.stride())
     return module, grid, args
 
 
 class _TritonWarp(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: FunctionCtx, image: Tensor, angle: Tensor, center: Tensor, padding_mode: str, align_corners: bool
+        ctx: FunctionCtx,
+        image: Tensor,
+        angle: Tensor,
+        center: Tensor,
+        source: Tensor,
+        padding_mode: str,
+        align_corners: bool,
     ) -> Tensor:
-        module, grid, args = _launch_args(image, angle, center)
+        module, grid, args = _launch_args(image, angle, center, source)
         out = torch.empty(image.shape, dtype=image.dtype, device=image.device)
         module.warp_forward[grid](
             image,
             out,
             angle,
             center,
+            source,
             *args,
             PADDING=_PADDING[padding_mode],
             ALIGN=align_corners,
             BLOCK=_BLOCK,
             **_LAUNCH,
         )
-        ctx.save_for_backward(image, angle, center)
+        ctx.save_for_backward(image, angle, center, source)
         ctx.padding_mode, ctx.align_corners = padding_mode, align_corners
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        image, angle, center = ctx.saved_tensors
+        image, angle, center, source = ctx.saved_tensors
         need_image = ctx.needs_input_grad[0]
-        need_geometry = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        module, grid, args = _launch_args(image, angle, center)
+        need_geometry = any(ctx.needs_input_grad[1:4])
+        module, grid, args = _launch_args(image, angle, center, source)
         # Atomics accumulate in float32 whatever the image dtype: four bf16
         # round-offs per output pixel would swamp small gradients.
         g_image = torch.zeros(image.shape, dtype=torch.float32, device=image.device) if need_image else None
@@ -143,6 +152,7 @@ class _TritonWarp(torch.autograd.Function):
             partial,
             angle,
             center,
+            source,
             *args,
             PADDING=_PADDING[ctx.padding_mode],
             ALIGN=ctx.align_corners,
@@ -151,16 +161,23 @@ class _TritonWarp(torch.autograd.Function):
             BLOCK=_BLOCK,
             **_LAUNCH,
         )
-        g_angle = g_center = None
+        g_angle = g_center = g_source = None
         if need_geometry:
             sums = partial.sum(dim=1)
             g_angle = sums[:, 0] if ctx.needs_input_grad[1] else None
-            g_center = sums[:, 1:] if ctx.needs_input_grad[2] else None
+            g_source = sums[:, 1:] if ctx.needs_input_grad[3] else None
+            if ctx.needs_input_grad[2]:
+                # ∂x/∂c = -(cos, sin) and ∂y/∂c = -(-sin, cos): d(centre) = -Aᵀ·d(source).
+                cos, sin = torch.cos(angle), torch.sin(angle)
+                sx, sy = sums[:, 1], sums[:, 2]
+                g_center = torch.stack((-cos * sx - sin * sy, sin * sx - cos * sy), dim=1)
         if g_image is not None and g_image.dtype != image.dtype:
             g_image = g_image.to(image.dtype)
-        return g_image, g_angle, g_center, None, None
+        return g_image, g_angle, g_center, g_source, None, None
 
 
-def warp(image: Tensor, angle: Tensor, center: Tensor, padding_mode: str, align_corners: bool) -> Tensor:
-    """Bilinear rotation of (B, C, H, W) by (B,) float32 radians about (B, 2) pixel centres."""
-    return _TritonWarp.apply(image, angle, center, padding_mode, align_corners)
+def warp(
+    image: Tensor, angle: Tensor, center: Tensor, source: Tensor, padding_mode: str, align_corners: bool
+) -> Tensor:
+    """Bilinear warp of (B, C, H, W) by (B,) float32 radians; output ``center`` shows input ``source``."""
+    return _TritonWarp.apply(image, angle, center, source, padding_mode, align_corners)

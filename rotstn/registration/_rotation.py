@@ -1,18 +1,14 @@
-"""Rotation registration: the angle that turns ``moving`` onto ``fixed``.
+"""The rotation-about-the-centre model: ``register(..., model="rotation")``.
 
-Convention
-----------
-``register(fixed, moving)`` returns θ with ``rotate(moving, θ) ≈ fixed``:
-radians, positive counter-clockwise as displayed, about the image centre
-``((W-1)/2, (H-1)/2)`` (see :mod:`rotstn.functional`). The images are
-compared on the central disc, the largest region that stays inside both
-images for every angle.
+For pairs that were cut so that the rotation is about the image centre (no
+translation): θ with ``rotate(moving, θ) ≈ fixed``, compared on the central
+disc, the largest region that stays inside both images for every angle.
 
 How it works
 ------------
-1. Both images are made grey (channel mean) and blurred by the same small
-   Gaussian. An isotropic blur commutes with rotation, so it does not move
-   the answer; it takes out noise before anything is compared.
+1. Both images are blurred by the same small Gaussian. An isotropic blur
+   commutes with rotation, so it does not move the answer; it takes out noise
+   before anything is compared.
 2. Global estimate over the whole circle. On a polar grid around the centre
    (radius r, angle φ counter-clockwise) ``rotate(moving, θ)`` is ``moving``
    shifted by θ along φ. One FFT along φ of the r-weighted, normalised polar
@@ -36,119 +32,34 @@ How it works
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _validate
-from .functional import rotate, rotation_matrix, wrap_angle
-
-__all__ = ["Registration", "register"]
-
-MIN_SIZE = 8
+from ..functional import rotation_matrix, wrap_angle
+from ._images import blur, indices
 
 
-@dataclass(frozen=True)
-class Registration:
-    """What :func:`register` found.
-
-    Attributes:
-        angle: ``(B,)`` radians in (-π, π] with ``rotate(moving, angle) ≈ fixed``.
-        score: ``(B,)`` NCC of the aligned pair over the central disc, in [-1, 1]
-            (1 is a perfect match up to brightness and contrast; a failed pair
-            shows up as a low score).
-        aligned: ``(B, C, H, W)`` ``rotate(moving, angle)``, in moving's dtype.
-    """
-
-    angle: Tensor
-    score: Tensor
-    aligned: Tensor
-
-
-InitLike = Callable[[Tensor, Tensor], object]
-
-
-def register(
+def estimate(
     fixed: Tensor,
     moving: Tensor,
-    *,
-    init: InitLike | None = None,
-    init_window: float = math.radians(20),
-    smooth: float = 1.0,
-    iterations: int = 20,
-) -> Registration:
-    """Find the rotation about the centre that aligns ``moving`` onto ``fixed``.
-
-    Convention: the returned θ satisfies ``rotate(moving, θ) ≈ fixed``;
-    radians, positive counter-clockwise as displayed, about
-    ``((W-1)/2, (H-1)/2)``. Works over the full circle without training, for
-    any ``H × W`` (non-square too), and is insensitive to brightness,
-    contrast and moderate gamma differences (it maximises a normalised
-    cross-correlation). See the module docstring for the method.
-
-    Args:
-        fixed: ``(B, C, H, W)`` or ``(C, H, W)`` floating-point image(s).
-        moving: the same ``H × W``; batch 1 or B (each side broadcasts),
-            any number of channels (estimation uses the channel mean).
-        init: optional initialiser, e.g. a trained paired
-            :class:`rotstn.RotationSTN`: called as ``init(moving, fixed)`` (4-D
-            tensors, under ``torch.no_grad()``), returning a ``(B,)`` angle
-            tensor or an object with an ``.angle`` attribute. The global search
-            is then restricted to ``init_window`` around its answer, which
-            settles near-symmetric images the way the initialiser learned to.
-            A module still in training mode gets a warning (call ``.eval()``).
-        init_window: half-width in radians of the search around ``init``'s
-            angle; ignored without ``init``.
-        smooth: standard deviation in pixels of the Gaussian applied to both
-            images before estimation (0 turns it off). It does not bias the
-            angle and makes noisy pairs more accurate.
-        iterations: maximum Gauss–Newton steps (0 returns the global estimate).
-
-    Returns:
-        A :class:`Registration` with ``angle`` ``(B,)``, ``score`` ``(B,)``
-        and ``aligned`` ``(B, C, H, W)``, all detached. ``angle`` and
-        ``score`` are float32 (float64 for float64 inputs).
-
-    Raises:
-        TypeError: a non-tensor, non-floating image, or a bad ``init``.
-        ValueError: mismatched sizes or batches, images smaller than 8×8,
-            NaN/Inf pixels, or an image that is constant over the central disc.
-
-    Example:
-        >>> from rotstn.data import rotated_pairs
-        >>> pairs = rotated_pairs(4, (64, 96), seed=0)
-        >>> result = register(pairs.fixed, pairs.moving)
-        >>> bool((result.angle - pairs.angle).abs().max() < math.radians(0.1))
-        True
-        >>> result.aligned.shape
-        torch.Size([4, 1, 64, 96])
-    """
-    f, m = _check_pair(fixed, moving)
-    init_window = _check_nonneg(init_window, "init_window")
-    smooth = _check_nonneg(smooth, "smooth")
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
-        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
-    b = max(f.shape[0], m.shape[0])
-    h, w = f.shape[-2:]
-    dtype = torch.promote_types(torch.promote_types(f.dtype, m.dtype), torch.float32)
-    with torch.no_grad():
-        guess = None if init is None else _run_init(init, f, m, b, dtype)
-        fg = f.to(dtype).mean(1, keepdim=True).expand(b, 1, h, w)
-        mg = m.to(dtype).mean(1, keepdim=True).expand(b, 1, h, w)
-        disc = _Disc(h, w, dtype, f.device)
-        _check_not_flat(fg, disc, "fixed")
-        _check_not_flat(mg, disc, "moving")
-        fs, ms = _blur(fg, smooth), _blur(mg, smooth)
-        angle, spacing = _global_search(fs, ms, disc.radius, guess, init_window)
-        angle = _gauss_newton(fs, ms, angle, disc, iterations, reach=2 * spacing)
-        angle = wrap_angle(angle)
-        score = _ncc(disc.take(fg), disc.sample(mg, angle))
-        aligned = rotate(m.expand(b, *m.shape[1:]), angle)
-    return Registration(angle, score, aligned)
+    guess: Tensor | None,
+    window: float,
+    smooth: float,
+    iterations: int,
+) -> tuple[Tensor, Tensor]:
+    """(B,) angle and (B,) disc NCC for grey (B, 1, H, W) images of one size (already broadcast)."""
+    h, w = fixed.shape[-2:]
+    disc = _Disc(h, w, fixed.dtype, fixed.device)
+    check_not_flat(fixed, disc, "fixed")
+    check_not_flat(moving, disc, "moving")
+    fs, ms = blur(fixed, smooth), blur(moving, smooth)
+    angle, spacing = _global_search(fs, ms, disc.radius, guess, window)
+    angle = _gauss_newton(fs, ms, angle, disc, iterations, reach=2 * spacing)
+    angle = wrap_angle(angle)
+    score = _ncc(disc.take(fixed), disc.sample(moving, angle))
+    return angle, score
 
 
 class _Disc:
@@ -192,20 +103,6 @@ def _standardise(x: Tensor) -> Tensor:
 
 def _ncc(a: Tensor, b: Tensor) -> Tensor:
     return (_standardise(a) * _standardise(b)).sum(-1)
-
-
-def _blur(image: Tensor, sigma: float) -> Tensor:
-    if sigma == 0:
-        return image
-    radius = math.ceil(3 * sigma)
-    x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    # Separable, with replicated borders: the disc stays clear of most of
-    # what the border handling invents.
-    out = F.pad(image, (radius, radius, radius, radius), mode="replicate")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
-    return F.conv2d(out, kernel.view(1, 1, -1, 1))
 
 
 def _polar(image: Tensor, radius: float, n_angles: int) -> tuple[Tensor, Tensor]:
@@ -310,74 +207,13 @@ def _gauss_newton(
     return angle
 
 
-def _check_image(x: object, name: str) -> Tensor:
-    x = _validate.image(x, name)
-    h, w = x.shape[-2:]
-    if min(h, w) < MIN_SIZE:
-        raise ValueError(f"{name} must be at least {MIN_SIZE}×{MIN_SIZE} pixels, got H={h}, W={w}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        shape = _validate.shape_str(x)
-        raise ValueError(f"{name} must have at least one sample and one channel, got {shape}")
-    bad = ~torch.isfinite(x).flatten(1).all(1)
-    if bool(bad.any()):
-        raise ValueError(f"{name} contains NaN or Inf pixels (sample(s) {_indices(bad)})")
-    return x
-
-
-def _check_pair(fixed: object, moving: object) -> tuple[Tensor, Tensor]:
-    f, m = _check_image(fixed, "fixed"), _check_image(moving, "moving")
-    if f.shape[-2:] != m.shape[-2:]:
-        raise ValueError(
-            "fixed and moving must have the same height and width, got fixed "
-            f"{_validate.shape_str(f)} and moving {_validate.shape_str(m)}"
-        )
-    if f.device != m.device:
-        raise ValueError(f"fixed is on {f.device} but moving is on {m.device}; put both on one device")
-    _validate.batch_size({"fixed": f.shape[0], "moving": m.shape[0]})
-    return f, m
-
-
-def _check_nonneg(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_not_flat(gray: Tensor, disc: _Disc, name: str) -> None:
+def check_not_flat(gray: Tensor, disc: _Disc, name: str) -> None:
     values = disc.take(gray)
     spread = values.amax(-1) - values.amin(-1)
     scale = values.abs().amax(-1).clamp_min(1.0)
     flat = spread <= 1e-6 * scale
     if bool(flat.any()):
         raise ValueError(
-            f"{name} is constant over its central disc (sample(s) {_indices(flat)}): "
+            f"{name} is constant over its central disc (sample(s) {indices(flat)}): "
             "there is nothing to register"
         )
-
-
-def _indices(mask: Tensor) -> str:
-    idx = mask.nonzero().flatten().tolist()
-    return ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
-
-
-def _run_init(init: InitLike, fixed: Tensor, moving: Tensor, b: int, dtype: torch.dtype) -> Tensor:
-    if not callable(init):
-        raise TypeError(f"init must be callable as init(moving, fixed), got {type(init).__name__}")
-    if isinstance(init, torch.nn.Module) and init.training:
-        warnings.warn(
-            "init is in training mode: batch-norm statistics would be updated and dropout applied; "
-            "call init.eval() before register()",
-            stacklevel=3,
-        )
-    out = init(moving.expand(b, *moving.shape[1:]), fixed.expand(b, *fixed.shape[1:]))
-    # A tensor has an .angle method (the complex argument): test for it first.
-    angle = out if isinstance(out, Tensor) else getattr(out, "angle", None)
-    if not isinstance(angle, Tensor):
-        raise TypeError(
-            f"init must return a (B,) angle tensor or an object with .angle, got {type(out).__name__}"
-        )
-    if angle.shape not in ((b,), (1,), ()):
-        raise ValueError(f"init returned an angle of shape {_validate.shape_str(angle)}, expected ({b},)")
-    if not bool(torch.isfinite(angle).all()):
-        raise ValueError("init returned a NaN or Inf angle")
-    return angle.detach().to(device=fixed.device, dtype=dtype).reshape(-1).expand(b)

@@ -1,0 +1,455 @@
+"""Registration: the rotation (and translation) that brings ``moving`` onto ``fixed``.
+
+Convention
+----------
+``register(fixed, moving)`` finds the rigid map written down in
+:mod:`rotstn.functional` ("rigid map"): ``result.matrix`` ``(B, 2, 3)`` maps
+fixed pixel ``(x, y, 1)`` to the pixel of ``moving`` that shows it, and
+``warp(moving, result.angle, result.translation) ≈ fixed``: ``moving``
+turned by ``angle`` (radians, counter-clockwise as displayed) about its
+centre, then shifted by ``translation`` pixels (x right, y down). With
+``model="rotation"`` the translation is zero and ``rotate(moving, angle) ≈
+fixed``.
+
+Stages (one private module each, read in this order):
+
+* ``_images``: grey level, blur, masks and the image pyramid;
+* ``_search``: the global search on a coarse level: angle candidates over the
+  full circle from magnitude spectra, the translation of each by masked FFT
+  cross-correlation;
+* ``_refine``: Gauss–Newton on (θ, tx, ty) over the overlap, coarse to fine,
+  and the score;
+* ``_rotation``: the rotation-about-the-centre model (``model="rotation"``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import _validate
+from ..functional import rigid_matrix, warp, wrap_angle
+from . import _refine, _rotation, _search
+from ._images import Level, indices, masked_blur, noise_variance, pyramid
+
+__all__ = ["Registration", "register"]
+
+MIN_SIZE = 8
+MIN_MASKED = 64  # pixels a mask must leave
+TRUST = 0.9  # the score above which a result is right (benchmarks/registration.py, "score trust" table)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What :func:`register` found (all detached).
+
+    Attributes:
+        angle: ``(B,)`` radians in (-π, π], counter-clockwise as displayed.
+        translation: ``(B, 2)`` ``(tx, ty)`` pixels (x right, y down): where moving's
+            centre lands in fixed, relative to fixed's centre, after the turn.
+        matrix: ``(B, 2, 3)`` pixel matrix: ``matrix @ (x, y, 1)`` is the pixel of moving
+            that shows fixed pixel ``(x, y)`` (the map :func:`rotstn.warp` samples with).
+        score: ``(B,)`` trust in [0, 1]: the normalised cross-correlation of the two
+            images over their overlap, reduced when the overlap is small. Above 0.9
+            the result can be trusted (see :func:`register`).
+        overlap: ``(B,)`` fraction of the smaller image that the other one covers.
+        aligned: ``(B, C, H, W)`` moving resampled onto fixed's pixel grid (zeros where
+            moving has no content), in moving's dtype.
+    """
+
+    angle: Tensor
+    translation: Tensor
+    matrix: Tensor
+    score: Tensor
+    overlap: Tensor
+    aligned: Tensor
+
+    def apply(
+        self,
+        image: Tensor,
+        *,
+        mode: str = "bilinear",
+        padding_mode: str = "zeros",
+        align_corners: bool = False,
+    ) -> Tensor:
+        """Resample ``image`` (moving's size, any channels) onto fixed's grid with this result.
+
+        Register on one channel, apply to all: ``result.apply(all_channels)``.
+        """
+        return warp(
+            image,
+            matrix=self.matrix.to(image.device),
+            size=tuple(self.aligned.shape[-2:]),
+            mode=mode,
+            padding_mode=padding_mode,
+            align_corners=align_corners,
+        )
+
+
+InitLike = Callable[[Tensor, Tensor], object]
+MODELS = ("rigid", "rotation")
+
+
+def register(
+    fixed: Tensor,
+    moving: Tensor,
+    *,
+    model: str = "rigid",
+    fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
+    channel: int | None = None,
+    init: InitLike | None = None,
+    init_window: float = math.radians(20),
+    smooth: float = 1.0,
+    iterations: int = 20,
+    min_overlap: float = 0.1,
+    search_size: int = 64,
+    max_points: int = 8192,
+) -> Registration:
+    """Find the rigid map (rotation about an unknown point) that aligns ``moving`` onto ``fixed``.
+
+    Convention: ``warp(moving, result.angle, result.translation) ≈ fixed``, and
+    ``result.matrix @ (x, y, 1)`` is the pixel of ``moving`` that shows fixed
+    pixel ``(x, y)`` (:mod:`rotstn.functional`, "rigid map"). Angles over the
+    full circle, translations up to about half the image, partial overlap,
+    masks and images of different sizes; no training. Insensitive to
+    brightness, contrast and moderate gamma differences (it maximises a
+    normalised cross-correlation over the overlap).
+
+    Method (module docstring): on a pyramid level of about ``search_size``
+    pixels, angle candidates from magnitude spectra and the translation of
+    each by masked FFT cross-correlation; then Gauss–Newton on the angle and
+    translation over the overlap, coarse to fine.
+
+    Args:
+        fixed: ``(B, C, H, W)`` or ``(C, H, W)`` floating-point image(s).
+        moving: ``(B, C, Hm, Wm)`` or ``(C, Hm, Wm)``; any size (the smaller field
+            of view may lie inside the larger), batch 1 or B (each side broadcasts).
+        model: ``"rigid"`` (angle and translation) or ``"rotation"`` (about the image
+            centre, no translation: for pairs cut that way; same size, no masks).
+        fixed_mask, moving_mask: where each image has content to compare, ``(H, W)``,
+            ``(1 or B, H, W)`` or ``(1 or B, 1, H, W)``, bool or float (> 0.5 counts).
+            Leave out labels, rulers, zero borders.
+        channel: estimate on this channel only (default: the channel mean); the
+            result applies to every channel (``aligned``, :meth:`Registration.apply`).
+        init: optional initialiser, e.g. a trained paired :class:`rotstn.RotationSTN`,
+            called as ``init(moving, fixed)`` (4-D, same-size, under ``no_grad``) and
+            returning ``(B,)`` angles or an object with ``.angle``. The angle search is
+            then restricted to ``init_window`` around its answer.
+        init_window: half-width in radians of that search; ignored without ``init``.
+        smooth: Gaussian blur (pixels) applied to both images before estimation (0: none).
+            It does not bias the answer and makes noisy pairs more accurate.
+        iterations: maximum Gauss–Newton steps per pyramid level (0: the search's estimate).
+        min_overlap: the smallest overlap the search considers, as a fraction of the
+            smaller image. A lower value allows larger shifts; a higher one resists
+            chance matches on small overlaps.
+        search_size: longer side (pixels) of the pyramid level searched over the
+            whole circle; larger is slower and finds pairs with only fine detail.
+        max_points: fixed pixels compared per level (a regular subset beyond that).
+
+    Returns:
+        A :class:`Registration`. ``score`` above **0.9** marks a result to trust: on
+        ``python benchmarks/registration.py`` (correct pairs mixed with unrelated
+        pairs and pairs overlapping less than 10 %) it separates right from wrong
+        results (AUROC in docs/registration.md). ``angle``, ``translation``,
+        ``matrix``, ``score`` are float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError: a non-tensor or non-floating image or mask, or a bad ``init``.
+        ValueError: images smaller than 8×8, NaN/Inf pixels, mismatched batches or mask
+            sizes, a mask that leaves fewer than 64 pixels, an image constant over its
+            mask, or a bad option.
+
+    Example:
+        >>> from rotstn.data import rotated_pairs
+        >>> pairs = rotated_pairs(2, (64, 96), seed=0)
+        >>> shifted = torch.roll(pairs.moving, shifts=(3, -5), dims=(-2, -1))
+        >>> result = register(pairs.fixed, shifted)
+        >>> bool((result.angle - pairs.angle).abs().max() < math.radians(0.1))
+        True
+        >>> result.aligned.shape, result.matrix.shape
+        (torch.Size([2, 1, 64, 96]), torch.Size([2, 2, 3]))
+    """
+    f = _check_image(fixed, "fixed")
+    m = _check_image(moving, "moving")
+    if f.device != m.device:
+        raise ValueError(f"fixed is on {f.device} but moving is on {m.device}; put both on one device")
+    model = _validate.choice(model, MODELS, "model")
+    b = _validate.batch_size({"fixed": f.shape[0], "moving": m.shape[0]})
+    size, moving_size = tuple(f.shape[-2:]), tuple(m.shape[-2:])
+    init_window = _check_number(init_window, "init_window")
+    smooth = _check_number(smooth, "smooth")
+    min_overlap = _check_number(min_overlap, "min_overlap")
+    if not 0 < min_overlap < 1:
+        raise ValueError(f"min_overlap must be between 0 and 1 (exclusive), got {min_overlap!r}")
+    iterations = _check_int(iterations, "iterations", 0)
+    search_size = _check_int(search_size, "search_size", 16)
+    max_points = _check_int(max_points, "max_points", 256)
+    dtype = torch.promote_types(torch.promote_types(f.dtype, m.dtype), torch.float32)
+    with torch.no_grad():
+        fg, mg = _grey(f, channel, dtype, b, "fixed"), _grey(m, channel, dtype, b, "moving")
+        fmask = _check_mask(fixed_mask, "fixed_mask", f, b, dtype)
+        mmask = _check_mask(moving_mask, "moving_mask", m, b, dtype)
+        guess = None if init is None else _run_init(init, f, m, b, dtype)
+        if model == "rotation":
+            if size != moving_size or fmask is not None or mmask is not None:
+                raise ValueError(
+                    "model='rotation' needs fixed and moving of one size and no masks, got fixed "
+                    f"{_validate.shape_str(f)}, moving {_validate.shape_str(m)}; use model='rigid'"
+                )
+            angle, ncc = _rotation.estimate(fg, mg, guess, init_window, smooth, iterations)
+            t = torch.zeros(b, 2, dtype=dtype, device=f.device)
+            score, overlap = ncc.clamp_min(0), torch.ones_like(ncc)
+        else:
+            _check_not_flat(fg, fmask, "fixed")
+            _check_not_flat(mg, mmask, "moving")
+            angle, t, score, overlap = _rigid(
+                fg,
+                fmask,
+                mg,
+                mmask,
+                guess,
+                init_window,
+                smooth,
+                iterations,
+                min_overlap,
+                search_size,
+                max_points,
+            )
+        angle = wrap_angle(angle)
+        matrix = rigid_matrix(angle, t, size, moving_size)
+        aligned = warp(m.expand(b, *m.shape[1:]), matrix=matrix, size=size)
+    return Registration(angle, t, matrix, score, overlap, aligned)
+
+
+def _rigid(
+    fixed: Tensor,
+    fixed_mask: Tensor | None,
+    moving: Tensor,
+    moving_mask: Tensor | None,
+    guess: Tensor | None,
+    window: float,
+    smooth: float,
+    iterations: int,
+    min_overlap: float,
+    search_size: int,
+    max_points: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    size, moving_size = tuple(fixed.shape[-2:]), tuple(moving.shape[-2:])
+    noise = (noise_variance(fixed, fixed_mask, smooth), noise_variance(moving, moving_mask, smooth))
+    fixed, fixed_mask, margin = masked_blur(fixed, fixed_mask, smooth)
+    moving, moving_mask, _ = masked_blur(moving, moving_mask, smooth)
+    # Both pyramids go down to one scale, the search level: the larger image's geometric-mean side about
+    # ``search_size`` (a long thin image keeps enough rows), never a side under 40 (fewer pixels leave the
+    # spectrum and the correlations too little).
+    side = math.sqrt(max(size[0] * size[1], moving_size[0] * moving_size[1]))
+    smallest = min(*size, *moving_size)
+    n_levels = 0
+    while side / 2**n_levels > search_size * 1.5 and smallest >> (n_levels + 1) >= 40:
+        n_levels += 1
+    fixed_levels = pyramid(fixed, fixed_mask, n_levels, margin)
+    moving_levels = pyramid(moving, moving_mask, n_levels, margin)
+    coarse_f, coarse_m = fixed_levels[-1], moving_levels[-1]
+    if guess is None:
+        angles = _search.spectral_angles(coarse_f, coarse_m, peaks=2)
+    else:
+        steps = max(2 * math.ceil(window / _search.SWEEP_STEP), 1)
+        offsets = torch.linspace(-window, window, steps + 1, dtype=fixed.dtype, device=fixed.device)
+        angles = guess.view(-1, 1) + offsets
+    angle, t, z = _hypotheses(
+        coarse_f, coarse_m, size, moving_size, angles, min_overlap, max_points, iterations
+    )
+    weak = z < _search.SWEEP_BELOW
+    if guess is None and bool(weak.any()):
+        # No convincing candidate: try the whole circle on those pairs, one level coarser where the
+        # images keep 32 pixels a side (a quarter of the work), then check on the search level.
+        sub_f, sub_m = coarse_f.select(weak), coarse_m.select(weak)
+        sweep = _search.sweep_angles(int(weak.sum()), fixed.dtype, fixed.device)
+        coarser = min(*sub_f.image.shape[-2:], *sub_m.image.shape[-2:]) >= 64
+        level_f, level_m = (sub_f.halve(), sub_m.halve()) if coarser else (sub_f, sub_m)
+        a2, t2, z2 = _hypotheses(
+            level_f, level_m, size, moving_size, sweep, min_overlap, max_points, iterations
+        )
+        if coarser:
+            a2, t2 = _refine.refine(
+                [sub_f], [sub_m], size, moving_size, a2, t2, min(iterations, 6), max_points
+            )
+            z2 = _refine.significance(
+                sub_f, sub_m, size, moving_size, a2[:, None], t2[:, None], max_points, min_overlap
+            )[:, 0]
+        better = z2 > z[weak]
+        angle[weak] = torch.where(better, a2, angle[weak])
+        t[weak] = torch.where(better.unsqueeze(1), t2, t[weak])
+    angle, t = _refine.refine(
+        fixed_levels[:-1], moving_levels[:-1], size, moving_size, angle, t, iterations, max_points
+    )
+    score, overlap = _refine.score(
+        fixed_levels[0], moving_levels[0], size, moving_size, angle, t, max_points, min_overlap, noise
+    )
+    return angle, t, score, overlap
+
+
+def _hypotheses(
+    fixed: Level,
+    moving: Level,
+    size: tuple[int, int],
+    moving_size: tuple[int, int],
+    angles: Tensor,
+    min_overlap: float,
+    max_points: int,
+    iterations: int,
+    keep: int = 2,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The best (angle, translation) on the search level for candidate angles (B, K), and its significance.
+
+    Every angle gets its phase correlation's best shifts; the ``keep`` most
+    significant hypotheses of each pair are refined on this level and the
+    most significant after refinement wins (a near miss of the right angle
+    refines to a clear winner; a chance match does not).
+    """
+    angle, shifts = _search.phase_correlation(fixed, moving, size, moving_size, angles, peaks=2)
+    # A first ranking on a quarter of the points is enough to pick which hypotheses to refine.
+    z = _refine.significance(fixed, moving, size, moving_size, angle, shifts, max_points // 4, min_overlap)
+    b = angle.shape[0]
+    top = z.topk(min(keep, z.shape[1]), dim=1).indices
+    k = top.shape[1]
+    angle = angle.gather(1, top).reshape(-1)
+    shifts = shifts.gather(1, top.unsqueeze(-1).expand(-1, -1, 2)).reshape(-1, 2)
+    rows = torch.arange(b, device=angle.device).repeat_interleave(k)
+    # A few steps separate a near miss of the right answer (its NCC climbs) from a chance match (it does
+    # not); wrong hypotheses need not converge.
+    angle, shifts = _refine.refine(
+        [fixed.select(rows)],
+        [moving.select(rows)],
+        size,
+        moving_size,
+        angle,
+        shifts,
+        min(iterations, 6),
+        max_points // 2,
+    )
+    angle, shifts = angle.view(b, k), shifts.view(b, k, 2)
+    z = _refine.significance(fixed, moving, size, moving_size, angle, shifts, max_points, min_overlap)
+    best = z.argmax(1)
+    pick = torch.arange(b, device=best.device)
+    return angle[pick, best], shifts[pick, best], z[pick, best]
+
+
+def _grey(x: Tensor, channel: int | None, dtype: torch.dtype, b: int, name: str) -> Tensor:
+    if channel is None:
+        g = x.to(dtype).mean(1, keepdim=True)
+    else:
+        if (
+            isinstance(channel, bool)
+            or not isinstance(channel, int)
+            or not -x.shape[1] <= channel < x.shape[1]
+        ):
+            raise ValueError(
+                f"channel must be an int index into {name}'s {x.shape[1]} channel(s), got {channel!r}"
+            )
+        g = x[:, channel : channel + 1].to(dtype)
+    return g.expand(b, 1, *x.shape[-2:])
+
+
+def _check_image(x: object, name: str) -> Tensor:
+    x = _validate.image(x, name)
+    h, w = x.shape[-2:]
+    if min(h, w) < MIN_SIZE:
+        raise ValueError(f"{name} must be at least {MIN_SIZE}×{MIN_SIZE} pixels, got H={h}, W={w}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(
+            f"{name} must have at least one sample and one channel, got {_validate.shape_str(x)}"
+        )
+    bad = ~torch.isfinite(x).flatten(1).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"{name} contains NaN or Inf pixels (sample(s) {indices(bad)})")
+    return x
+
+
+def _check_mask(mask: object, name: str, image: Tensor, b: int, dtype: torch.dtype) -> Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (bool or float), got {type(mask).__name__}")
+    h, w = image.shape[-2:]
+    m = mask
+    if m.dim() == 2:
+        m = m[None, None]
+    elif m.dim() == 3:
+        m = m[:, None]
+    ok = m.dim() == 4 and m.shape[1] == 1 and tuple(m.shape[-2:]) == (h, w) and m.shape[0] in (1, b)
+    if not ok:
+        raise ValueError(
+            f"{name} must have shape (H, W), (1 or B, H, W) or (1 or B, 1, H, W) with H={h}, W={w}, B={b}; "
+            f"got {_validate.shape_str(mask)}"
+        )
+    if m.device != image.device:
+        raise ValueError(f"{name} is on {m.device} but its image is on {image.device}")
+    if m.is_complex():
+        raise TypeError(f"{name} must be bool or real, got {m.dtype}")
+    if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    m = (m > 0.5 if m.dtype != torch.bool else m).to(dtype).expand(b, 1, h, w)
+    few = m.flatten(1).sum(1) < MIN_MASKED
+    if bool(few.any()):
+        raise ValueError(
+            f"{name} leaves fewer than {MIN_MASKED} pixels to compare (sample(s) {indices(few)}): "
+            "there is nothing to register"
+        )
+    return m
+
+
+def _check_not_flat(gray: Tensor, mask: Tensor | None, name: str) -> None:
+    values = gray.flatten(1)
+    if mask is None:
+        hi, lo = values.amax(1), values.amin(1)
+    else:
+        keep = mask.flatten(1) > 0
+        hi = values.masked_fill(~keep, -math.inf).amax(1)
+        lo = values.masked_fill(~keep, math.inf).amin(1)
+    flat = (hi - lo) <= 1e-6 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
+    if bool(flat.any()):
+        where = "over its mask" if mask is not None else ""
+        raise ValueError(
+            f"{name} is constant {where}(sample(s) {indices(flat)}): there is nothing to register"
+        )
+
+
+def _check_number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_int(value: object, name: str, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _run_init(init: InitLike, fixed: Tensor, moving: Tensor, b: int, dtype: torch.dtype) -> Tensor:
+    if not callable(init):
+        raise TypeError(f"init must be callable as init(moving, fixed), got {type(init).__name__}")
+    if isinstance(init, torch.nn.Module) and init.training:
+        warnings.warn(
+            "init is in training mode: batch-norm statistics would be updated and dropout applied; "
+            "call init.eval() before register()",
+            stacklevel=3,
+        )
+    out = init(moving.expand(b, *moving.shape[1:]), fixed.expand(b, *fixed.shape[1:]))
+    # A tensor has an .angle method (the complex argument): test for it first.
+    angle = out if isinstance(out, Tensor) else getattr(out, "angle", None)
+    if not isinstance(angle, Tensor):
+        raise TypeError(
+            f"init must return a (B,) angle tensor or an object with .angle, got {type(out).__name__}"
+        )
+    if angle.shape not in ((b,), (1,), ()):
+        raise ValueError(f"init returned an angle of shape {_validate.shape_str(angle)}, expected ({b},)")
+    if not bool(torch.isfinite(angle).all()):
+        raise ValueError("init returned a NaN or Inf angle")
+    return angle.detach().to(device=fixed.device, dtype=dtype).reshape(-1).expand(b)

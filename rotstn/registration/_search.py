@@ -1,0 +1,262 @@
+"""Global search of the rigid model: the angle over the full circle and the translation.
+
+Run on a coarse pyramid level (about 64 pixels a side), in two steps:
+
+1. **Angle candidates from magnitude spectra** (the Fourier–Mellin idea,
+   Reddy & Chatterji 1996). The magnitude of the Fourier transform does not
+   change when the image is translated, and turns with it when the image is
+   rotated. Both images are windowed (a separable Hann window times their
+   mask, so neither the frame nor a masked region draws lines in the
+   spectrum), their log-magnitude spectra sampled on rings, and the rings
+   correlated circularly over the angle by one FFT. A peak gives θ modulo
+   180° (a magnitude spectrum is point-symmetric), so each of the ``peaks``
+   best peaks gives two candidates, θ and θ + π.
+2. **Translations of each candidate by phase correlation** (Kuglin & Hines
+   1975): ``moving`` is turned by the candidate onto a canvas that holds all
+   of it, both images are tapered at the edges of their content (frame and
+   mask), and the highest peaks of the whitened cross-power spectrum's
+   inverse give candidate shifts, for every shift at once.
+3. **Verification** of every (angle, shift) hypothesis by the masked
+   normalised cross-correlation over the overlap of the two images
+   (``_refine.significance``), ranked by how unlikely that NCC is by chance
+   (Fisher's z times √overlap): a high NCC on a sliver of the images is
+   common, the same NCC over half of them is not. This also settles the
+   180° ambiguity.
+
+When the best hypothesis is weak (texture without dominant orientations,
+strong noise), angles every ``SWEEP_STEP`` over the circle are tried the
+same way.
+
+References:
+    B. S. Reddy, B. N. Chatterji, "An FFT-based technique for translation,
+    rotation, and scale-invariant image registration", IEEE Trans. Image
+    Processing 5(8), 1996.
+    C. D. Kuglin, D. C. Hines, "The phase correlation image alignment
+    method", Proc. IEEE Int. Conf. Cybernetics and Society, 1975.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..functional import warp
+from ._images import Level, centre
+
+N_ANGLES = 256  # samples of [0, π) on each ring of the spectrum: 0.7° apart
+SWEEP_BELOW = 1.2  # best refined significance (Fisher z·√overlap) under which the circle is swept
+SWEEP_STEP = math.radians(4)
+LOWPASS = 0.2  # cycles per pixel: the Gaussian weight of the phase correlation
+
+
+def _windows(level: Level) -> Tensor:
+    """(B, 5, h, w) mean-free image under five round windows: the inscribed disc and one per quadrant.
+
+    Each window is radially symmetric (a Hann profile over a disc): a
+    separable window blurs the spectrum more along one axis than the other,
+    and that anisotropy, the same in both images, pulls the angle towards 0°.
+    The quadrant windows matter when the images overlap in part: some pair of
+    windows, one in each image, then still sees the same content.
+    """
+    img = level.image
+    h, w = img.shape[-2:]
+    y = torch.arange(h, dtype=img.dtype, device=img.device).view(1, h, 1)
+    x = torch.arange(w, dtype=img.dtype, device=img.device).view(1, 1, w)
+    side = min(h, w)
+    cx = torch.tensor([(w - 1) / 2, w / 4, 3 * w / 4, w / 4, 3 * w / 4], dtype=img.dtype, device=img.device)
+    cy = torch.tensor([(h - 1) / 2, h / 4, h / 4, 3 * h / 4, 3 * h / 4], dtype=img.dtype, device=img.device)
+    radius = torch.tensor([side / 2, *[side / 4] * 4], dtype=img.dtype, device=img.device)
+    r = ((x - cx.view(-1, 1, 1)).square() + (y - cy.view(-1, 1, 1)).square()).sqrt() / radius.view(-1, 1, 1)
+    win = torch.where(r < 1, 0.5 + 0.5 * torch.cos(math.pi * r), torch.zeros_like(r)).unsqueeze(0)
+    weight = win * level.content()
+    mean = (img * weight).sum((-2, -1), keepdim=True) / weight.sum((-2, -1), keepdim=True).clamp_min(1e-12)
+    return (img - mean) * weight
+
+
+def _rings(level: Level, radii: Tensor) -> Tensor:
+    """(B, 5, R, N_ANGLES) log-magnitudes of the windows, on rings of ``radii`` cycles/pixel, φ in [0, π)."""
+    x = _windows(level)
+    b, n, h, w = x.shape
+    spectrum = torch.fft.fftshift(torch.fft.fft2(x).abs(), dim=(-2, -1)).reshape(b * n, 1, h, w)
+    spectrum = torch.log(spectrum + 1e-3 * spectrum.flatten(1).amax(1).view(-1, 1, 1, 1) + 1e-12)
+    phi = torch.arange(N_ANGLES, dtype=x.dtype, device=x.device) * (math.pi / N_ANGLES)
+    # Counter-clockwise as displayed, rows down: (kx, ky) = ρ (cos φ, -sin φ).
+    kx = radii.view(-1, 1) * torch.cos(phi)
+    ky = -radii.view(-1, 1) * torch.sin(phi)
+    col = w // 2 + kx * w
+    row = h // 2 + ky * h
+    grid = torch.stack(((2 * col + 1) / w - 1, (2 * row + 1) / h - 1), dim=-1)
+    rings = F.grid_sample(spectrum, grid.expand(b * n, -1, -1, -1), align_corners=False).view(
+        b, n, *grid.shape[:2]
+    )
+    # The isotropic part of a ring says nothing about the angle.
+    rings = rings - rings.mean(-1, keepdim=True)
+    return rings / rings.square().sum((2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+
+
+def _peaks(corr: Tensor, n: int) -> list[Tensor]:
+    """The n highest peaks of (B, N_ANGLES) circular curves, at least 3° apart, as (B,) angles in [0, π)."""
+    rows = torch.arange(corr.shape[0], device=corr.device)
+    found = []
+    for _ in range(n):
+        k = corr.argmax(1)
+        left, mid, right = corr[rows, (k - 1) % N_ANGLES], corr[rows, k], corr[rows, (k + 1) % N_ANGLES]
+        curvature = left - 2 * mid + right
+        ok = torch.isfinite(curvature) & (curvature < 0)
+        offset = torch.where(ok, 0.5 * (left - right) / curvature, torch.zeros_like(mid)).clamp(-0.5, 0.5)
+        found.append((k + offset) * (math.pi / N_ANGLES))
+        near = (torch.arange(N_ANGLES, device=corr.device).view(1, -1) - k.view(-1, 1) + 4) % N_ANGLES <= 8
+        corr = corr.masked_fill(near, -math.inf)
+    return found
+
+
+def spectral_angles(fixed: Level, moving: Level, peaks: int) -> Tensor:
+    """(B, 2·peaks) candidate angles (radians) from the magnitude spectra of the windows.
+
+    Every window of fixed is correlated with every window of moving (25 circular
+    correlations over the angle); the ``peaks`` highest peaks over all of them,
+    at least 3° apart, are the candidates, each with its 180° twin.
+    """
+    side = min(*fixed.image.shape[-2:], *moving.image.shape[-2:])
+    # Mid to high frequencies: texture orientation is shared by two windows even where their content
+    # differs, the lowest rings are dominated by what each window happens to hold.
+    radii = torch.linspace(max(3.0 / side, 0.08), 0.4, 24, dtype=fixed.image.dtype, device=fixed.image.device)
+    ff = torch.fft.rfft(_rings(fixed, radii), dim=-1)  # (B, 5, R, K)
+    fm = torch.fft.rfft(_rings(moving, radii), dim=-1)
+    corr = torch.fft.irfft(torch.einsum("birk,bjrk->bijk", ff, fm.conj()), n=N_ANGLES, dim=-1)
+    # The two large windows first; then the best peak among the smaller windows' 24 pairs.
+    found = _peaks(corr[:, 0, 0], peaks)
+    others = corr.flatten(1, 2)[:, 1:]
+    for a in found:
+        k = (a * (N_ANGLES / math.pi)).round().long()
+        near = (torch.arange(N_ANGLES, device=corr.device).view(1, -1) - k.view(-1, 1) + 4) % N_ANGLES <= 8
+        others = others.masked_fill(near.unsqueeze(1), -math.inf)
+    best = others.flatten(1).argmax(1)
+    rows = torch.arange(corr.shape[0], device=corr.device)
+    found += _peaks(others[rows, best // N_ANGLES], 1)
+    angle = torch.stack(found, 1)
+    return torch.cat((angle, angle + math.pi), dim=1)
+
+
+def _fft_size(n: int) -> int:
+    """The smallest 2^a·3^b·5^c >= n (fast FFT lengths)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def _taper(mask: Tensor) -> Tensor:
+    """A weight that is 1 inside ``mask`` and falls smoothly to 0 over ~4 pixels at its edges."""
+    weight = F.avg_pool2d(F.avg_pool2d(F.pad(mask, (4, 4, 4, 4)), (1, 9), stride=1), (9, 1), stride=1)
+    return ((weight - 0.5) * 2).clamp(0, 1) * mask
+
+
+def phase_correlation(
+    fixed: Level,
+    moving: Level,
+    size: tuple[int, int],
+    moving_size: tuple[int, int],
+    angles: Tensor,
+    peaks: int,
+) -> tuple[Tensor, Tensor]:
+    """Translations for each candidate angle from the peaks of a phase correlation.
+
+    ``moving`` is turned by each angle onto a canvas that holds all of it;
+    both images are tapered at the edges of their content (frame and mask)
+    and the phase correlation's ``peaks`` highest local maxima within half
+    an image side of centred are returned.
+
+    Args:
+        fixed, moving: the search level of each image (same scale).
+        size, moving_size: level-0 (H, W) of fixed and moving.
+        angles: (B, K) candidate angles.
+        peaks: shifts kept per angle.
+
+    Returns:
+        ``(B, K·peaks)`` angles and ``(B, K·peaks, 2)`` translations (level-0 pixels).
+    """
+    f, g = fixed.image, moving.image
+    b, k = angles.shape
+    dtype, device = f.dtype, f.device
+    h, w = f.shape[-2:]
+    hm, wm = g.shape[-2:]
+    scale = fixed.scale
+    d = math.ceil(math.hypot(hm, wm)) + 2
+    c_d = (d - 1) / 2
+    c_f = centre(*size, scale, f)
+    c_m = centre(*moving_size, scale, f)
+    # Turn moving (and where it has content) by each candidate onto a d×d canvas.
+    cos, sin = torch.cos(angles).reshape(-1), torch.sin(angles).reshape(-1)
+    cmx, cmy = c_m[0, 0], c_m[0, 1]
+    matrix = torch.stack(
+        (
+            torch.stack((cos, -sin, cmx - c_d * (cos - sin)), -1),
+            torch.stack((sin, cos, cmy - c_d * (sin + cos)), -1),
+        ),
+        -2,
+    )
+    # The taper is turned with the image (it is linear in the samples), so it is made once per image.
+    content = moving.content().expand_as(g)
+    turned = warp(torch.cat((g, _taper(content)), 1).repeat_interleave(k, 0), matrix=matrix, size=(d, d))
+    fmask = fixed.content().expand_as(f)
+
+    def prepare(image: Tensor, weight: Tensor) -> Tensor:
+        mean = (image * weight).sum((-2, -1), keepdim=True) / weight.sum((-2, -1), keepdim=True).clamp_min(
+            1e-6
+        )
+        return (image - mean) * weight
+
+    p = (_fft_size(max(h, d)), _fft_size(max(w, d)))
+    ff = torch.fft.rfft2(prepare(f, _taper(fmask))[:, 0], s=p)  # (B, ...), shared by the K angles
+    fg = torch.fft.rfft2(prepare(turned[:, :1], turned[:, 1:])[:, 0], s=p).view(b, k, p[0], -1)
+    cross = ff.conj().unsqueeze(1) * fg
+    # Whitened, and weighted towards the frequencies a coarse level resolves well.
+    ky = torch.fft.fftfreq(p[0], device=device, dtype=dtype).view(-1, 1)
+    kx = torch.fft.rfftfreq(p[1], device=device, dtype=dtype).view(1, -1)
+    lowpass = torch.exp(-(kx.square() + ky.square()) / (2 * LOWPASS**2))
+    magnitude = cross.abs()
+    cross = cross * (lowpass / (magnitude + 1e-6 * magnitude.amax((-2, -1), keepdim=True)))
+    corr = torch.fft.irfft2(cross, s=p).view(b * k, p[0], p[1])
+    # Shifts s (fixed p against canvas p + s), unwrapped around the one that puts the centres together.
+    s0 = (c_d - c_f[0, 1].item(), c_d - c_f[0, 0].item())
+    reach = (0.5 * max(h, hm), 0.5 * max(w, wm))
+    unwrapped = []
+    for n, mid in zip(p, s0, strict=True):
+        index = torch.arange(n, device=device, dtype=dtype)
+        unwrapped.append(mid + torch.remainder(index - mid + n / 2, n) - n / 2)
+    within = ((unwrapped[0] - s0[0]).abs() <= reach[0]).view(-1, 1) & (
+        (unwrapped[1] - s0[1]).abs() <= reach[1]
+    ).view(1, -1)
+    # The highest peaks, each at least 3 pixels from the ones before.
+    corr = corr.masked_fill(~within, -math.inf).flatten(1)
+    window = torch.arange(-3, 4, device=device)
+    found = []
+    for _ in range(peaks):
+        best = corr.argmax(1)
+        found.append(best)
+        r = (best // p[1]).view(-1, 1, 1) + window.view(1, -1, 1)
+        c = (best % p[1]).view(-1, 1, 1) + window.view(1, 1, -1)
+        near = (r % p[0]) * p[1] + c % p[1]
+        corr = corr.scatter(1, near.flatten(1), -math.inf)
+    ranked = torch.stack(found, 1)
+    row, col = ranked // p[1], ranked % p[1]
+    sy, sx = unwrapped[0][row], unwrapped[1][col]
+    # F(p) ≈ canvas(p + s) = G(c_m + A(p + s - c_d)), so t = c_d - s - c_f (level pixels).
+    tx = (c_d - sx - c_f[0, 0]) * scale
+    ty = (c_d - sy - c_f[0, 1]) * scale
+    shifts = torch.stack((tx, ty), -1).view(b, k * peaks, 2)
+    return angles.repeat_interleave(peaks, 1), shifts
+
+
+def sweep_angles(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(b, K) angles every ``SWEEP_STEP`` over the circle."""
+    n = round(2 * math.pi / SWEEP_STEP)
+    return (torch.arange(n, dtype=dtype, device=device) * (2 * math.pi / n)).expand(b, n)

@@ -1,0 +1,293 @@
+"""register() (rigid model): rotation about an unknown centre, on real pictures warped by scipy.
+
+References nobody here wrote: the pairs are made by scipy.ndimage.affine_transform
+(rotstn.data.rigid_pairs) from scikit-image's bundled pictures; torch.rot90 and
+slicing give exact quarter turns and shifts; scikit-image's phase_cross_correlation
+and, where installed, SimpleITK are the peers the answers must agree with.
+"""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import real_image
+
+import rotstn
+from rotstn.data import rigid_pairs
+
+
+def max_displacement(estimate: torch.Tensor, truth: torch.Tensor, size, moving_size=None) -> torch.Tensor:
+    """(B,) largest |estimate(p) - truth(p)| over the fixed pixels whose true location lies in moving."""
+    h, w = size
+    hm, wm = moving_size or size
+    yy, xx = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    p = torch.stack((xx.flatten(), yy.flatten(), torch.ones(h * w, dtype=torch.float64)))
+    true, est = truth.double() @ p, estimate.double() @ p
+    inside = (true[:, 0] >= 0) & (true[:, 0] <= wm - 1) & (true[:, 1] >= 0) & (true[:, 1] <= hm - 1)
+    return torch.where(inside, (est - true).norm(dim=1), torch.zeros(())).amax(1)
+
+
+def assert_right_or_flagged(result, d: torch.Tensor, at_least: int, precision: float = 1.0) -> None:
+    """Every pair is right (max displacement under ``precision``) or scored under TRUST; enough are right."""
+    right = d < precision
+    flagged = result.score < rotstn.registration.TRUST
+    assert bool((right | flagged).all()), (d, result.score)
+    assert int(right.sum()) >= at_least, d
+
+
+@pytest.mark.parametrize("size", [(128, 128), (96, 160)])
+def test_recovers_scipy_rigid_pairs(size):
+    pairs = rigid_pairs(10, size, seed=3)
+    result = rotstn.register(pairs.fixed, pairs.moving)
+    d = max_displacement(result.matrix, pairs.matrix, size)
+    assert_right_or_flagged(result, d, at_least=9)
+    assert d.median() < 0.02, d
+    right = d < 1
+    angle_error = rotstn.angle_difference(result.angle.double(), pairs.angle).abs()[right]
+    assert angle_error.max() < 1e-3
+    assert (result.translation.double() - pairs.translation)[right].abs().max() < 0.05
+
+
+def test_large_shifts_and_partial_overlap():
+    pairs = rigid_pairs(6, (160, 160), min_shift=0.2, max_shift=0.25, seed=4)
+    assert pairs.overlap.max() < 0.75
+    result = rotstn.register(pairs.fixed, pairs.moving)
+    d = max_displacement(result.matrix, pairs.matrix, (160, 160))
+    assert d.max() < 1.0, d
+    # The overlap it reports is the true one (a fraction of the smaller image).
+    assert (result.overlap.double() - pairs.overlap).abs().max() < 0.05
+
+
+def test_noise_and_photometric_change():
+    pairs = rigid_pairs(8, (128, 128), noise=0.05, photometric=True, seed=5)
+    result = rotstn.register(pairs.fixed, pairs.moving)
+    d = max_displacement(result.matrix, pairs.matrix, (128, 128))
+    assert (d < 1).sum() >= 7, d
+    assert d.median() < 0.15, d
+
+
+def test_quarter_turn_and_shift_from_rot90():
+    big = real_image(140, 140, seed=1)[0, 0]
+    turned = torch.rot90(big, 1, (-2, -1))
+    fixed = turned[None, 20:120, 30:130]
+    moving = big[None, 35:115, 25:125]  # another window, another size: (80, 100)
+    result = rotstn.register(fixed, moving)
+    # Fixed pixel (x, y) shows turned[20 + y, 30 + x] = big[30 + x, 139 - 20 - y],
+    # which is moving pixel (x', y') = (119 - y - 25, 30 + x - 35).
+    expected = torch.tensor([[[0.0, -1.0, 94.0], [1.0, 0.0, -5.0]]], dtype=torch.float64)
+    torch.testing.assert_close(result.matrix.double(), expected, atol=0.01, rtol=0)
+    assert abs(result.angle.item() - math.pi / 2) < 1e-4
+
+
+def test_matrix_angle_translation_aligned_agree():
+    pairs = rigid_pairs(3, (64, 80), moving_size=(72, 72), seed=6)
+    result = rotstn.register(pairs.fixed, pairs.moving)
+    torch.testing.assert_close(
+        result.matrix, rotstn.rigid_matrix(result.angle, result.translation, (64, 80), (72, 72))
+    )
+    torch.testing.assert_close(result.aligned, rotstn.warp(pairs.moving, matrix=result.matrix, size=(64, 80)))
+    torch.testing.assert_close(result.apply(pairs.moving), result.aligned)
+    torch.testing.assert_close(
+        result.aligned,
+        rotstn.warp(pairs.moving, result.angle, result.translation, size=(64, 80)),
+        atol=1e-4,
+        rtol=0,
+    )
+
+
+def test_fixed_inside_a_larger_moving():
+    # The smaller field of view inside the larger one (a tile of a slide, a detail of a scan).
+    pairs = rigid_pairs(4, (64, 64), moving_size=(128, 128), max_shift=0.3, seed=21)
+    result = rotstn.register(pairs.fixed, pairs.moving)
+    d = max_displacement(result.matrix, pairs.matrix, (64, 64), (128, 128))
+    assert d.max() < 1.0, d
+    assert result.aligned.shape == (4, 1, 64, 64)
+
+
+def test_masks_leave_out_a_label():
+    pairs = rigid_pairs(4, (128, 128), seed=8)
+    moving = pairs.moving.clone()
+    moving[:, :, 4:40, 4:80] = 1.0  # a bright label burnt into moving only
+    mask = torch.ones(128, 128, dtype=torch.bool)
+    mask[2:42, 2:82] = False
+    result = rotstn.register(pairs.fixed, moving, moving_mask=mask)
+    d = max_displacement(result.matrix, pairs.matrix, (128, 128))
+    assert_right_or_flagged(result, d, at_least=3, precision=0.1)
+    fixed = pairs.fixed.clone()
+    fixed[:, :, 80:120, 10:50] = 0.0  # a black corner in fixed
+    fmask = torch.ones(4, 1, 128, 128)
+    fmask[:, :, 78:122, 8:52] = 0
+    result = rotstn.register(fixed, moving, fixed_mask=fmask, moving_mask=mask)
+    d = max_displacement(result.matrix, pairs.matrix, (128, 128))
+    assert_right_or_flagged(result, d, at_least=3, precision=0.1)
+
+
+def test_register_on_one_channel_apply_to_all():
+    from scipy import ndimage
+    from skimage import data
+
+    rgb = data.astronaut()[40:300, 120:380].astype(np.float64) / 255
+    angle = 35.0
+    turned = ndimage.rotate(rgb, angle, axes=(1, 0), reshape=False, order=3)
+    fixed = torch.from_numpy(turned[70:190, 60:180]).permute(2, 0, 1)
+    moving = torch.from_numpy(rgb[80:200, 70:190]).permute(2, 0, 1).contiguous()
+    result = rotstn.register(fixed, moving, channel=1)
+    assert abs(math.degrees(result.angle.item()) - angle) < 0.05
+    assert result.aligned.shape == (1, 3, 120, 120)
+    inner = result.aligned[0, :, 30:90, 30:90]
+    for c in range(3):
+        assert np.corrcoef(inner[c].flatten(), fixed[c, 30:90, 30:90].flatten())[0, 1] > 0.99
+
+
+def test_agrees_with_phase_cross_correlation_on_a_shift():
+    from skimage.registration import phase_cross_correlation
+
+    big = real_image(120, 120, seed=9)[0, 0]
+    fixed, moving = big[10:100, 12:102], big[17:107, 4:94]
+    shift, _, _ = phase_cross_correlation(fixed.numpy(), moving.numpy(), upsample_factor=100)
+    result = rotstn.register(fixed[None], moving[None])
+    assert abs(result.angle.item()) < 1e-3
+    # skimage's shift (row, col) moves moving onto fixed: our translation is the same shift in (x, y).
+    torch.testing.assert_close(
+        result.translation[0].double(), torch.tensor([shift[1], shift[0]]), atol=0.02, rtol=0
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("SimpleITK") is None, reason="SimpleITK is not installed")
+def test_agrees_with_simpleitk_refinement():
+    import SimpleITK as sitk
+
+    pairs = rigid_pairs(3, (96, 96), max_shift=0.1, seed=10)
+    result = rotstn.register(pairs.fixed, pairs.moving)
+    for i in range(3):
+        f = sitk.GetImageFromArray(pairs.fixed[i, 0].double().numpy())
+        m = sitk.GetImageFromArray(pairs.moving[i, 0].double().numpy())
+        # Start SimpleITK next to our answer: it refines, it does not search.
+        # SimpleITK's transform maps fixed physical points (x, y) to moving ones: our matrix's direction.
+        tx = sitk.Euler2DTransform()
+        tx.SetAngle(float(result.angle[i]))
+        tx.SetTranslation(result.matrix[i, :, 2].double().tolist())
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsCorrelation()
+        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-6, 300)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetInitialTransform(tx, inPlace=False)
+        reg.SetInterpolator(sitk.sitkLinear)
+        out = sitk.Euler2DTransform(sitk.CompositeTransform(reg.Execute(f, m)).GetNthTransform(0))
+        peer = torch.tensor([*out.GetMatrix(), *out.GetTranslation()], dtype=torch.float64)
+        peer = torch.stack(
+            (torch.stack((peer[0], peer[1], peer[4])), torch.stack((peer[2], peer[3], peer[5])))
+        )
+        assert max_displacement(peer[None], result.matrix[i : i + 1], (96, 96)).item() < 0.05
+
+
+def test_score_separates_right_from_unrelated_pairs():
+    right = rigid_pairs(6, (96, 96), seed=11)
+    unrelated = rigid_pairs(6, (96, 96), unrelated=True, seed=12)
+    good = rotstn.register(right.fixed, right.moving)
+    bad = rotstn.register(unrelated.fixed, unrelated.moving)
+    threshold = rotstn.registration.TRUST
+    assert good.score.min() > threshold > bad.score.max(), (good.score, bad.score)
+
+
+def test_rotation_only_pairs_and_model_option():
+    from rotstn.data import rotated_pairs
+
+    pairs = rotated_pairs(4, (64, 64), seed=13)
+    rigid = rotstn.register(pairs.fixed, pairs.moving)
+    rotation = rotstn.register(pairs.fixed, pairs.moving, model="rotation")
+    err = rotstn.angle_difference(rigid.angle.double(), pairs.angle.double()).abs()
+    assert err.max() < math.radians(0.05)
+    assert rigid.translation.abs().max() < 0.05
+    assert rotation.translation.abs().max() == 0
+    torch.testing.assert_close(rotation.matrix, rotstn.rigid_matrix(rotation.angle, None, (64, 64)))
+
+
+def test_dtypes_batches_and_detached():
+    pairs = rigid_pairs(3, (64, 64), seed=14, dtype=torch.float64)
+    result = rotstn.register(pairs.fixed.requires_grad_(), pairs.moving)
+    assert result.matrix.dtype == torch.float64 and not result.matrix.requires_grad
+    assert not result.aligned.requires_grad
+    half = rotstn.register(pairs.fixed.detach().half(), pairs.moving.half())
+    assert half.matrix.dtype == torch.float32 and half.aligned.dtype == torch.float16
+    assert max_displacement(half.matrix, pairs.matrix, (64, 64)).max() < 1.0
+    one = rotstn.register(pairs.fixed[0].detach(), pairs.moving[:2])  # one fixed, two moving
+    assert one.matrix.shape == (2, 2, 3)
+
+
+def test_device(device):
+    pairs = rigid_pairs(2, (64, 64), seed=15)
+    result = rotstn.register(pairs.fixed.to(device), pairs.moving.to(device))
+    assert result.matrix.device.type == device
+    assert max_displacement(result.matrix.cpu(), pairs.matrix, (64, 64)).max() < 1.0
+
+
+def test_same_input_same_output():
+    pairs = rigid_pairs(2, (64, 64), seed=16)
+    a = rotstn.register(pairs.fixed, pairs.moving)
+    b = rotstn.register(pairs.fixed, pairs.moving)
+    assert torch.equal(a.matrix, b.matrix) and torch.equal(a.score, b.score)
+
+
+def _img(*shape):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+
+
+BAD = {
+    "model": ({"model": "affine"}, ValueError, "model must be one of 'rigid', 'rotation'; got 'affine'"),
+    "mask shape": (
+        {"fixed_mask": torch.ones(30, 32)},
+        ValueError,
+        r"fixed_mask must have shape \(H, W\).*H=32, W=32.*got \(30, 32\)",
+    ),
+    "mask type": ({"moving_mask": np.ones((32, 32))}, TypeError, "moving_mask must be a torch.Tensor"),
+    "mask empty": (
+        {"moving_mask": torch.zeros(32, 32, dtype=torch.bool)},
+        ValueError,
+        r"moving_mask leaves fewer than 64 pixels to compare \(sample\(s\) 0\)",
+    ),
+    "mask nan": ({"fixed_mask": torch.full((32, 32), math.nan)}, ValueError, "fixed_mask contains NaN"),
+    "channel": ({"channel": 3}, ValueError, "channel must be an int index into fixed's 1 channel"),
+    "min_overlap": ({"min_overlap": 1.5}, ValueError, "min_overlap must be between 0 and 1"),
+    "search_size": ({"search_size": 4}, ValueError, "search_size must be an int >= 16, got 4"),
+    "rotation with masks": (
+        {"model": "rotation", "fixed_mask": torch.ones(32, 32)},
+        ValueError,
+        "model='rotation' needs fixed and moving of one size and no masks",
+    ),
+    "constant under the mask": (
+        {"fixed": torch.ones(1, 1, 32, 32)},
+        ValueError,
+        r"fixed is constant \(sample\(s\) 0\)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD.values(), ids=BAD.keys())
+def test_bad_input_errors(kwargs, error, match):
+    args = {"fixed": _img(1, 1, 32, 32), "moving": _img(1, 1, 32, 32), **kwargs}
+    with pytest.raises(error, match=match):
+        rotstn.register(**args)
+
+
+def test_nan_pixels_named():
+    moving = _img(2, 1, 32, 32)
+    moving[1, 0, 3, 3] = math.nan
+    with pytest.raises(ValueError, match=r"moving contains NaN or Inf pixels \(sample\(s\) 1\)"):
+        rotstn.register(_img(2, 1, 32, 32), moving)
+
+
+def test_noise_estimate_recovers_added_noise():
+    from rotstn.registration._images import noise_variance
+
+    picture = real_image(200, 200, seed=17).float()
+    g = torch.Generator().manual_seed(0)
+    for sigma in (0.02, 0.05, 0.1):
+        noisy = picture + sigma * torch.randn(picture.shape, generator=g)
+        estimate = noise_variance(noisy, None, 0.0).sqrt().item()
+        # The picture's own fine texture adds a little: within 25 % of the noise added.
+        assert abs(estimate - sigma) < 0.25 * sigma, (sigma, estimate)
