@@ -3,9 +3,9 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/cpu_kernel.py
 
 Both columns are ``rotstn.rotate`` (bilinear, zero padding, float32, torch's
-thread count); ``kernel`` forces the compiled kernel for every call (the
-automatic choice keeps aten's sampler for inference above 96² pixels),
-``aten path`` disables it as ``ROTSTN_NO_COMPILE=1`` would. Each cell is the
+thread count); ``kernel`` is the compiled kernel (the variant ``ROTSTN_CPU_ISA``
+picks, else the best this CPU runs), ``aten path`` disables it as
+``ROTSTN_NO_COMPILE=1`` would. Each cell is the
 median CPU time (``time.process_time``: all threads, waiting for a CPU not
 counted) of alternating rounds; ``fwd+bwd`` asks for gradients to image and
 angle. Prints a markdown table; ratio above 1 means the kernel is faster.
@@ -38,15 +38,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    library, pays_off = cpu.compiled.library(), cpu._kernel_pays_off
+    library = cpu.compiled.library()
     if library is None:
         raise SystemExit("the compiled kernel could not be built here (see ROTSTN_DEBUG=1)")
 
     def use_kernel(on: bool) -> None:
         cpu.compiled.library = (lambda: library) if on else (lambda: None)
-        cpu._kernel_pays_off = (lambda image, grads_needed: True) if on else pays_off
 
-    print(f"torch {torch.__version__}, {args.threads} CPU threads, cpu clock\n")
+    isa = library.rotstn_isa().decode()
+    print(f"torch {torch.__version__}, {args.threads} CPU threads, cpu clock, kernel variant {isa}\n")
     print("| B | C | H×W | pass | kernel ms | aten path ms | aten path / kernel |")
     print("|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
@@ -70,8 +70,7 @@ def main() -> None:
                 rounds[on].append(median_ms(call, repeats))
             kernel, aten = min(rounds[True]), min(rounds[False])
             print(f"| {b} | {c} | {s}² | {name} | {kernel:.3f} | {aten:.3f} | {aten / kernel:.2f} |")
-    use_kernel(False)
-    cpu.compiled.library, cpu._kernel_pays_off = lambda: library, pays_off
+    use_kernel(True)
 
 
 if __name__ == "__main__":

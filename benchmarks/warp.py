@@ -3,6 +3,12 @@
     python benchmarks/warp.py            # full grid (a few minutes on 2 threads)
     python benchmarks/warp.py --quick    # B = 64, 128², C ∈ {1, 3}: the target cells
     python benchmarks/warp.py --breakdown  # where the time goes at B = 64, 128² (CPU)
+    ROTSTN_CPU_ISA=avx2 python benchmarks/warp.py  # the compiled kernel's AVX2 variant forced
+    python benchmarks/warp.py --quick --threads all  # every CPU thread (also: --threads 1)
+
+The first lines name what the numbers depend on: the CPU model, the compiled
+kernel's variant in use (avx512, avx2, generic, or none: aten's sampler) and
+torch's build (version, aten's own CPU capability).
 
 Methods, all rotating by a (B,) angle about the image centre with
 ``align_corners=False``, bilinear, zero padding:
@@ -25,9 +31,12 @@ None between calls, as ``optimizer.zero_grad()`` does. Each cell times the
 methods round-robin, drops calls during which this process waited for a CPU
 (Linux schedstat; the machine may be shared) and reports the median of the
 clean calls; the ratio is plain's median over the method's (above 1
-is faster than plain). GB/s is the minimal traffic over the median time: read
-the input and write the output for ``fwd``; in addition read the output
-gradient and the input again and write the input gradient for ``fwd+bwd``.
+is faster than plain). ``copy`` is the time to read the input and write an
+output of the same size once (``out.copy_(x)``, torch's threads): no warp can
+beat it, so it shows each row's distance to the memory limit. GB/s is the
+minimal traffic over the median time: read the input and write the output for
+``fwd``; in addition read the output gradient and the input again and write the
+input gradient for ``fwd+bwd``.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -155,23 +165,25 @@ def pieces(c: int) -> dict[str, Callable[[], object]]:
     angle = torch.rand(b, generator=torch.Generator().manual_seed(0)) * 6 - 3
     center = torch.full((b, 2), (s - 1) / 2)
     theta = rotstn.rotation_matrix(angle, (s, s))
-    grid = cpu._grid(angle, center, s, s, False, torch.float32)
+    grid = cpu._grid(angle, center, center, s, s, False, torch.float32)
     grad_grid = torch.rand(b, s, s, 2)
     x, g = torch.rand(b, c, s, s), torch.rand(b, c, s, s)
     sampler_backward = torch.ops.aten.grid_sampler_2d_backward
     kernel = {}
     if cpu.compiled.library() is not None:
         kernel = {
-            "compiled kernel forward": lambda: cpu._kernel_forward(x, angle, center),
-            "compiled kernel backward, both": lambda: cpu._kernel_backward(g, x, angle, center, True, True),
-            "… angle and centre only": lambda: cpu._kernel_backward(g, x, angle, center, False, True),
+            "compiled kernel forward": lambda: cpu._kernel_forward(x, angle, center, center),
+            "compiled kernel backward, both": lambda: cpu._kernel_backward(
+                g, x, angle, center, center, True, True
+            ),
+            "… angle and centre only": lambda: cpu._kernel_backward(g, x, angle, center, center, False, True),
         }
     return {
         "affine_grid forward (plain)": lambda: F.affine_grid(theta, [b, c, s, s], align_corners=False),
         "affine_grid backward (plain)": lambda: torch.ops.aten.affine_grid_generator_backward(
             grad_grid, [b, c, s, s], False
         ),
-        "planar grid (fast path)": lambda: cpu._grid(angle, center, s, s, False, torch.float32),
+        "planar grid (fast path)": lambda: cpu._grid(angle, center, center, s, s, False, torch.float32),
         "grid gradient → dθ, dc (fast path)": lambda: cpu._reduce_grid_grad(grad_grid, angle, center, False),
         "aten grid_sampler_2d": lambda: torch.grid_sampler_2d(x, grid, 0, 0, False),
         "aten grid_sampler_2d_backward, both": lambda: sampler_backward(
@@ -191,6 +203,26 @@ def breakdown(budget: float, clock: Callable[[], float]) -> None:
         print(f"| {name} | {ms(*meds[0][name])} | {ms(*meds[1][name])} |")
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (Linux /proc/cpuinfo, else platform)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """CPU model, the compiled kernel's variant in use, and torch's build: what every number depends on."""
+    from rotstn._kernels import compiled
+
+    return (
+        f"CPU: {cpu_model()} ({os.cpu_count()} threads); rotstn CPU kernel variant: {compiled.active_isa()} "
+        f"(supported here: {', '.join(compiled.supported())}); torch {torch.__version__} "
+        f"(aten CPU capability {torch.backends.cpu.get_cpu_capability()})"
+    )
+
+
 def ms(seconds: float, clean: bool) -> str:
     """Milliseconds, starred when too few calls ran without waiting for a CPU."""
     return f"{seconds * 1e3:.2f}" + ("" if clean else "*")
@@ -199,7 +231,9 @@ def ms(seconds: float, clean: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="only B=64, 128x128, C in {1, 3}")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    parser.add_argument(
+        "--threads", default="2", help="torch.set_num_threads (CPU): a number, or 'all' for every CPU thread"
+    )
     parser.add_argument(
         "--budget",
         type=float,
@@ -216,9 +250,10 @@ def main() -> None:
         help="wall: elapsed time; cpu: CPU seconds of all threads per call (CPU only; for a busy machine)",
     )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(os.cpu_count() or 1 if args.threads == "all" else int(args.threads))
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     if args.breakdown:
+        print(machine_line())
         breakdown(args.budget, clock)
         return
 
@@ -228,13 +263,14 @@ def main() -> None:
         ((64,), (1, 3), (128,)) if args.quick else ((1, 64, 256), (1, 3), (64, 128, 256, 512))
     )
     names = ["plain", "rotstn", "reference", "kornia"] + ([] if args.no_compile else ["compiled"])
+    print(machine_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.clock} clock")
     skipped = []
     for device in devices:
         dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
         for dtype in dtypes:
             print(f"\n### {device.type}, {str(dtype).removeprefix('torch.')}\n")
-            header = "| B | C | H×W | pass | " + " | ".join(f"{n} ms" for n in names)
+            header = "| B | C | H×W | pass | copy ms | " + " | ".join(f"{n} ms" for n in names)
             header += " | " + " | ".join(f"{n} ×" for n in names[1:]) + " | rotstn GB/s | plain GB/s |"
             print(header)
             print("|" + "---|" * (header.count("|") - 1))
@@ -284,6 +320,8 @@ def run_cell(
                 print(f"<!-- {name} failed: {type(err).__name__}: {str(err).splitlines()[0][:100]} -->")
                 continue
             steps[name] = step
+        dst = torch.empty_like(x)
+        steps["copy"] = lambda dst=dst: dst.copy_(x)
         timed = time_cell(steps, device, budget, clock=clock)
         med = {name: t for name, (t, _) in timed.items()}
         traffic = x.numel() * x.element_size() * (5 if backward else 2)
@@ -295,7 +333,8 @@ def run_cell(
             for n in names[1:]
         ]
         gbs = [f"{traffic / med[n] / 1e9:.1f}" for n in ("rotstn", "plain")]
-        row = [str(b), str(c), f"{s}²", "fwd+bwd" if backward else "fwd", *cells, *ratios, *gbs]
+        row = [str(b), str(c), f"{s}²", "fwd+bwd" if backward else "fwd", ms(*timed["copy"]), *cells]
+        row += [*ratios, *gbs]
         print("| " + " | ".join(row) + " |", flush=True)
 
 

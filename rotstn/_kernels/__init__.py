@@ -5,10 +5,12 @@ implementation for the tensors it is given; ``use_backend`` forces one, for
 tests and benchmarks.
 
 "cpu" (``cpu``) is chosen automatically for CPU tensors outside
-``torch.compile``: one autograd function around aten's grid sampler with a
-grid built from a row and a column term and a backward that reduces straight
-to dθ and d(centre); bilinear with zero padding runs a compiled C kernel
-instead of aten's sampler where one could be built (``compiled.py``). Under
+``torch.compile`` when the output has the input's size (rotations and rigid
+warps alike): one autograd function around aten's grid sampler with a grid
+built from a row and a column term and a backward that reduces straight to
+dθ and the centre's and source point's gradients; bilinear with zero padding
+runs a compiled C kernel instead of aten's sampler where one could be built
+(``compiled.py``: AVX-512, AVX2 or generic, picked at run time). Under
 ``torch.compile`` the reference graph is traced instead (inductor fuses it), and
 under torch.func transforms (vmap, grad) the reference path runs.
 
@@ -64,7 +66,6 @@ def warp(
     is the output's (H, W), default the input's.
     """
     same_size = size is None or tuple(size) == tuple(image.shape[-2:])
-    rotation = source is center
     if _forced == "triton":
         reason = triton_warp.unsupported(image, angle, mode, align_corners)
         if reason is None and not same_size:
@@ -84,17 +85,19 @@ def warp(
         and triton_warp.available()
     ):
         return triton_warp.warp(image, angle, center, source, padding_mode, align_corners)
-    cpu_ok = _forced == "cpu" or (_forced == "auto" and _cpu_fits(image, angle, center))
-    if same_size and rotation and cpu_ok:
-        return cpu.warp(image, angle, center, mode, padding_mode, align_corners)
+    cpu_ok = _forced == "cpu" or (_forced == "auto" and _cpu_fits(image, angle, center, source))
+    if same_size and cpu_ok:
+        return cpu.warp(image, angle, center, source, mode, padding_mode, align_corners)
     return reference.warp(image, angle, center, source, mode, padding_mode, align_corners, size)
 
 
-def _cpu_fits(image: Tensor, angle: Tensor, center: Tensor) -> bool:
+def _cpu_fits(image: Tensor, angle: Tensor, center: Tensor, source: Tensor) -> bool:
     # Under torch.compile the reference graph is the better input: inductor fuses it.
     # torch.func transforms (vmap, grad) need plain differentiable ops, not a custom Function.
     return (
         image.device.type == "cpu"
         and not torch.compiler.is_compiling()
-        and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (image, angle, center))
+        and not any(
+            torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (image, angle, center, source)
+        )
     )

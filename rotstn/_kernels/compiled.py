@@ -8,6 +8,16 @@ hash of the source, the flags, the compiler and the machine, and loads it with
 ``ctypes``. No compiler, a failed build, or ``ROTSTN_NO_COMPILE=1`` leaves
 ``library()`` returning None and rotstn on its aten-based path; the reason is
 reported once through ``warnings`` when ``ROTSTN_DEBUG`` is set.
+
+One source, one shared library per instruction set (``ISAS``): on x86-64 the
+same file is compiled with AVX-512, with AVX2 + FMA, or with the baseline
+flags, and the C preprocessor picks vector or scalar loops from the compiler's
+own feature macros. The generic build is made first and asks the CPU (and OS)
+what it can run (``rotstn_cpu_features``); the best variant that builds is
+used. ``ROTSTN_CPU_ISA=avx512|avx2|generic`` forces one (tests and benchmarks
+force each; asking for one the CPU cannot run raises). Only the variants a
+process uses are compiled. Other machines (aarch64) build the generic variant,
+whose scalar loops the compiler vectorises where it can (NEON is baseline there).
 """
 
 from __future__ import annotations
@@ -27,9 +37,16 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("rotate_cpu.c")
-# Portable code only (no -march=native: the cache may be shared between machines);
+# No -march=native: the cache may be shared between machines, so each variant names its ISA;
 # -fno-math-errno lets floor() inline, without -ffast-math's reassociation.
 FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno", "-pthread")
+ISAS = ("avx512", "avx2", "generic")  # best first
+ISA_FLAGS = {
+    "avx512": ("-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma"),
+    "avx2": ("-mavx2", "-mfma"),
+    "generic": (),
+}
+_FEATURE_BITS = {"avx2": 1, "avx512": 2}  # rotstn_cpu_features() in rotate_cpu.c
 
 _c_int64, _c_int, _c_dptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
@@ -54,6 +71,20 @@ def _compiler() -> list[str] | None:
     return None
 
 
+def _openmp_flags() -> tuple[str, ...] | None:
+    """-fopenmp where torch runs on GNU OpenMP (libgomp loaded in this process), else None.
+
+    Linked against libgomp.so.1, the kernel gets the runtime torch already loaded and with it
+    torch's thread pool. Under another OpenMP runtime (LLVM's or Intel's) a second pool would
+    compete with torch's, so the kernel keeps its own pthreads there.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            return ("-fopenmp",) if "libgomp" in maps.read() else None
+    except OSError:
+        return None
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for suffix in ("f32", "f64"):
         fwd = getattr(lib, f"rotstn_forward_{suffix}")
@@ -65,11 +96,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
             *(_c_int64, _c_int64, _c_int64, _c_int64, _c_int),
         ]
         bwd.restype = _c_int
+    lib.rotstn_isa.restype = ctypes.c_char_p
+    lib.rotstn_cpu_features.restype = _c_int
+    lib.rotstn_openmp.restype = _c_int
     return lib
 
 
-def _build() -> ctypes.CDLL:
-    """Compile (or find in the cache) and load the kernel; raises with the reason when it cannot."""
+def _build(isa: str) -> ctypes.CDLL:
+    """Compile (or find in the cache) and load one variant; raises with the reason when it cannot."""
     if os.environ.get("ROTSTN_NO_COMPILE") == "1":
         raise RuntimeError("ROTSTN_NO_COMPILE=1")
     if sys.platform == "win32":
@@ -77,30 +111,67 @@ def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (cc, gcc, clang)")
-    folder = cache_dir()
-    # The AVX2 clone of the coordinate pass needs ifunc support (glibc); where that build
-    # fails, the portable one is used. A cached build of either is reused without compiling.
-    attempts = [(*FLAGS, *extra) for extra in ((), ("-DROTSTN_NO_CLONES",))]
-    targets = [_target(folder, cc, flags) for flags in attempts]
-    for target in targets:
-        if target.exists():
-            return _declare(ctypes.CDLL(str(target)))
+    # With OpenMP where the compiler has it (the kernel then shares torch's libgomp pool, see
+    # run() in the source), else pthreads. A cached build of either is reused without compiling.
+    attempts = [(*FLAGS, *ISA_FLAGS[isa], *extra) for extra in (_openmp_flags(), ()) if extra is not None]
+    targets = [_target(cache_dir(), cc, flags, isa) for flags in attempts]
+    target = next((t for t in targets if t.exists()), None)
     errors = []
-    for flags, target in zip(attempts, targets, strict=True):
+    for flags, candidate in zip(attempts, targets, strict=True):
+        if target is not None:
+            break
         try:
-            _compile(cc, flags, target)
+            _compile(cc, flags, candidate)
+            target = candidate
         except RuntimeError as err:
             errors.append(str(err))
-            continue
-        return _declare(ctypes.CDLL(str(target)))
-    raise RuntimeError("; ".join(errors))
+    if target is None:
+        raise RuntimeError("; ".join(errors))
+    lib = _declare(ctypes.CDLL(str(target)))
+    built = lib.rotstn_isa().decode()
+    if built != isa:  # e.g. a compiler that accepts the flags but lacks the intrinsics' macros
+        raise RuntimeError(f"the {isa} build compiled as {built!r}")
+    return lib
 
 
-def _target(folder: Path, cc: list[str], flags: tuple[str, ...]) -> Path:
+@functools.cache
+def _variant(isa: str) -> ctypes.CDLL | str:
+    """The loaded variant, or the reason it could not be built."""
+    try:
+        return _build(isa)
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
+        return str(err)
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+@functools.lru_cache(maxsize=1)
+def supported() -> tuple[str, ...]:
+    """The variants this CPU can run, best first (only "generic" off x86 or without a compiler)."""
+    generic = _variant("generic")
+    if isinstance(generic, str) or not _x86():
+        return ("generic",)
+    bits = generic.rotstn_cpu_features()
+    return tuple(isa for isa in ISAS if isa == "generic" or bits & _FEATURE_BITS[isa])
+
+
+def requested_isa() -> str | None:
+    """``ROTSTN_CPU_ISA`` when set (validated), else None for the automatic choice."""
+    name = os.environ.get("ROTSTN_CPU_ISA", "").strip().lower()
+    if not name:
+        return None
+    if name not in ISAS:
+        raise ValueError(f"ROTSTN_CPU_ISA must be one of {', '.join(ISAS)} (or unset); got {name!r}")
+    return name
+
+
+def _target(folder: Path, cc: list[str], flags: tuple[str, ...], isa: str) -> Path:
     """The cached library's path: keyed by source, flags, compiler and machine."""
     parts = [SOURCE.read_bytes(), " ".join(flags).encode(), cc[0].encode(), platform.machine().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    return folder / f"rotate_cpu-{platform.machine()}-{key}.so"
+    return folder / f"rotate_cpu-{platform.machine()}-{isa}-{key}.so"
 
 
 def _compile(cc: list[str], flags: tuple[str, ...], target: Path) -> None:
@@ -120,14 +191,37 @@ def _compile(cc: list[str], flags: tuple[str, ...], target: Path) -> None:
             os.unlink(tmp)
 
 
-@functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None when it cannot be built here (then rotstn uses aten's sampler)."""
-    try:
-        return _build()
-    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
-        if os.environ.get("ROTSTN_DEBUG"):
-            warnings.warn(
-                f"rotstn: compiled CPU kernel unavailable ({err}); using aten's sampler", stacklevel=2
-            )
+    """The loaded kernel of the variant in use, or None when none can be built here (aten's sampler then)."""
+    generic = _variant("generic")  # built first everywhere: it says what the CPU runs
+    if isinstance(generic, str):
+        _report(f"generic: {generic}")
         return None
+    forced = requested_isa()
+    if forced is not None and forced not in supported():
+        raise RuntimeError(
+            f"ROTSTN_CPU_ISA={forced} but this CPU runs only {', '.join(supported())}; "
+            "unset it or pick one of those"
+        )
+    reasons = []
+    for isa in (forced,) if forced else supported():
+        lib = _variant(isa)
+        if not isinstance(lib, str):
+            return lib
+        reasons.append(f"{isa}: {lib}")
+    _report("; ".join(reasons))
+    return None
+
+
+def active_isa() -> str:
+    """The variant in use ("avx512", "avx2", "generic"), or "none" (aten's sampler), for tables and logs."""
+    lib = library()
+    return "none" if lib is None else lib.rotstn_isa().decode()
+
+
+@functools.cache
+def _report(reason: str) -> None:
+    if os.environ.get("ROTSTN_DEBUG"):
+        warnings.warn(
+            f"rotstn: compiled CPU kernel unavailable ({reason}); using aten's sampler", stacklevel=3
+        )

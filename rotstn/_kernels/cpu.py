@@ -14,19 +14,20 @@ Here:
   directly;
 * backward asks ``grid_sampler_2d_backward`` only for the gradients that are
   needed (its ``output_mask``) and reduces the (B, H, W, 2) grid gradient to
-  dθ, d(cx), d(cy) in one pass: the source coordinates are separable,
-  ``x_src = cx + cos θ·u_j - sin θ·v_i`` with ``u_j = j - cx`` and
+  dθ and S = Σ (∂L/∂x_src, ∂L/∂y_src) in one pass: the source coordinates are
+  separable, ``x_src = sx + cos θ·u - sin θ·v`` with ``u_j = j - cx`` and
   ``v_i = i - cy``, so every sum needed is a sum over i weighted by 1 or
   ``v_i`` (one batched matmul over the gradient) followed by a small sum over
-  j weighted by 1 or ``u_j``.
+  j weighted by 1 or ``u_j``. S is the source point's gradient; the centre's
+  follows from it (``_center_and_source_grads``).
 
 Bilinear with zero padding on real CPU tensors goes one step further when the
 compiled kernel (``compiled.py``, ``rotate_cpu.c``) could be built: forward and
-backward are each one fused pass in C over the pixels, with no grid at all and
-the angle and centre gradients accumulated per sample (inference calls above
-96² pixels keep aten's vectorised sampler, which was as fast or faster there).
-Other modes and paddings, traced calls (``torch.compile``, export,
-``torch.jit``), and machines without a C compiler use aten's sampler as above.
+backward are each one fused pass in C over the pixels, vectorised with masked
+gathers on AVX2 and AVX-512 (the variant is picked at run time), with no grid
+at all and dθ and S accumulated per sample. Other modes and paddings, traced
+calls (``torch.compile``, export, ``torch.jit``), and machines without a C
+compiler use aten's sampler as above.
 
 Double backward (``create_graph=True``) recomputes the gradient through the
 reference path, which is made of differentiable ops.
@@ -53,8 +54,10 @@ def _scale(n: int, align_corners: bool) -> tuple[float, float]:
     return 2.0 / n, 1.0 / n - 1.0
 
 
-def _grid(angle: Tensor, center: Tensor, h: int, w: int, align_corners: bool, dtype: torch.dtype) -> Tensor:
-    """The (B, H, W, 2) normalised sampling grid for (B,) angles and (B, 2) centres.
+def _grid(
+    angle: Tensor, center: Tensor, source: Tensor, h: int, w: int, align_corners: bool, dtype: torch.dtype
+) -> Tensor:
+    """The (B, H, W, 2) normalised sampling grid for (B,) angles, (B, 2) centres and source points.
 
     It is stored as two planes (B, 2, H, W) and returned as a permuted view:
     the planar broadcast add runs along contiguous rows (an interleaved
@@ -65,10 +68,11 @@ def _grid(angle: Tensor, center: Tensor, h: int, w: int, align_corners: bool, dt
     b, device = angle.shape[0], angle.device
     cos, sin = torch.cos(angle.to(wide)), torch.sin(angle.to(wide))
     cx, cy = center.to(wide).unbind(1)
+    sx, sy = source.to(wide).unbind(1)
     ax, bx = _scale(w, align_corners)
     ay, by = _scale(h, align_corners)
-    # normalised (x, y) = (a_x·cx + b_x, a_y·cy + b_y) + (a_x·cos, a_y·sin)·u_j + (-a_x·sin, a_y·cos)·v_i
-    base = torch.stack((cx * ax + bx, cy * ay + by), dim=1).view(b, 2, 1)
+    # normalised (x, y) = (a_x·sx + b_x, a_y·sy + b_y) + (a_x·cos, a_y·sin)·u_j + (-a_x·sin, a_y·cos)·v_i
+    base = torch.stack((sx * ax + bx, sy * ay + by), dim=1).view(b, 2, 1)
     per_u = torch.stack((cos * ax, sin * ay), dim=1).view(b, 2, 1)
     per_v = torch.stack((sin * -ax, cos * ay), dim=1).view(b, 2, 1)
     u = torch.arange(w, dtype=wide, device=device).view(1, 1, w) - cx.view(b, 1, 1)
@@ -99,7 +103,13 @@ def _tracing() -> bool:
 
 
 def kernel_serves(
-    image: Tensor, angle: Tensor, center: Tensor, mode: str, padding_mode: str, align_corners: bool
+    image: Tensor,
+    angle: Tensor,
+    center: Tensor,
+    source: Tensor,
+    mode: str,
+    padding_mode: str,
+    align_corners: bool,
 ) -> bool:
     """Whether the compiled kernel runs this call (and builds it on first use).
 
@@ -107,28 +117,21 @@ def kernel_serves(
     an axis of one pixel, which ``align_corners=True`` samples at pixel 0 for
     every coordinate (``reference.normalize``); those calls stay on aten.
     """
+    h, w = image.shape[-2:]
     return (
         mode == "bilinear"
         and padding_mode == "zeros"
-        and not (align_corners and min(image.shape[-2:]) == 1)
-        and max(image.shape[-2:]) < 2**30  # the kernel indexes rows and columns in int32
+        and not (align_corners and min(h, w) == 1)
+        and (h + 2) * (w + 2) < 2**31  # the kernel's gathers index a channel in int32
         and angle.dtype in (torch.float32, torch.float64)
         and not _tracing()
-        and all(_real_cpu(t) for t in (image, angle, center))
+        and all(_real_cpu(t) for t in (image, angle, center, source))
         and compiled.library() is not None
     )
 
 
-def _kernel_pays_off(image: Tensor, grads_needed: bool) -> bool:
-    # With a backward the kernel was faster in every cell of benchmarks/cpu_kernel.py (B = 1 to
-    # 64, 32² to 512², C = 1 and 3). Forward only, aten's vectorised sampler was as fast or up to
-    # 25 % faster except on images small enough for the grid's fixed cost to dominate.
-    b, _, h, w = image.shape
-    return grads_needed or b * h * w < 96 * 96
-
-
-def _kernel_args(image: Tensor, angle: Tensor, center: Tensor) -> tuple[Tensor, int, Tensor]:
-    """(samples, batch stride, (B, 4) cos, sin, cx, cy in float64) as the C kernel reads them."""
+def _kernel_args(image: Tensor, angle: Tensor, center: Tensor, source: Tensor) -> tuple[Tensor, int, Tensor]:
+    """(samples, batch stride, (B, 6) cos, sin, cx, cy, sx, sy in float64) as the C kernel reads them."""
     src = image if image.dtype == angle.dtype else image.to(angle.dtype)
     # A broadcast image (stride 0 over the batch) is read in place; anything else non-contiguous is copied.
     if src.shape[0] > 1 and src.stride(0) == 0 and src[0].is_contiguous():
@@ -137,28 +140,33 @@ def _kernel_args(image: Tensor, angle: Tensor, center: Tensor) -> tuple[Tensor, 
         src = src.contiguous()
         stride = src.shape[1] * src.shape[2] * src.shape[3]
     a = angle.detach().to(torch.float64)
-    par = torch.cat((torch.cos(a)[:, None], torch.sin(a)[:, None], center.detach().to(torch.float64)), 1)
+    points = (center.detach().to(torch.float64), source.detach().to(torch.float64))
+    par = torch.cat((torch.cos(a)[:, None], torch.sin(a)[:, None], *points), 1)
     return src, stride, par.contiguous()
 
 
-def _kernel_forward(image: Tensor, angle: Tensor, center: Tensor) -> Tensor:
-    src, stride, par = _kernel_args(image, angle, center)
+def _kernel_forward(image: Tensor, angle: Tensor, center: Tensor, source: Tensor) -> Tensor:
+    src, stride, par = _kernel_args(image, angle, center, source)
     b, c, h, w = src.shape
     out = torch.empty((b, c, h, w), dtype=src.dtype)
-    fn = (
-        compiled.library().rotstn_forward_f32
-        if src.dtype == torch.float32
-        else compiled.library().rotstn_forward_f64
-    )
+    lib = compiled.library()
+    fn = lib.rotstn_forward_f32 if src.dtype == torch.float32 else lib.rotstn_forward_f64
     if fn(src.data_ptr(), stride, out.data_ptr(), par.data_ptr(), b, c, h, w, torch.get_num_threads()):
         raise MemoryError("rotstn's compiled CPU kernel could not allocate its row buffers")
     return out.to(image.dtype)
 
 
 def _kernel_backward(
-    grad_out: Tensor, image: Tensor, angle: Tensor, center: Tensor, need_image: bool, need_geo: bool
+    grad_out: Tensor,
+    image: Tensor,
+    angle: Tensor,
+    center: Tensor,
+    source: Tensor,
+    need_image: bool,
+    need_geo: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    src, stride, par = _kernel_args(image, angle, center)
+    """Image gradient, dθ (B,) and S = Σ (∂L/∂x_src, ∂L/∂y_src) (B, 2), each None when not asked for."""
+    src, stride, par = _kernel_args(image, angle, center, source)
     b, c, h, w = src.shape
     grad = grad_out.to(src.dtype).contiguous()
     grad_image = torch.empty((b, c, h, w), dtype=src.dtype) if need_image else None
@@ -188,6 +196,18 @@ def _kernel_backward(
     return grad_image, geo[:, 0], geo[:, 1:]
 
 
+def _center_and_source_grads(angle: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
+    """d(centre) and d(source), each (B, 2), from S = Σ over pixels of (∂L/∂x_src, ∂L/∂y_src).
+
+    x_src = sx + cos·(j - cx) - sin·(i - cy) and y_src = sy + sin·(j - cx) + cos·(i - cy), so
+    d(source) = S and d(centre) = -R(θ)ᵀ S.
+    """
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    s_x, s_y = total.unbind(-1)
+    grad_center = torch.stack((-cos * s_x - sin * s_y, sin * s_x - cos * s_y), dim=-1)
+    return grad_center, total
+
+
 class _Warp(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -195,65 +215,67 @@ class _Warp(torch.autograd.Function):
         image: Tensor,
         angle: Tensor,
         center: Tensor,
+        source: Tensor,
         mode: str,
         padding_mode: str,
         align_corners: bool,
     ) -> Tensor:
+        # source None: a rotation, the source point is the centre (see ``warp``).
         ctx.options = (mode, padding_mode, align_corners)
-        if _kernel_pays_off(image, any(ctx.needs_input_grad[:3])) and kernel_serves(
-            image, angle, center, mode, padding_mode, align_corners
-        ):
+        ctx.rotation = source is None
+        source = center if source is None else source
+        if kernel_serves(image, angle, center, source, mode, padding_mode, align_corners):
             ctx.kernel = True
-            ctx.save_for_backward(image, angle, center, None)
-            return _kernel_forward(image, angle, center)
+            ctx.save_for_backward(image, angle, center, None if ctx.rotation else source, None)
+            return _kernel_forward(image, angle, center, source)
         ctx.kernel = False
         _, _, h, w = image.shape
         dtype = angle.dtype
-        grid = _grid(angle, center, h, w, align_corners, dtype)
+        grid = _grid(angle, center, source, h, w, align_corners, dtype)
         src = image if image.dtype == dtype else image.to(dtype)
         out = torch.grid_sampler_2d(src, grid, _MODE[mode], _PADDING[padding_mode], align_corners)
-        ctx.save_for_backward(image, angle, center, grid)
+        ctx.save_for_backward(image, angle, center, None if ctx.rotation else source, grid)
         return out.to(image.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        image, angle, center, grid = ctx.saved_tensors
+        image, angle, center, source, grid = ctx.saved_tensors
+        source = center if ctx.rotation else source
         mode, padding_mode, align_corners = ctx.options
-        need_image, need_angle, need_center = ctx.needs_input_grad[:3]
+        need_image, need_angle, need_center, need_source = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():
             return (*_differentiable_backward(ctx, grad_out), None, None, None)
-        need_grid = need_angle or need_center
+        need_geo = need_angle or need_center or need_source
         if ctx.kernel:
-            grad_image, grad_angle, grad_center = _kernel_backward(
-                grad_out, image, angle, center, need_image, need_grid
+            grad_image, grad_angle, total = _kernel_backward(
+                grad_out, image, angle, center, source, need_image, need_geo
             )
-            return (
-                grad_image,
-                grad_angle if need_angle else None,
-                grad_center if need_center else None,
-                None,
-                None,
-                None,
+        else:
+            dtype = angle.dtype
+            src = image if image.dtype == dtype else image.to(dtype)
+            grad_image, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
+                grad_out.to(dtype),
+                src,
+                grid,
+                _MODE[mode],
+                _PADDING[padding_mode],
+                align_corners,
+                [need_image, need_geo],
             )
-        dtype = angle.dtype
-        src = image if image.dtype == dtype else image.to(dtype)
-        grad_image, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
-            grad_out.to(dtype),
-            src,
-            grid,
-            _MODE[mode],
-            _PADDING[padding_mode],
-            align_corners,
-            [need_image, need_grid],
-        )
-        grad_image = grad_image.to(image.dtype) if need_image else None
-        grad_angle = grad_center = None
-        if need_grid:
-            grad_angle, grad_center = _reduce_grid_grad(grad_grid, angle, center, align_corners)
+            grad_image = grad_image.to(image.dtype) if need_image else None
+            grad_angle = total = None
+            if need_geo:
+                grad_angle, total = _reduce_grid_grad(grad_grid, angle, center, align_corners)
+        grad_center = grad_source = None
+        if total is not None:
+            grad_center, grad_source = _center_and_source_grads(angle, total)
+            if ctx.rotation:  # one tensor in both roles: (I - R(θ)ᵀ) S
+                grad_center = grad_center + grad_source
         return (
             grad_image,
             grad_angle if need_angle else None,
             grad_center if need_center else None,
+            grad_source if need_source else None,
             None,
             None,
             None,
@@ -263,7 +285,7 @@ class _Warp(torch.autograd.Function):
 def _reduce_grid_grad(
     grad_grid: Tensor, angle: Tensor, center: Tensor, align_corners: bool
 ) -> tuple[Tensor, Tensor]:
-    """dθ (B,) and d(centre) (B, 2) from the (B, H, W, 2) gradient of the normalised grid."""
+    """dθ (B,) and S = Σ (∂L/∂x_src, ∂L/∂y_src) (B, 2) from the (B, H, W, 2) normalised grid's gradient."""
     b, h, w, _ = grad_grid.shape
     ax, _ = _scale(w, align_corners)
     ay, _ = _scale(h, align_corners)
@@ -276,34 +298,42 @@ def _reduce_grid_grad(
     s_x, s_y = by_col[:, 0].sum(1).unbind(-1)  # Σ dL/dgx, Σ dL/dgy
     sv_x, sv_y = by_col[:, 1].sum(1).unbind(-1)  # Σ v·dL/dgx, ...
     su_x, su_y = torch.bmm(u[:, None, :], by_col[:, 0])[:, 0].unbind(-1)  # Σ u·dL/dgx, ...
-    # Chain rule through normalised = a·pixel + b, x_src = cx + cos·u - sin·v, y_src = cy + sin·u + cos·v.
+    # Chain rule through normalised = a·pixel + b, x_src = sx + cos·u - sin·v, y_src = sy + sin·u + cos·v.
     cos, sin = torch.cos(angle), torch.sin(angle)
     grad_angle = ax * (-sin * su_x - cos * sv_x) + ay * (cos * su_y - sin * sv_y)
-    grad_cx = ax * (1 - cos) * s_x - ay * sin * s_y
-    grad_cy = ax * sin * s_x + ay * (1 - cos) * s_y
-    return grad_angle, torch.stack((grad_cx, grad_cy), dim=-1)
+    return grad_angle, torch.stack((ax * s_x, ay * s_y), dim=-1)
 
 
-def _differentiable_backward(
-    ctx: Any, grad_out: Tensor
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients that can themselves be differentiated: autograd through the reference path."""
-    image, angle, center, _ = ctx.saved_tensors
+def _differentiable_backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    """Gradients that can themselves be differentiated: autograd through the reference path.
+
+    For a rotation (no source tensor) the centre plays both roles and gets the whole gradient.
+    """
+    image, angle, center, source, _ = ctx.saved_tensors
     mode, padding_mode, align_corners = ctx.options
-    inputs = (image, angle, center)
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True) if need]
-    out = reference.warp(image, angle, center, center, mode, padding_mode, align_corners)
+    source = center if ctx.rotation else source
+    needs = list(ctx.needs_input_grad[:4])
+    inputs = (image, angle, center, source)
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+    out = reference.warp(image, angle, center, source, mode, padding_mode, align_corners)
     grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])  # type: ignore[return-value]
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def warp(
     image: Tensor,
     angle: Tensor,
     center: Tensor,
+    source: Tensor,
     mode: str,
     padding_mode: str,
     align_corners: bool,
 ) -> Tensor:
-    """Rotate ``image`` (B, C, H, W) by ``angle`` (B,) about ``center`` (B, 2), like ``reference.warp``."""
-    return _Warp.apply(image, angle, center, mode, padding_mode, align_corners)
+    """Warp ``image`` (B, C, H, W) by ``angle`` (B,): output ``center`` (B, 2) shows input ``source`` (B, 2).
+
+    Same output size as the input; equal to ``reference.warp``. A rotation (``source is center``)
+    passes no source tensor to the autograd function: torch.compile cannot trace one tensor
+    given twice, and the centre's gradient is then the sum of both roles'.
+    """
+    point = None if source is center else source
+    return _Warp.apply(image, angle, center, point, mode, padding_mode, align_corners)

@@ -1,19 +1,34 @@
-/* Fused bilinear rotation with zero padding, forward and backward, for rotstn.
+/* Fused bilinear warp with zero padding, forward and backward, for rotstn.
  *
- * Plain C99 + pthreads, no Python or torch headers: rotstn compiles this file
- * at first use (rotstn/_kernels/compiled.py) and calls it through ctypes.
+ * Plain C99 with OpenMP (torch's own libgomp pool, see run()) or pthreads, no
+ * Python or torch headers: rotstn compiles this file at first use
+ * (rotstn/_kernels/compiled.py) and calls it through ctypes.
+ *
+ * One source, several instruction sets: compiled.py builds it once per variant
+ * it needs, with -mavx512f -mavx512vl -mavx512bw -mavx512dq -mavx2 -mfma
+ * ("avx512"), -mavx2 -mfma ("avx2") or the compiler's baseline ("generic"), and
+ * loads the one the CPU can run (rotstn_cpu_features of the generic build
+ * says which). The compiler's predefined macros (__AVX512F__, __AVX2__) pick
+ * the code below: the sampling loops in intrinsics with masked gathers
+ * (16 float or 8 double pixels a step on AVX-512, 8 or 4 on AVX2), or scalar
+ * code that the compiler may vectorise where it can (the coordinate pass, on
+ * NEON for aarch64 too).
  *
  * Geometry (as rotstn/_kernels/reference.py, in pixels): output pixel (i, j)
- * reads the input at x = cx + cos·u - sin·v, y = cy + sin·u + cos·v with
- * u = j - cx, v = i - cy. Bilinear with x0 = floor(x); corners outside
- * [0, W-1] × [0, H-1] contribute 0, which is grid_sample's "zeros" padding for
- * either align_corners (that flag only changes the normalised coordinates).
+ * reads the input at x = sx + cos·u - sin·v, y = sy + sin·u + cos·v with
+ * u = j - cx, v = i - cy; (cx, cy) is the output-side centre and (sx, sy) the
+ * input point shown there (the same for a rotation). Bilinear with
+ * x0 = floor(x); corners outside [0, W-1] × [0, H-1] contribute 0, which is
+ * grid_sample's "zeros" padding for either align_corners (that flag only
+ * changes the normalised coordinates).
  *
- * par holds (cos, sin, cx, cy) per sample in double. Images are (C, H, W)
- * contiguous per sample, sample b at img + b·img_bstride (0 for a broadcast
- * image). Work is split over samples (each thread owns whole samples, so the
- * image-gradient scatter is race-free) or, with fewer samples than threads
- * and no image gradient, over rows with private partial sums.
+ * par holds (cos, sin, cx, cy, sx, sy) per sample in double. Images are
+ * (C, H, W) contiguous per sample, sample b at img + b·img_bstride (0 for a
+ * broadcast image). Work is split over samples (each thread owns whole
+ * samples, so the image-gradient scatter is race-free) or, with fewer samples
+ * than threads and no image gradient, over rows. The backward's per-row sums
+ * go to a (B, H, 4) buffer that is reduced in a fixed order, so results do not
+ * depend on the thread count.
  */
 #include <math.h>
 #include <pthread.h>
@@ -21,21 +36,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__FMA__)
+#define ROTSTN_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ROTSTN_AVX2 1
+#include <immintrin.h>
+#endif
+
 #define MAX_THREADS 256
 
 #if defined(__GNUC__) && !defined(__clang__)
 /* GCC pairs the scatter's q[0], q[1] updates into one 8-byte load and store; the next pixel
  * usually reads 4 bytes into that store, which defeats store forwarding (measured ~8 % slower). */
 #pragma GCC optimize("no-tree-slp-vectorize")
-#endif
-/* The coordinate pass is the one loop that vectorises; with GCC on x86-64 Linux it is also
- * built for AVX2 and picked at load time (ifunc), so the binary still runs on any x86-64.
- * compiled.py retries with -DROTSTN_NO_CLONES where ifuncs are not supported. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(ROTSTN_NO_CLONES)
-#define ROW_COORDS_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define ROW_COORDS_CLONES
 #endif
 
 /* The row loops are inlined at call sites with constant channel counts and flags, which specialises them. */
@@ -45,6 +60,32 @@
 #define ALWAYS_INLINE static inline
 #endif
 
+/* The instruction set this build was compiled for. */
+const char *rotstn_isa(void) {
+#if defined(ROTSTN_AVX512)
+    return "avx512";
+#elif defined(ROTSTN_AVX2)
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
+
+/* What this CPU (and OS) can run: bit 0 the avx2 build, bit 1 the avx512 build. Called on the
+ * generic build only, so it never executes an instruction the CPU may lack. GCC's and clang's
+ * __builtin_cpu_supports also check that the OS saves the wide registers (XCR0). */
+int rotstn_cpu_features(void) {
+    int bits = 0;
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        bits |= 1;
+    if ((bits & 1) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+        bits |= 2;
+#endif
+    return bits;
+}
 
 typedef struct {
     const void *img;
@@ -52,13 +93,16 @@ typedef struct {
     void *out;        /* forward output, or NULL */
     const void *gout; /* backward: output gradient */
     void *gimg;       /* backward: image gradient, or NULL */
-    double *partial;  /* backward: 6 sums per (thread, sample), or NULL */
+    double *rows;     /* backward: 4 sums per (sample, row), or NULL */
     const double *par;
     int64_t B, C, H, W;
     char *scratch;        /* per thread: x0, y0 (int32) and wx, wy of one row */
     size_t scratch_bytes; /* per thread */
     int nthreads, tid, by_rows;
 } job_t;
+
+/* The row functions' scratch: x0, y0, wx, wy of one row (the generic build's coordinate pass). */
+#define ROW_BUFFERS(T) int32_t *restrict rx0, int32_t *restrict ry0, T *restrict rwx, T *restrict rwy
 
 static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
     if (j->by_rows) {
@@ -73,14 +117,15 @@ static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
 /* The corners of one row i of output pixels, in a pass of its own so that it vectorises:
  * x0, y0 = floor of the source coordinates (clamped to [-2, W+1] × [-2, H+1], where every
  * corner is already outside; NaN goes to -2) and the bilinear weights wx = x - x0,
- * wy = y - y0. Truncating x + 2 >= 0 is the floor of x. At θ = 0 (c = 1, s = 0) x is
- * exactly j, as in the reference path on sizes where its normalised grid is exact. */
+ * wy = y - y0. Truncating x + 2 >= 0 is the floor of x. At θ = 0 (c = 1, s = 0) and
+ * source = centre, x is exactly j, as in the reference path on sizes where its normalised
+ * grid is exact. */
 #define DEFINE_ROW_COORDS(T, SUFFIX)                                                                    \
-    ROW_COORDS_CLONES static void row_coords_##SUFFIX(int64_t W, int64_t H, const double *par, int64_t i,                 \
+    static void row_coords_##SUFFIX(int64_t W, int64_t H, const double *par, int64_t i,                 \
                                     int32_t *restrict rx0, int32_t *restrict ry0, T *restrict rwx,      \
                                     T *restrict rwy) {                                                  \
-        const double c = par[0], s = par[1], cx = par[2], cy = par[3];                                  \
-        const double v = (double)i - cy, bx = cx - s * v, by = cy + c * v;                              \
+        const double c = par[0], s = par[1], cx = par[2], cy = par[3], sx = par[4], sy = par[5];        \
+        const double v = (double)i - cy, bx = sx - s * v, by = sy + c * v;                              \
         const double xmax = (double)W + 1.0, ymax = (double)H + 1.0;                                    \
         for (int32_t j = 0; j < (int32_t)W; j++) {                                                      \
             const double u = (double)j - cx;                                                            \
@@ -99,6 +144,21 @@ static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
 
 DEFINE_ROW_COORDS(float, f32)
 DEFINE_ROW_COORDS(double, f64)
+
+/* The same for one pixel (the vector builds' row tails). */
+static inline void pixel_coords(int64_t W, int64_t H, const double *par, int64_t i, int64_t j, int32_t *x0,
+                                int32_t *y0, double *wx, double *wy) {
+    const double c = par[0], s = par[1], u = (double)j - par[2], v = (double)i - par[3];
+    double x = par[4] + c * u - s * v, y = par[5] + s * u + c * v;
+    x = x > -2.0 ? x : -2.0;
+    x = x < (double)W + 1.0 ? x : (double)W + 1.0;
+    y = y > -2.0 ? y : -2.0;
+    y = y < (double)H + 1.0 ? y : (double)H + 1.0;
+    *x0 = (int32_t)(x + 2.0) - 2;
+    *y0 = (int32_t)(y + 2.0) - 2;
+    *wx = x - (double)*x0;
+    *wy = y - (double)*y0;
+}
 
 /* Bilinear weights and offsets of the four corners (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1)
  * of a pixel near the border; a corner outside the image gets weight 0, offset 0 and valid 0. */
@@ -125,6 +185,612 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
         }
 }
 
+/* One output pixel, scalar: the generic build's loop body and the vector builds' row tails.
+ * o points at output pixel (i, j) of channel 0; g at its output gradient. */
+#define DEFINE_PIXEL(T, SUFFIX)                                                                         \
+    ALWAYS_INLINE void forward_px_##SUFFIX(const T *img, T *o, const int64_t C, const int64_t H,        \
+                                           const int64_t W, const int32_t x0, const int32_t y0,         \
+                                           const T wx, const T wy) {                                    \
+        const int64_t HW = H * W;                                                                       \
+        if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {                     \
+            const T *p = img + (int64_t)y0 * W + x0;                                                    \
+            int64_t ch = 0;                                                                             \
+            do {                                                                                        \
+                const T top = p[0] + wx * (p[1] - p[0]);                                                \
+                const T bottom = p[W] + wx * (p[W + 1] - p[W]);                                         \
+                o[ch * HW] = top + wy * (bottom - top);                                                 \
+                p += HW;                                                                                \
+            } while (++ch < C);                                                                         \
+            return;                                                                                     \
+        }                                                                                               \
+        double w[4];                                                                                    \
+        int64_t off[4];                                                                                 \
+        int valid[4];                                                                                   \
+        corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                                   \
+        for (int64_t ch = 0; ch < C; ch++) {                                                            \
+            const T *p = img + ch * HW;                                                                 \
+            o[ch * HW] = (T)w[0] * p[off[0]] + (T)w[1] * p[off[1]] + (T)w[2] * p[off[2]] +              \
+                         (T)w[3] * p[off[3]];                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+                                                                                                        \
+    /* Adds this pixel's dL/dx, dL/dy (over channels) to *gx, *gy and scatters into gimg. */           \
+    ALWAYS_INLINE void backward_px_##SUFFIX(const T *img, const T *g, T *gimg, const int64_t C,         \
+                                            const int64_t H, const int64_t W, const int32_t x0,         \
+                                            const int32_t y0, const T wx, const T wy, const int do_img, \
+                                            const int do_geo, T *gx_out, T *gy_out) {                   \
+        const int64_t HW = H * W;                                                                       \
+        T gx = 0, gy = 0;                                                                               \
+        if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {                     \
+            const int64_t at = (int64_t)y0 * W + x0;                                                    \
+            const T w0 = (1 - wx) * (1 - wy), w1 = wx * (1 - wy);                                       \
+            const T w2 = (1 - wx) * wy, w3 = wx * wy;                                                   \
+            for (int64_t ch = 0; ch < C; ch++) {                                                        \
+                const T gc = g[ch * HW];                                                                \
+                if (do_img) {                                                                           \
+                    T *q = gimg + ch * HW + at;                                                         \
+                    q[0] += gc * w0;                                                                    \
+                    q[1] += gc * w1;                                                                    \
+                    q[W] += gc * w2;                                                                    \
+                    q[W + 1] += gc * w3;                                                                \
+                }                                                                                       \
+                if (do_geo) {                                                                           \
+                    const T *p = img + ch * HW + at;                                                    \
+                    const T i00 = p[0], i01 = p[1], i10 = p[W], i11 = p[W + 1];                         \
+                    const T dx0 = i01 - i00, dy0 = i10 - i00;                                           \
+                    gx += gc * (dx0 + wy * (i11 - i10 - dx0));                                          \
+                    gy += gc * (dy0 + wx * (i11 - i01 - dy0));                                          \
+                }                                                                                       \
+            }                                                                                           \
+        } else {                                                                                        \
+            double w[4];                                                                                \
+            int64_t off[4];                                                                             \
+            int valid[4];                                                                               \
+            corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                               \
+            if (!(valid[0] | valid[1] | valid[2] | valid[3])) {                                         \
+                *gx_out = *gy_out = 0;                                                                  \
+                return;                                                                                 \
+            }                                                                                           \
+            for (int64_t ch = 0; ch < C; ch++) {                                                        \
+                const T gc = g[ch * HW];                                                                \
+                if (do_img) {                                                                           \
+                    /* Invalid corners have weight 0 and offset 0: adding 0 is harmless. */             \
+                    T *q = gimg + ch * HW;                                                              \
+                    for (int k = 0; k < 4; k++)                                                         \
+                        q[off[k]] += gc * (T)w[k];                                                      \
+                }                                                                                       \
+                if (do_geo) {                                                                           \
+                    const T *p = img + ch * HW;                                                         \
+                    const T i00 = valid[0] ? p[off[0]] : 0, i01 = valid[1] ? p[off[1]] : 0;             \
+                    const T i10 = valid[2] ? p[off[2]] : 0, i11 = valid[3] ? p[off[3]] : 0;             \
+                    gx += gc * ((1 - wy) * (i01 - i00) + wy * (i11 - i10));                             \
+                    gy += gc * ((1 - wx) * (i10 - i00) + wx * (i11 - i01));                             \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        *gx_out = gx;                                                                                   \
+        *gy_out = gy;                                                                                   \
+    }
+
+DEFINE_PIXEL(float, f32)
+DEFINE_PIXEL(double, f64)
+
+/* Vector helpers, one set per (instruction set, dtype), named by suffix:
+ *   V a vector of T, I the matching int32 indices, K a lane mask in the form the index
+ *   arithmetic gives (a k-register on AVX-512, an all-ones/zeros integer vector on AVX2),
+ *   D a double vector for the angle sums.
+ *   N lanes; inrange(v, n): 0 <= v < n; gather(base, idx, k): base[idx] where k, else 0;
+ *   maskz(k, v) / imaskz(k, i): v or i where k, else 0; accum: the four row sums of a step. */
+#if defined(ROTSTN_AVX512)
+#define N_zf 16
+#define N_zd 8
+typedef __m512 V_zf;
+typedef __m512i I_zf;
+typedef __mmask16 K_zf;
+typedef __m512d V_zd;
+typedef __m256i I_zd;
+typedef __mmask8 K_zd;
+typedef __m512d D_z;
+
+static inline I_zf iload_zf(const int32_t *p) { return _mm512_loadu_si512((const void *)p); }
+static inline void istore_zf(int32_t *p, I_zf v) { _mm512_storeu_si512((void *)p, v); }
+static inline I_zf iaddc_zf(I_zf v, int32_t c) { return _mm512_add_epi32(v, _mm512_set1_epi32(c)); }
+static inline I_zf imad_zf(I_zf y, int32_t w, I_zf x) {
+    return _mm512_add_epi32(_mm512_mullo_epi32(y, _mm512_set1_epi32(w)), x);
+}
+static inline K_zf inrange_zf(I_zf v, int32_t n) { return _mm512_cmplt_epu32_mask(v, _mm512_set1_epi32(n)); }
+static inline K_zf kand_zf(K_zf a, K_zf b) { return a & b; }
+static inline I_zf imaskz_zf(K_zf k, I_zf v) { return _mm512_maskz_mov_epi32(k, v); }
+static inline V_zf gather_zf(const float *base, I_zf idx, K_zf k) {
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, base, 4);
+}
+static inline V_zf maskz_zf(K_zf k, V_zf v) { return _mm512_maskz_mov_ps(k, v); }
+static inline V_zf load_zf(const float *p) { return _mm512_loadu_ps(p); }
+static inline void store_zf(float *p, V_zf v) { _mm512_storeu_ps(p, v); }
+static inline V_zf set1_zf(float x) { return _mm512_set1_ps(x); }
+static inline V_zf zero_zf(void) { return _mm512_setzero_ps(); }
+static inline V_zf add_zf(V_zf a, V_zf b) { return _mm512_add_ps(a, b); }
+static inline V_zf sub_zf(V_zf a, V_zf b) { return _mm512_sub_ps(a, b); }
+static inline V_zf mul_zf(V_zf a, V_zf b) { return _mm512_mul_ps(a, b); }
+static inline V_zf fma_zf(V_zf a, V_zf b, V_zf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline int kall_zf(K_zf k) { return k == 0xFFFF; }
+static inline void zip_zf(V_zf a, V_zf b, float *dst) {
+    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    _mm512_storeu_ps(dst, _mm512_permutex2var_ps(a, lo, b));
+    _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(a, hi, b));
+}
+/* All four corners of 16 interior pixels: the row pairs (x0, x0+1) come in as 8-byte elements of
+ * 64-bit gathers (half the elements of four 32-bit gathers), then split into left and right. */
+static inline void corners4_zf(const float *p, I_zf o, int32_t w, V_zf *a, V_zf *b, V_zf *c, V_zf *d) {
+    const __m256i lo = _mm512_castsi512_si256(o), hi = _mm512_extracti64x4_epi64(o, 1);
+    const __m256i wv = _mm256_set1_epi32(w);
+    const __m512 t0 = _mm512_castsi512_ps(_mm512_i32gather_epi64(lo, (const void *)p, 4));
+    const __m512 t1 = _mm512_castsi512_ps(_mm512_i32gather_epi64(hi, (const void *)p, 4));
+    const __m512 u0 = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm256_add_epi32(lo, wv), (const void *)p, 4));
+    const __m512 u1 = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm256_add_epi32(hi, wv), (const void *)p, 4));
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    *a = _mm512_permutex2var_ps(t0, even, t1);
+    *b = _mm512_permutex2var_ps(t0, odd, t1);
+    *c = _mm512_permutex2var_ps(u0, even, u1);
+    *d = _mm512_permutex2var_ps(u0, odd, u1);
+}
+static inline K_zf kor_zf(K_zf a, K_zf b) { return a | b; }
+static inline unsigned kbits_zf(K_zf k) { return (unsigned)k; }
+static const int lane_order_zf[N_zf] = {0, 3, 6, 9, 12, 15, 1, 4, 7, 10, 13, 2, 5, 8, 11, 14};
+static inline V_zf iota_zf(void) { return _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
+static inline V_zf clamp_zf(V_zf x, float hi) { return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-2.0f)), _mm512_set1_ps(hi)); }
+static inline V_zf floor_zf(V_zf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline I_zf toint_zf(V_zf x) { return _mm512_cvttps_epi32(x); }
+static inline void accum_zf(V_zf gx, V_zf gy, double u0, D_z acc[4]) {
+    const D_z lo = _mm512_add_pd(_mm512_set1_pd(u0), _mm512_set_pd(7, 6, 5, 4, 3, 2, 1, 0));
+    const D_z hi = _mm512_add_pd(lo, _mm512_set1_pd(8.0));
+    const D_z xl = _mm512_cvtps_pd(_mm512_castps512_ps256(gx));
+    const D_z xh = _mm512_cvtps_pd(_mm512_extractf32x8_ps(gx, 1));
+    const D_z yl = _mm512_cvtps_pd(_mm512_castps512_ps256(gy));
+    const D_z yh = _mm512_cvtps_pd(_mm512_extractf32x8_ps(gy, 1));
+    acc[0] = _mm512_add_pd(acc[0], _mm512_add_pd(xl, xh));
+    acc[1] = _mm512_add_pd(acc[1], _mm512_add_pd(yl, yh));
+    acc[2] = _mm512_fmadd_pd(xh, hi, _mm512_fmadd_pd(xl, lo, acc[2]));
+    acc[3] = _mm512_fmadd_pd(yh, hi, _mm512_fmadd_pd(yl, lo, acc[3]));
+}
+
+static inline I_zd iload_zd(const int32_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline void istore_zd(int32_t *p, I_zd v) { _mm256_storeu_si256((__m256i *)p, v); }
+static inline I_zd iaddc_zd(I_zd v, int32_t c) { return _mm256_add_epi32(v, _mm256_set1_epi32(c)); }
+static inline I_zd imad_zd(I_zd y, int32_t w, I_zd x) {
+    return _mm256_add_epi32(_mm256_mullo_epi32(y, _mm256_set1_epi32(w)), x);
+}
+static inline K_zd inrange_zd(I_zd v, int32_t n) { return _mm256_cmplt_epu32_mask(v, _mm256_set1_epi32(n)); }
+static inline K_zd kand_zd(K_zd a, K_zd b) { return a & b; }
+static inline I_zd imaskz_zd(K_zd k, I_zd v) { return _mm256_maskz_mov_epi32(k, v); }
+static inline V_zd gather_zd(const double *base, I_zd idx, K_zd k) {
+    return _mm512_mask_i32gather_pd(_mm512_setzero_pd(), k, idx, base, 8);
+}
+static inline V_zd maskz_zd(K_zd k, V_zd v) { return _mm512_maskz_mov_pd(k, v); }
+static inline V_zd load_zd(const double *p) { return _mm512_loadu_pd(p); }
+static inline void store_zd(double *p, V_zd v) { _mm512_storeu_pd(p, v); }
+static inline V_zd set1_zd(double x) { return _mm512_set1_pd(x); }
+static inline V_zd zero_zd(void) { return _mm512_setzero_pd(); }
+static inline V_zd add_zd(V_zd a, V_zd b) { return _mm512_add_pd(a, b); }
+static inline V_zd sub_zd(V_zd a, V_zd b) { return _mm512_sub_pd(a, b); }
+static inline V_zd mul_zd(V_zd a, V_zd b) { return _mm512_mul_pd(a, b); }
+static inline V_zd fma_zd(V_zd a, V_zd b, V_zd c) { return _mm512_fmadd_pd(a, b, c); }
+static inline int kall_zd(K_zd k) { return k == 0xFF; }
+static inline void zip_zd(V_zd a, V_zd b, double *dst) {
+    _mm512_storeu_pd(dst, _mm512_permutex2var_pd(a, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), b));
+    _mm512_storeu_pd(dst + 8, _mm512_permutex2var_pd(a, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), b));
+}
+static inline void corners4_zd(const double *p, I_zd o, int32_t w, V_zd *a, V_zd *b, V_zd *c, V_zd *d) {
+    *a = _mm512_i32gather_pd(o, p, 8);
+    *b = _mm512_i32gather_pd(_mm256_add_epi32(o, _mm256_set1_epi32(1)), p, 8);
+    *c = _mm512_i32gather_pd(_mm256_add_epi32(o, _mm256_set1_epi32(w)), p, 8);
+    *d = _mm512_i32gather_pd(_mm256_add_epi32(o, _mm256_set1_epi32(w + 1)), p, 8);
+}
+static inline K_zd kor_zd(K_zd a, K_zd b) { return a | b; }
+static inline unsigned kbits_zd(K_zd k) { return (unsigned)k; }
+static const int lane_order_zd[N_zd] = {0, 3, 6, 1, 4, 7, 2, 5};
+static inline V_zd iota_zd(void) { return _mm512_set_pd(7, 6, 5, 4, 3, 2, 1, 0); }
+static inline V_zd clamp_zd(V_zd x, double hi) { return _mm512_min_pd(_mm512_max_pd(x, _mm512_set1_pd(-2.0)), _mm512_set1_pd(hi)); }
+static inline V_zd floor_zd(V_zd x) { return _mm512_roundscale_pd(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline I_zd toint_zd(V_zd x) { return _mm512_cvttpd_epi32(x); }
+static inline void accum_zd(V_zd gx, V_zd gy, double u0, D_z acc[4]) {
+    const D_z u = _mm512_add_pd(_mm512_set1_pd(u0), _mm512_set_pd(7, 6, 5, 4, 3, 2, 1, 0));
+    acc[0] = _mm512_add_pd(acc[0], gx);
+    acc[1] = _mm512_add_pd(acc[1], gy);
+    acc[2] = _mm512_fmadd_pd(gx, u, acc[2]);
+    acc[3] = _mm512_fmadd_pd(gy, u, acc[3]);
+}
+static inline D_z dzero_z(void) { return _mm512_setzero_pd(); }
+static inline double hsum_z(D_z v) { return _mm512_reduce_add_pd(v); }
+#define SUFFIX_F32 zf
+#define SUFFIX_F64 zd
+#define DZ z
+
+#elif defined(ROTSTN_AVX2)
+#define N_yf 8
+#define N_yd 4
+typedef __m256 V_yf;
+typedef __m256i I_yf;
+typedef __m256i K_yf;
+typedef __m256d V_yd;
+typedef __m128i I_yd;
+typedef __m128i K_yd;
+typedef __m256d D_y;
+
+static inline I_yf iload_yf(const int32_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline void istore_yf(int32_t *p, I_yf v) { _mm256_storeu_si256((__m256i *)p, v); }
+static inline I_yf iaddc_yf(I_yf v, int32_t c) { return _mm256_add_epi32(v, _mm256_set1_epi32(c)); }
+static inline I_yf imad_yf(I_yf y, int32_t w, I_yf x) {
+    return _mm256_add_epi32(_mm256_mullo_epi32(y, _mm256_set1_epi32(w)), x);
+}
+static inline K_yf inrange_yf(I_yf v, int32_t n) {
+    return _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_setzero_si256(), v),
+                               _mm256_cmpgt_epi32(_mm256_set1_epi32(n), v));
+}
+static inline K_yf kand_yf(K_yf a, K_yf b) { return _mm256_and_si256(a, b); }
+static inline I_yf imaskz_yf(K_yf k, I_yf v) { return _mm256_and_si256(k, v); }
+static inline V_yf gather_yf(const float *base, I_yf idx, K_yf k) {
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, idx, _mm256_castsi256_ps(k), 4);
+}
+static inline V_yf maskz_yf(K_yf k, V_yf v) { return _mm256_and_ps(_mm256_castsi256_ps(k), v); }
+static inline V_yf load_yf(const float *p) { return _mm256_loadu_ps(p); }
+static inline void store_yf(float *p, V_yf v) { _mm256_storeu_ps(p, v); }
+static inline V_yf set1_yf(float x) { return _mm256_set1_ps(x); }
+static inline V_yf zero_yf(void) { return _mm256_setzero_ps(); }
+static inline V_yf add_yf(V_yf a, V_yf b) { return _mm256_add_ps(a, b); }
+static inline V_yf sub_yf(V_yf a, V_yf b) { return _mm256_sub_ps(a, b); }
+static inline V_yf mul_yf(V_yf a, V_yf b) { return _mm256_mul_ps(a, b); }
+static inline V_yf fma_yf(V_yf a, V_yf b, V_yf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline int kall_yf(K_yf k) { return _mm256_movemask_ps(_mm256_castsi256_ps(k)) == 0xFF; }
+static inline void zip_yf(V_yf a, V_yf b, float *dst) {
+    const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+/* As corners4_zf, for 8 pixels: four 64-bit gathers of 4 row pairs. */
+static inline void corners4_yf(const float *p, I_yf o, int32_t w, V_yf *a, V_yf *b, V_yf *c, V_yf *d) {
+    const __m128i lo = _mm256_castsi256_si128(o), hi = _mm256_extracti128_si256(o, 1);
+    const __m128i wv = _mm_set1_epi32(w);
+    const long long *q = (const long long *)(const void *)p;
+    const __m256 t0 = _mm256_castsi256_ps(_mm256_i32gather_epi64(q, lo, 4));
+    const __m256 t1 = _mm256_castsi256_ps(_mm256_i32gather_epi64(q, hi, 4));
+    const __m256 u0 = _mm256_castsi256_ps(_mm256_i32gather_epi64(q, _mm_add_epi32(lo, wv), 4));
+    const __m256 u1 = _mm256_castsi256_ps(_mm256_i32gather_epi64(q, _mm_add_epi32(hi, wv), 4));
+    /* shuffle gives a0 a1 a4 a5 | a2 a3 a6 a7; the 64-bit permute puts the quarters in order */
+    *a = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(t0, t1, 0x88)), 0xD8));
+    *b = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(t0, t1, 0xDD)), 0xD8));
+    *c = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(u0, u1, 0x88)), 0xD8));
+    *d = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(u0, u1, 0xDD)), 0xD8));
+}
+static inline K_yf kor_yf(K_yf a, K_yf b) { return _mm256_or_si256(a, b); }
+static inline unsigned kbits_yf(K_yf k) { return (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(k)); }
+static const int lane_order_yf[N_yf] = {0, 3, 6, 1, 4, 7, 2, 5};
+static inline V_yf iota_yf(void) { return _mm256_set_ps(7, 6, 5, 4, 3, 2, 1, 0); }
+static inline V_yf clamp_yf(V_yf x, float hi) { return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-2.0f)), _mm256_set1_ps(hi)); }
+static inline V_yf floor_yf(V_yf x) { return _mm256_floor_ps(x); }
+static inline I_yf toint_yf(V_yf x) { return _mm256_cvttps_epi32(x); }
+static inline void accum_yf(V_yf gx, V_yf gy, double u0, D_y acc[4]) {
+    const D_y lo = _mm256_add_pd(_mm256_set1_pd(u0), _mm256_set_pd(3, 2, 1, 0));
+    const D_y hi = _mm256_add_pd(lo, _mm256_set1_pd(4.0));
+    const D_y xl = _mm256_cvtps_pd(_mm256_castps256_ps128(gx)), xh = _mm256_cvtps_pd(_mm256_extractf128_ps(gx, 1));
+    const D_y yl = _mm256_cvtps_pd(_mm256_castps256_ps128(gy)), yh = _mm256_cvtps_pd(_mm256_extractf128_ps(gy, 1));
+    acc[0] = _mm256_add_pd(acc[0], _mm256_add_pd(xl, xh));
+    acc[1] = _mm256_add_pd(acc[1], _mm256_add_pd(yl, yh));
+    acc[2] = _mm256_fmadd_pd(xh, hi, _mm256_fmadd_pd(xl, lo, acc[2]));
+    acc[3] = _mm256_fmadd_pd(yh, hi, _mm256_fmadd_pd(yl, lo, acc[3]));
+}
+
+static inline I_yd iload_yd(const int32_t *p) { return _mm_loadu_si128((const __m128i *)p); }
+static inline void istore_yd(int32_t *p, I_yd v) { _mm_storeu_si128((__m128i *)p, v); }
+static inline I_yd iaddc_yd(I_yd v, int32_t c) { return _mm_add_epi32(v, _mm_set1_epi32(c)); }
+static inline I_yd imad_yd(I_yd y, int32_t w, I_yd x) {
+    return _mm_add_epi32(_mm_mullo_epi32(y, _mm_set1_epi32(w)), x);
+}
+static inline K_yd inrange_yd(I_yd v, int32_t n) {
+    return _mm_andnot_si128(_mm_cmplt_epi32(v, _mm_setzero_si128()), _mm_cmplt_epi32(v, _mm_set1_epi32(n)));
+}
+static inline K_yd kand_yd(K_yd a, K_yd b) { return _mm_and_si128(a, b); }
+static inline I_yd imaskz_yd(K_yd k, I_yd v) { return _mm_and_si128(k, v); }
+static inline __m256d wide_yd(K_yd k) { return _mm256_castsi256_pd(_mm256_cvtepi32_epi64(k)); }
+static inline V_yd gather_yd(const double *base, I_yd idx, K_yd k) {
+    return _mm256_mask_i32gather_pd(_mm256_setzero_pd(), base, idx, wide_yd(k), 8);
+}
+static inline V_yd maskz_yd(K_yd k, V_yd v) { return _mm256_and_pd(wide_yd(k), v); }
+static inline V_yd load_yd(const double *p) { return _mm256_loadu_pd(p); }
+static inline void store_yd(double *p, V_yd v) { _mm256_storeu_pd(p, v); }
+static inline V_yd set1_yd(double x) { return _mm256_set1_pd(x); }
+static inline V_yd zero_yd(void) { return _mm256_setzero_pd(); }
+static inline V_yd add_yd(V_yd a, V_yd b) { return _mm256_add_pd(a, b); }
+static inline V_yd sub_yd(V_yd a, V_yd b) { return _mm256_sub_pd(a, b); }
+static inline V_yd mul_yd(V_yd a, V_yd b) { return _mm256_mul_pd(a, b); }
+static inline V_yd fma_yd(V_yd a, V_yd b, V_yd c) { return _mm256_fmadd_pd(a, b, c); }
+static inline int kall_yd(K_yd k) { return _mm_movemask_ps(_mm_castsi128_ps(k)) == 0xF; }
+static inline void zip_yd(V_yd a, V_yd b, double *dst) {
+    const __m256d lo = _mm256_unpacklo_pd(a, b), hi = _mm256_unpackhi_pd(a, b);
+    _mm256_storeu_pd(dst, _mm256_permute2f128_pd(lo, hi, 0x20));
+    _mm256_storeu_pd(dst + 4, _mm256_permute2f128_pd(lo, hi, 0x31));
+}
+static inline void corners4_yd(const double *p, I_yd o, int32_t w, V_yd *a, V_yd *b, V_yd *c, V_yd *d) {
+    *a = _mm256_i32gather_pd(p, o, 8);
+    *b = _mm256_i32gather_pd(p, _mm_add_epi32(o, _mm_set1_epi32(1)), 8);
+    *c = _mm256_i32gather_pd(p, _mm_add_epi32(o, _mm_set1_epi32(w)), 8);
+    *d = _mm256_i32gather_pd(p, _mm_add_epi32(o, _mm_set1_epi32(w + 1)), 8);
+}
+static inline K_yd kor_yd(K_yd a, K_yd b) { return _mm_or_si128(a, b); }
+static inline unsigned kbits_yd(K_yd k) { return (unsigned)_mm_movemask_ps(_mm_castsi128_ps(k)); }
+static const int lane_order_yd[N_yd] = {0, 2, 1, 3};
+static inline V_yd iota_yd(void) { return _mm256_set_pd(3, 2, 1, 0); }
+static inline V_yd clamp_yd(V_yd x, double hi) { return _mm256_min_pd(_mm256_max_pd(x, _mm256_set1_pd(-2.0)), _mm256_set1_pd(hi)); }
+static inline V_yd floor_yd(V_yd x) { return _mm256_floor_pd(x); }
+static inline I_yd toint_yd(V_yd x) { return _mm256_cvttpd_epi32(x); }
+static inline void accum_yd(V_yd gx, V_yd gy, double u0, D_y acc[4]) {
+    const D_y u = _mm256_add_pd(_mm256_set1_pd(u0), _mm256_set_pd(3, 2, 1, 0));
+    acc[0] = _mm256_add_pd(acc[0], gx);
+    acc[1] = _mm256_add_pd(acc[1], gy);
+    acc[2] = _mm256_fmadd_pd(gx, u, acc[2]);
+    acc[3] = _mm256_fmadd_pd(gy, u, acc[3]);
+}
+static inline D_y dzero_y(void) { return _mm256_setzero_pd(); }
+static inline double hsum_y(D_y v) {
+    const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+#define SUFFIX_F32 yf
+#define SUFFIX_F64 yd
+#define DZ y
+#endif
+
+#if defined(ROTSTN_AVX512) || defined(ROTSTN_AVX2)
+/* q[0] += a[0], q[1] += a[1] as one 8- or 16-byte load, add and store (a corner pair of a row). */
+static inline void pair_add_f32(float *q, const float *a) {
+    const __m128 sum = _mm_add_ps(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)q)),
+                                  _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)a)));
+    _mm_storel_epi64((__m128i *)q, _mm_castps_si128(sum));
+}
+static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _mm_add_pd(_mm_loadu_pd(q), _mm_loadu_pd(a))); }
+#endif
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+
+#if defined(ROTSTN_AVX512) || defined(ROTSTN_AVX2)
+/* Source coordinates of a step of N pixels, in registers: x = c·j + bx, y = s·j + by with the row's
+ * bx = sx - c·cx - s·v, by = sy - s·cx + c·v formed in double and rounded once to T (for float the
+ * same order of rounding as the reference path's float grid; at θ = 0 with source = centre, x is
+ * exactly j). Clamped to [-2, W+1] × [-2, H+1] (NaN to -2), where every corner is outside. */
+/* The four corners a (x0, y0), b (x0+1, y0), c (x0, y0+1), d (x0+1, y0+1) of a step's pixels in
+ * channel plane p; corners outside the image read as 0. */
+#define CORNERS(S)                                                                                      \
+    if (interior) {                                                                                     \
+        corners4_##S(p, o00, w32, &a, &b, &c, &d);                                                      \
+    } else {                                                                                            \
+        a = gather_##S(p, o00, k00);                                                                    \
+        b = gather_##S(p, o01, k01);                                                                    \
+        c = gather_##S(p, o10, k10);                                                                    \
+        d = gather_##S(p, o11, k11);                                                                    \
+    }
+
+#define ROW_SETUP(T, S)                                                                                 \
+    const double c_ = par[0], s_ = par[1], v_ = (double)i - par[3];                                     \
+    const V_##S cv = set1_##S((T)c_), sv = set1_##S((T)s_), iota = iota_##S();                         \
+    const V_##S bxv = set1_##S((T)(par[4] - c_ * par[2] - s_ * v_));                                    \
+    const V_##S byv = set1_##S((T)(par[5] - s_ * par[2] + c_ * v_));                                    \
+    const T xmax = (T)W + 1, ymax = (T)H + 1;
+#define STEP_COORDS(T, S)                                                                               \
+    const V_##S jv = add_##S(set1_##S((T)j), iota);                                                     \
+    const V_##S xs = clamp_##S(fma_##S(cv, jv, bxv), xmax), ys = clamp_##S(fma_##S(sv, jv, byv), ymax); \
+    const V_##S fx = floor_##S(xs), fy = floor_##S(ys);                                                 \
+    const I_##S x0 = toint_##S(fx), y0 = toint_##S(fy);                                                 \
+    const V_##S wx = sub_##S(xs, fx), wy = sub_##S(ys, fy);
+
+/* The vector row loops, N pixels a step; the tail of a row goes through the scalar pixel code.
+ * Corners outside the image are masked out of the gathers (read as 0, never touched), which is
+ * the zero padding; in the scatter their contribution is 0 at offset 0. */
+#define DEFINE_VECTOR_ROWS_(T, S, SS)                                                                   \
+    ALWAYS_INLINE void forward_row_##SS(const T *img, T *out, const int64_t C, const int64_t H,         \
+                                        const int64_t W, const int64_t i, const double *par,             \
+                                        ROW_BUFFERS(T)) {                                               \
+        const int64_t HW = H * W;                                                                       \
+        const int32_t w32 = (int32_t)W, h32 = (int32_t)H;                                               \
+        ROW_SETUP(T, S)                                                                                 \
+        int64_t j = 0;                                                                                  \
+        for (; j + N_##S <= W; j += N_##S) {                                                            \
+            STEP_COORDS(T, S)                                                                           \
+            const K_##S vx0 = inrange_##S(x0, w32), vx1 = inrange_##S(iaddc_##S(x0, 1), w32);           \
+            const K_##S vy0 = inrange_##S(y0, h32), vy1 = inrange_##S(iaddc_##S(y0, 1), h32);           \
+            const K_##S k00 = kand_##S(vx0, vy0), k01 = kand_##S(vx1, vy0);                             \
+            const K_##S k10 = kand_##S(vx0, vy1), k11 = kand_##S(vx1, vy1);                             \
+            const I_##S o00 = imad_##S(y0, w32, x0), o01 = iaddc_##S(o00, 1);                           \
+            const I_##S o10 = iaddc_##S(o00, w32), o11 = iaddc_##S(o00, w32 + 1);                       \
+            const int interior = kall_##S(kand_##S(k00, k11));                                         \
+            for (int64_t ch = 0; ch < C; ch++) {                                                        \
+                const T *p = img + ch * HW;                                                             \
+                V_##S a, b, c, d;                                                                       \
+                CORNERS(S)                                                                              \
+                const V_##S top = fma_##S(wx, sub_##S(b, a), a);                                        \
+                const V_##S bottom = fma_##S(wx, sub_##S(d, c), c);                                     \
+                store_##S(out + ch * HW + i * W + j, fma_##S(wy, sub_##S(bottom, top), top));           \
+            }                                                                                           \
+        }                                                                                               \
+        for (; j < W; j++) {                                                                            \
+            int32_t x0, y0;                                                                             \
+            double wx, wy;                                                                              \
+            pixel_coords(W, H, par, i, j, &x0, &y0, &wx, &wy);                                          \
+            forward_px_##SS(img, out + i * W + j, C, H, W, x0, y0, (T)wx, (T)wy);                       \
+        }                                                                                               \
+    }                                                                                                   \
+                                                                                                        \
+    /* r = Σ_j gx, Σ_j gy, Σ_j gx·u, Σ_j gy·u over row i, with (gx, gy) = dL/d(x, y) of a pixel. */    \
+    ALWAYS_INLINE void backward_row_##SS(const T *img, const T *gout, T *gimg, const int64_t C,         \
+                                         const int64_t H, const int64_t W, const int64_t i,             \
+                                         const double *par, ROW_BUFFERS(T), const int do_img,           \
+                                         const int do_geo, double r[4]) {                               \
+        const int64_t HW = H * W;                                                                       \
+        const int32_t w32 = (int32_t)W, h32 = (int32_t)H;                                               \
+        const double cx = par[2];                                                                       \
+        ROW_SETUP(T, S)                                                                                 \
+        CAT(D_, DZ) acc[4] = {CAT(dzero_, DZ)(), CAT(dzero_, DZ)(), CAT(dzero_, DZ)(), CAT(dzero_, DZ)()}; \
+        int32_t off[4][N_##S];                                                                          \
+        T add[2][2 * N_##S]; /* interleaved corner pairs: (x0, x0+1) of row y0 in add[0], y0+1 in add[1] */ \
+        const V_##S one = set1_##S((T)1);                                                               \
+        int64_t j = 0;                                                                                  \
+        for (; j + N_##S <= W; j += N_##S) {                                                            \
+            STEP_COORDS(T, S)                                                                           \
+            const K_##S vx0 = inrange_##S(x0, w32), vx1 = inrange_##S(iaddc_##S(x0, 1), w32);           \
+            const K_##S vy0 = inrange_##S(y0, h32), vy1 = inrange_##S(iaddc_##S(y0, 1), h32);           \
+            const K_##S k00 = kand_##S(vx0, vy0), k01 = kand_##S(vx1, vy0);                             \
+            const K_##S k10 = kand_##S(vx0, vy1), k11 = kand_##S(vx1, vy1);                             \
+            const I_##S o00 = imad_##S(y0, w32, x0), o01 = iaddc_##S(o00, 1);                           \
+            const I_##S o10 = iaddc_##S(o00, w32), o11 = iaddc_##S(o00, w32 + 1);                       \
+            V_##S w00 = zero_##S(), w01 = w00, w10 = w00, w11 = w00;                                    \
+            /* Every corner of every lane inside: the scatter adds row pairs (x0, x0+1) at once. */     \
+            const int interior = kall_##S(kand_##S(k00, k11));                                         \
+            const unsigned inside = kbits_##S(kand_##S(k00, k11));                                     \
+            const unsigned touched = kbits_##S(kor_##S(kor_##S(k00, k01), kor_##S(k10, k11)));         \
+            if (do_img) {                                                                               \
+                const V_##S ux = sub_##S(one, wx), uy = sub_##S(one, wy);                               \
+                w00 = maskz_##S(k00, mul_##S(ux, uy));                                                  \
+                w01 = maskz_##S(k01, mul_##S(wx, uy));                                                  \
+                w10 = maskz_##S(k10, mul_##S(ux, wy));                                                  \
+                w11 = maskz_##S(k11, mul_##S(wx, wy));                                                  \
+                if (interior) {                                                                         \
+                    istore_##S(off[0], o00);                                                            \
+                } else {                                                                                \
+                    istore_##S(off[0], imaskz_##S(k00, o00));                                           \
+                    istore_##S(off[1], imaskz_##S(k01, o01));                                           \
+                    istore_##S(off[2], imaskz_##S(k10, o10));                                           \
+                    istore_##S(off[3], imaskz_##S(k11, o11));                                           \
+                }                                                                                       \
+            }                                                                                           \
+            V_##S gx = zero_##S(), gy = zero_##S();                                                     \
+            for (int64_t ch = 0; ch < C; ch++) {                                                        \
+                const V_##S g = load_##S(gout + ch * HW + i * W + j);                                   \
+                if (do_geo) {                                                                           \
+                    const T *p = img + ch * HW;                                                         \
+                    V_##S a, b, c, d;                                                                   \
+                    CORNERS(S)                                                                          \
+                    const V_##S dx0 = sub_##S(b, a), dy0 = sub_##S(c, a);                               \
+                    const V_##S dx = fma_##S(wy, sub_##S(sub_##S(d, c), dx0), dx0);                     \
+                    const V_##S dy = fma_##S(wx, sub_##S(sub_##S(d, b), dy0), dy0);                     \
+                    gx = fma_##S(g, dx, gx);                                                            \
+                    gy = fma_##S(g, dy, gy);                                                            \
+                }                                                                                       \
+                if (do_img) {                                                                           \
+                    /* No vector scatter: neighbouring pixels share corners (conflicting lanes). The    \
+                     * lanes go in the order 0, 3, 6, ..., 1, 4, ...: pixels three apart never share a    \
+                     * corner, so an update rarely waits for the one just stored (store forwarding). */    \
+                    T *q = gimg + ch * HW;                                                              \
+                    if (interior) {                                                                     \
+                        zip_##S(mul_##S(g, w00), mul_##S(g, w01), add[0]);                              \
+                        zip_##S(mul_##S(g, w10), mul_##S(g, w11), add[1]);                              \
+                        for (int k = 0; k < N_##S; k++) {                                               \
+                            const int l = lane_order_##S[k];                                            \
+                            pair_add_##SS(q + off[0][l], add[0] + 2 * l);                               \
+                            pair_add_##SS(q + off[0][l] + W, add[1] + 2 * l);                           \
+                        }                                                                               \
+                        continue;                                                                       \
+                    }                                                                                   \
+                    /* A step across the border: lanes inside as above, lanes with some corners      \
+                     * inside corner by corner, lanes with none skipped. */                              \
+                    zip_##S(mul_##S(g, w00), mul_##S(g, w01), add[0]);                                  \
+                    zip_##S(mul_##S(g, w10), mul_##S(g, w11), add[1]);                                  \
+                    for (int k = 0; k < N_##S; k++) {                                                   \
+                        const int l = lane_order_##S[k];                                                \
+                        if (inside >> l & 1) {                                                          \
+                            pair_add_##SS(q + off[0][l], add[0] + 2 * l);                               \
+                            pair_add_##SS(q + off[0][l] + W, add[1] + 2 * l);                           \
+                        } else if (touched >> l & 1) {                                                  \
+                            q[off[0][l]] += add[0][2 * l];                                              \
+                            q[off[1][l]] += add[0][2 * l + 1];                                          \
+                            q[off[2][l]] += add[1][2 * l];                                              \
+                            q[off[3][l]] += add[1][2 * l + 1];                                          \
+                        }                                                                               \
+                    }                                                                                   \
+                }                                                                                       \
+            }                                                                                           \
+            if (do_geo)                                                                                 \
+                accum_##S(gx, gy, (double)j - cx, acc);                                                 \
+        }                                                                                               \
+        double rx = CAT(hsum_, DZ)(acc[0]), ry = CAT(hsum_, DZ)(acc[1]);                                \
+        double rxu = CAT(hsum_, DZ)(acc[2]), ryu = CAT(hsum_, DZ)(acc[3]);                              \
+        for (; j < W; j++) {                                                                            \
+            T gx, gy;                                                                                   \
+            int32_t x0, y0;                                                                             \
+            double wx, wy;                                                                              \
+            pixel_coords(W, H, par, i, j, &x0, &y0, &wx, &wy);                                          \
+            backward_px_##SS(img, gout + i * W + j, gimg, C, H, W, x0, y0, (T)wx, (T)wy, do_img, do_geo, \
+                             &gx, &gy);                                                                 \
+            const double u = (double)j - cx;                                                            \
+            rx += gx;                                                                                   \
+            ry += gy;                                                                                   \
+            rxu += (double)gx * u;                                                                      \
+            ryu += (double)gy * u;                                                                      \
+        }                                                                                               \
+        r[0] = rx;                                                                                      \
+        r[1] = ry;                                                                                      \
+        r[2] = rxu;                                                                                     \
+        r[3] = ryu;                                                                                     \
+    }
+
+/* Arguments are expanded (SUFFIX_F32 -> zf) before DEFINE_VECTOR_ROWS_ pastes them. */
+#define DEFINE_VECTOR_ROWS(T, S, SS) DEFINE_VECTOR_ROWS_(T, S, SS)
+DEFINE_VECTOR_ROWS(float, SUFFIX_F32, f32)
+DEFINE_VECTOR_ROWS(double, SUFFIX_F64, f64)
+
+#else
+/* Generic build: the scalar pixel code, one pixel at a time. */
+#define DEFINE_SCALAR_ROWS(T, SS)                                                                       \
+    ALWAYS_INLINE void forward_row_##SS(const T *img, T *out, const int64_t C, const int64_t H,         \
+                                        const int64_t W, const int64_t i, const double *par,             \
+                                        ROW_BUFFERS(T)) {                                               \
+        row_coords_##SS(W, H, par, i, rx0, ry0, rwx, rwy);                                              \
+        for (int64_t j = 0; j < W; j++)                                                                 \
+            forward_px_##SS(img, out + i * W + j, C, H, W, rx0[j], ry0[j], rwx[j], rwy[j]);             \
+    }                                                                                                   \
+                                                                                                        \
+    ALWAYS_INLINE void backward_row_##SS(const T *img, const T *gout, T *gimg, const int64_t C,         \
+                                         const int64_t H, const int64_t W, const int64_t i,             \
+                                         const double *par, ROW_BUFFERS(T), const int do_img,           \
+                                         const int do_geo, double r[4]) {                               \
+        const double cx = par[2];                                                                       \
+        double rx = 0, ry = 0, rxu = 0, ryu = 0;                                                        \
+        row_coords_##SS(W, H, par, i, rx0, ry0, rwx, rwy);                                              \
+        for (int64_t j = 0; j < W; j++) {                                                               \
+            T gx, gy;                                                                                   \
+            backward_px_##SS(img, gout + i * W + j, gimg, C, H, W, rx0[j], ry0[j], rwx[j], rwy[j],      \
+                             do_img, do_geo, &gx, &gy);                                                 \
+            const double u = (double)j - cx;                                                            \
+            rx += gx;                                                                                   \
+            ry += gy;                                                                                   \
+            rxu += (double)gx * u;                                                                      \
+            ryu += (double)gy * u;                                                                      \
+        }                                                                                               \
+        r[0] = rx;                                                                                      \
+        r[1] = ry;                                                                                      \
+        r[2] = rxu;                                                                                     \
+        r[3] = ryu;                                                                                     \
+    }
+
+DEFINE_SCALAR_ROWS(float, f32)
+DEFINE_SCALAR_ROWS(double, f64)
+#endif
+
+/* The next sample's image, a slice per row, into L2 while this sample is sampled: a rotated
+ * walk over a fresh image defeats the hardware prefetchers, and its misses stall the gathers.
+ * Only images that fit a typical L2 share (PREFETCH_MAX_BYTES) are fetched ahead. */
+#define PREFETCH_MAX_BYTES (512 * 1024)
+static inline void prefetch_slice(const void *next, size_t bytes, int64_t i, int64_t H) {
+    if (!next || bytes > PREFETCH_MAX_BYTES)
+        return;
+    const size_t per_row = (bytes / (size_t)H + 63) / 64 * 64;
+    const char *p = (const char *)next + (size_t)i * per_row;
+    const char *end = (const char *)next + bytes;
+    for (size_t o = 0; o < per_row && p + o < end; o += 64)
+        __builtin_prefetch(p + o, 0, 2);
+}
+
 #define WORKER_SETUP(T)                                                                                 \
     const job_t *jb = (const job_t *)arg;                                                               \
     const int64_t C = jb->C, H = jb->H, W = jb->W, HW = H * W;                                          \
@@ -134,176 +800,91 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
     row_range(jb, &r0, &r1);                                                                            \
     const int64_t b0 = jb->by_rows ? 0 : jb->tid, bstep = jb->by_rows ? 1 : jb->nthreads;
 
-#define DEFINE_KERNELS(T, SUFFIX)                                                                       \
-    ALWAYS_INLINE void forward_row_##SUFFIX(                             \
-        const T *img, T *out, const int64_t C, const int64_t H, const int64_t W, const int64_t i,        \
-        const int32_t *rx0, const int32_t *ry0, const T *rwx, const T *rwy) {                           \
-        const int64_t HW = H * W;                                                                       \
-        for (int64_t j = 0; j < W; j++) {                                                       \
-            const int32_t x0 = rx0[j], y0 = ry0[j];                                             \
-            const T wx = rwx[j], wy = rwy[j];                                                   \
-            T *o = out + i * W + j;                                                             \
-            if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {         \
-                const T *p = img + (int64_t)y0 * W + x0;                                        \
-                int64_t ch = 0;                                                                 \
-                do {                                                                            \
-                    const T top = p[0] + wx * (p[1] - p[0]);                                    \
-                    const T bottom = p[W] + wx * (p[W + 1] - p[W]);                             \
-                    o[ch * HW] = top + wy * (bottom - top);                                     \
-                    p += HW;                                                                    \
-                } while (++ch < C);                                                             \
-                continue;                                                                       \
-            }                                                                                   \
-            double w[4];                                                                        \
-            int64_t off[4];                                                                     \
-            int valid[4];                                                                       \
-            corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                       \
-            for (int64_t ch = 0; ch < C; ch++) {                                                \
-                const T *p = img + ch * HW;                                                     \
-                o[ch * HW] = (T)w[0] * p[off[0]] + (T)w[1] * p[off[1]] + (T)w[2] * p[off[2]] +  \
-                             (T)w[3] * p[off[3]];                                               \
-            }                                                                                   \
-        }                                                                                       \
-    }                                                                                                   \
-                                                                                                        \
+#define DEFINE_WORKERS(T, SUFFIX)                                                                       \
     static void *forward_worker_##SUFFIX(void *arg) {                                                   \
         WORKER_SETUP(T)                                                                                 \
         for (int64_t b = b0; b < jb->B; b += bstep) {                                                   \
             const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
             T *out = (T *)jb->out + b * C * HW;                                                         \
+            const double *par = jb->par + 6 * b;                                                        \
+            const T *next = b + bstep < jb->B && !jb->by_rows && jb->img_bstride                        \
+                                ? img + bstep * jb->img_bstride : NULL;                                 \
             for (int64_t i = r0; i < r1; i++) {                                                         \
-                row_coords_##SUFFIX(W, H, jb->par + 4 * b, i, rx0, ry0, rwx, rwy);                              \
+                prefetch_slice(next, (size_t)(C * HW) * sizeof(T), i, H);                               \
                 if (C == 1)                                                                             \
-                    forward_row_##SUFFIX(img, out, 1, H, W, i, rx0, ry0, rwx, rwy);                     \
+                    forward_row_##SUFFIX(img, out, 1, H, W, i, par, rx0, ry0, rwx, rwy);                \
                 else                                                                                    \
-                    forward_row_##SUFFIX(img, out, C, H, W, i, rx0, ry0, rwx, rwy);                     \
+                    forward_row_##SUFFIX(img, out, C, H, W, i, par, rx0, ry0, rwx, rwy);                \
             }                                                                                           \
         }                                                                                               \
         return NULL;                                                                                    \
     }                                                                                                   \
                                                                                                         \
-    ALWAYS_INLINE void backward_row_##SUFFIX(                            \
-        const T *img, const T *gout, T *gimg, const int64_t C, const int64_t H, const int64_t W,        \
-        const int64_t i, const int32_t *rx0, const int32_t *ry0, const T *rwx, const T *rwy,            \
-        const double cx, const int do_img, const int do_geo, double r[4]) {                             \
-        const int64_t HW = H * W;                                                                       \
-        double rx = 0, ry = 0, rxu = 0, ryu = 0;                                                        \
-        for (int64_t j = 0; j < W; j++) {                                                       \
-            const int32_t x0 = rx0[j], y0 = ry0[j];                                             \
-            const T wx = rwx[j], wy = rwy[j];                                                   \
-            const int64_t pix = i * W + j;                                                      \
-            T gx = 0, gy = 0;                                                                   \
-            if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {         \
-                const int64_t at = (int64_t)y0 * W + x0;                                        \
-                const T w0 = (1 - wx) * (1 - wy), w1 = wx * (1 - wy);                           \
-                const T w2 = (1 - wx) * wy, w3 = wx * wy;                                       \
-                for (int64_t ch = 0; ch < C; ch++) {                                            \
-                    const T g = gout[ch * HW + pix];                                            \
-                    if (do_img) {                                                                 \
-                        T *q = gimg + ch * HW + at;                                             \
-                        q[0] += g * w0;                                                         \
-                        q[1] += g * w1;                                                         \
-                        q[W] += g * w2;                                                         \
-                        q[W + 1] += g * w3;                                                     \
-                    }                                                                           \
-                    if (do_geo) {                                                             \
-                        const T *p = img + ch * HW + at;                                        \
-                        const T i00 = p[0], i01 = p[1], i10 = p[W], i11 = p[W + 1];             \
-                        const T dx0 = i01 - i00, dy0 = i10 - i00;                               \
-                        gx += g * (dx0 + wy * (i11 - i10 - dx0));                               \
-                        gy += g * (dy0 + wx * (i11 - i01 - dy0));                               \
-                    }                                                                           \
-                }                                                                               \
-            } else {                                                                            \
-                double w[4];                                                                    \
-                int64_t off[4];                                                                 \
-                int valid[4];                                                                   \
-                corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                   \
-                if (!(valid[0] | valid[1] | valid[2] | valid[3]))                               \
-                    continue;                                                                   \
-                for (int64_t ch = 0; ch < C; ch++) {                                            \
-                    const T g = gout[ch * HW + pix];                                            \
-                    if (do_img) {                                                                 \
-                        /* Invalid corners have weight 0 and offset 0: adding 0 is harmless. */ \
-                        T *q = gimg + ch * HW;                                                  \
-                        for (int k = 0; k < 4; k++)                                             \
-                            q[off[k]] += g * (T)w[k];                                           \
-                    }                                                                           \
-                    if (do_geo) {                                                             \
-                        const T *p = img + ch * HW;                                             \
-                        const T i00 = valid[0] ? p[off[0]] : 0, i01 = valid[1] ? p[off[1]] : 0; \
-                        const T i10 = valid[2] ? p[off[2]] : 0, i11 = valid[3] ? p[off[3]] : 0; \
-                        gx += g * ((1 - wy) * (i01 - i00) + wy * (i11 - i10));                  \
-                        gy += g * ((1 - wx) * (i10 - i00) + wx * (i11 - i01));                  \
-                    }                                                                           \
-                }                                                                               \
-            }                                                                                   \
-            const double u = (double)j - cx;                                                    \
-            rx += gx;                                                                           \
-            ry += gy;                                                                           \
-            rxu += (double)gx * u;                                                              \
-            ryu += (double)gy * u;                                                              \
-        }                                                                                       \
-        r[0] = rx;                                                                                      \
-        r[1] = ry;                                                                                      \
-        r[2] = rxu;                                                                                     \
-        r[3] = ryu;                                                                                     \
-    }                                                                                                   \
-                                                                                                        \
     static void *backward_worker_##SUFFIX(void *arg) {                                                  \
         WORKER_SETUP(T)                                                                                 \
-        const int want_geo = jb->partial != NULL;                                                       \
+        const int want_geo = jb->rows != NULL;                                                          \
+        double scrap[4];                                                                                \
         for (int64_t b = b0; b < jb->B; b += bstep) {                                                   \
             const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
             const T *gout = (const T *)jb->gout + b * C * HW;                                           \
             T *gimg = jb->gimg ? (T *)jb->gimg + b * C * HW : NULL;                                     \
-            const double cx = jb->par[4 * b + 2], cy = jb->par[4 * b + 3];                              \
-            /* Σ gx, Σ gy, Σ gx·u, Σ gx·v, Σ gy·u, Σ gy·v; (gx, gy) = dL/d(x, y) of one pixel. */        \
-            double sx = 0, sy = 0, sxu = 0, sxv = 0, syu = 0, syv = 0;                                  \
+            const double *par = jb->par + 6 * b;                                                        \
             if (gimg)                                                                                   \
                 memset(gimg, 0, (size_t)(C * HW) * sizeof(T));                                          \
+            const T *next = b + bstep < jb->B && !jb->by_rows && jb->img_bstride                        \
+                                ? img + bstep * jb->img_bstride : NULL;                                 \
             for (int64_t i = r0; i < r1; i++) {                                                         \
-                const double v = (double)i - cy;                                                        \
-                row_coords_##SUFFIX(W, H, jb->par + 4 * b, i, rx0, ry0, rwx, rwy);                              \
-                double r[4] = {0, 0, 0, 0}; /* Σ_j gx, Σ_j gy, Σ_j gx·u, Σ_j gy·u */                   \
-                const int32_t *ox = rx0, *oy = ry0;                                                     \
-                const T *fx = rwx, *fy = rwy;                                                           \
+                if (want_geo)                                                                           \
+                    prefetch_slice(next, (size_t)(C * HW) * sizeof(T), i, H);                           \
+                double *r = want_geo ? jb->rows + 4 * (b * H + i) : scrap;                              \
                 /* Constant flags and channel count let the compiler specialise the common calls. */   \
                 if (C == 1 && gimg && want_geo)                                                         \
-                    backward_row_##SUFFIX(img, gout, gimg, 1, H, W, i, ox, oy, fx, fy, cx, 1, 1, r);    \
+                    backward_row_##SUFFIX(img, gout, gimg, 1, H, W, i, par, rx0, ry0, rwx, rwy, 1, 1, r); \
                 else if (C == 1 && want_geo)                                                            \
-                    backward_row_##SUFFIX(img, gout, NULL, 1, H, W, i, ox, oy, fx, fy, cx, 0, 1, r);    \
+                    backward_row_##SUFFIX(img, gout, NULL, 1, H, W, i, par, rx0, ry0, rwx, rwy, 0, 1, r); \
                 else if (gimg && want_geo)                                                              \
-                    backward_row_##SUFFIX(img, gout, gimg, C, H, W, i, ox, oy, fx, fy, cx, 1, 1, r);    \
+                    backward_row_##SUFFIX(img, gout, gimg, C, H, W, i, par, rx0, ry0, rwx, rwy, 1, 1, r); \
+                else if (want_geo)                                                                      \
+                    backward_row_##SUFFIX(img, gout, NULL, C, H, W, i, par, rx0, ry0, rwx, rwy, 0, 1, r); \
                 else                                                                                    \
-                    backward_row_##SUFFIX(img, gout, gimg, C, H, W, i, ox, oy, fx, fy, cx, gimg != NULL, \
-                                          want_geo, r);                                                 \
-                const double rx = r[0], ry = r[1], rxu = r[2], ryu = r[3];                              \
-                sx += rx;                                                                               \
-                sy += ry;                                                                               \
-                sxu += rxu;                                                                             \
-                syu += ryu;                                                                             \
-                sxv += rx * v;                                                                          \
-                syv += ry * v;                                                                          \
-            }                                                                                           \
-            if (want_geo) {                                                                             \
-                double *acc = jb->partial + 6 * ((int64_t)jb->tid * jb->B + b);                         \
-                acc[0] = sx;                                                                            \
-                acc[1] = sy;                                                                            \
-                acc[2] = sxu;                                                                           \
-                acc[3] = sxv;                                                                           \
-                acc[4] = syu;                                                                           \
-                acc[5] = syv;                                                                           \
+                    backward_row_##SUFFIX(img, gout, gimg, C, H, W, i, par, rx0, ry0, rwx, rwy, 1, 0, r); \
             }                                                                                           \
         }                                                                                               \
         return NULL;                                                                                    \
     }
 
-DEFINE_KERNELS(float, f32)
-DEFINE_KERNELS(double, f64)
+DEFINE_WORKERS(float, f32)
+DEFINE_WORKERS(double, f64)
 
-/* Run worker on n threads (the caller's thread is one of them); 1 if threads cannot be made. */
-static int run(void *(*worker)(void *), job_t *base, int n, int by_rows) {
+/* Run worker on n shares. Built with -fopenmp, the shares go to an OpenMP team: loaded into a
+ * process where torch has loaded libgomp.so.1, the dynamic linker hands this library the same
+ * runtime, so the team is torch's own intra-op pool (threads already made, often still
+ * spinning after the previous torch op) instead of threads made per call that compete with
+ * it for the cores. Without OpenMP, pthreads (the caller's thread is one of them). Either way
+ * share t is job t, whatever the team size, so results do not depend on it. */
+#if defined(_OPENMP)
+#include <omp.h>
+static void run(void *(*worker)(void *), job_t *base, int n, int by_rows) {
+    job_t jobs[MAX_THREADS];
+    for (int t = 0; t < n; t++) {
+        jobs[t] = *base;
+        jobs[t].nthreads = n;
+        jobs[t].tid = t;
+        jobs[t].by_rows = by_rows;
+    }
+    if (n == 1) {
+        worker(&jobs[0]);
+        return;
+    }
+#pragma omp parallel num_threads(n)
+    {
+        const int team = omp_get_num_threads();
+        for (int t = omp_get_thread_num(); t < n; t += team)
+            worker(&jobs[t]);
+    }
+}
+#else
+static void run(void *(*worker)(void *), job_t *base, int n, int by_rows) {
     job_t jobs[MAX_THREADS];
     pthread_t threads[MAX_THREADS];
     int started[MAX_THREADS];
@@ -317,22 +898,31 @@ static int run(void *(*worker)(void *), job_t *base, int n, int by_rows) {
     for (int t = 1; t < n; t++)
         started[t] = pthread_create(&threads[t], NULL, worker, &jobs[t]) == 0;
     worker(&jobs[0]);
-    int ok = 1;
     for (int t = 1; t < n; t++) {
         if (started[t])
             pthread_join(threads[t], NULL);
-        else
-            ok = 0;
+        else /* a thread failed to start: do its share here */
+            worker(&jobs[t]);
     }
-    if (!ok) /* a thread failed to start: do its share here */
-        for (int t = 1; t < n; t++)
-            if (!started[t])
-                worker(&jobs[t]);
-    return n;
+}
+#endif
+
+/* Whether this build runs its shares on OpenMP (torch's pool when torch loaded libgomp first). */
+int rotstn_openmp(void) {
+#if defined(_OPENMP)
+    return 1;
+#else
+    return 0;
+#endif
 }
 
-/* Below this many output pixels one thread is faster than starting more. */
+/* Below this many output pixels one thread is faster than starting more (an OpenMP team from a
+ * warm pool costs microseconds, a pthread per call tens of them). */
+#if defined(_OPENMP)
+#define MIN_PIXELS_PER_THREAD 1024
+#else
 #define MIN_PIXELS_PER_THREAD 4096
+#endif
 
 static int thread_count(int64_t work_pixels, int nthreads) {
     if (nthreads < 1)
@@ -370,7 +960,8 @@ static size_t scratch_bytes(int64_t W, size_t elem) {
         return 0;                                                                                       \
     }                                                                                                   \
                                                                                                         \
-    /* geo (B × 3: dθ, dcx, dcy) or NULL; gimg (B, C, H, W) or NULL. Returns 0, or -1 out of memory. */ \
+    /* geo (B × 3: dθ, Σ dL/dx, Σ dL/dy) or NULL; gimg (B, C, H, W) or NULL. 0, or -1 out of memory.    \
+     * Σ dL/dx, Σ dL/dy is the gradient of the source point; the caller derives the centre's. */       \
     int rotstn_backward_##SUFFIX(const T *img, int64_t img_bstride, const T *gout, T *gimg,             \
                                  double *geo, const double *par, int64_t B, int64_t C, int64_t H,       \
                                  int64_t W, int nthreads) {                                             \
@@ -385,35 +976,42 @@ static size_t scratch_bytes(int64_t W, size_t elem) {
         int by_rows = B < n && gimg == NULL;                                                            \
         if (!by_rows && n > B)                                                                          \
             n = (int)B;                                                                                 \
-        double *partial = NULL;                                                                         \
+        double *rows = NULL;                                                                            \
         if (geo) {                                                                                      \
-            partial = (double *)calloc((size_t)(n * B * 6), sizeof(double));                            \
-            if (!partial)                                                                               \
+            rows = (double *)malloc((size_t)(B * H * 4) * sizeof(double));                              \
+            if (!rows)                                                                                  \
                 return -1;                                                                              \
         }                                                                                               \
         size_t bytes = scratch_bytes(W, sizeof(T));                                                     \
         char *scratch = (char *)malloc(bytes * (size_t)n);                                              \
         if (!scratch) {                                                                                 \
-            free(partial);                                                                              \
+            free(rows);                                                                                 \
             return -1;                                                                                  \
         }                                                                                               \
-        job_t job = {img, img_bstride, NULL, gout, gimg, partial, par, B, C, H, W, scratch, bytes, 1, 0, 0}; \
+        job_t job = {img, img_bstride, NULL, gout, gimg, rows, par, B, C, H, W, scratch, bytes, 1, 0, 0}; \
         run(backward_worker_##SUFFIX, &job, n, by_rows);                                                \
         free(scratch);                                                                                  \
         if (geo) {                                                                                      \
             for (int64_t b = 0; b < B; b++) {                                                           \
+                /* Σ gx, Σ gy, Σ gx·u, Σ gx·v, Σ gy·u, Σ gy·v over the sample, rows in order. */       \
                 double a[6] = {0, 0, 0, 0, 0, 0};                                                       \
-                for (int t = 0; t < n; t++)                                                             \
-                    for (int k = 0; k < 6; k++)                                                         \
-                        a[k] += partial[6 * ((int64_t)t * B + b) + k];                                  \
-                const double c = par[4 * b], s = par[4 * b + 1];                                        \
-                /* ∂x/∂θ = -s·u - c·v, ∂y/∂θ = c·u - s·v; ∂x/∂cx = 1 - c, ∂x/∂cy = s,                   \
-                   ∂y/∂cx = -s, ∂y/∂cy = 1 - c. */                                                      \
+                const double cy = par[6 * b + 3];                                                       \
+                for (int64_t i = 0; i < H; i++) {                                                       \
+                    const double *r = rows + 4 * (b * H + i), v = (double)i - cy;                       \
+                    a[0] += r[0];                                                                       \
+                    a[1] += r[1];                                                                       \
+                    a[2] += r[2];                                                                       \
+                    a[3] += r[0] * v;                                                                   \
+                    a[4] += r[3];                                                                       \
+                    a[5] += r[1] * v;                                                                   \
+                }                                                                                       \
+                const double c = par[6 * b], s = par[6 * b + 1];                                        \
+                /* ∂x/∂θ = -s·u - c·v, ∂y/∂θ = c·u - s·v. */                                            \
                 geo[3 * b] = -s * a[2] - c * a[3] + c * a[4] - s * a[5];                                \
-                geo[3 * b + 1] = (1 - c) * a[0] - s * a[1];                                             \
-                geo[3 * b + 2] = s * a[0] + (1 - c) * a[1];                                             \
+                geo[3 * b + 1] = a[0];                                                                  \
+                geo[3 * b + 2] = a[1];                                                                  \
             }                                                                                           \
-            free(partial);                                                                              \
+            free(rows);                                                                                 \
         }                                                                                               \
         return 0;                                                                                       \
     }
