@@ -1,6 +1,6 @@
 """Reading and writing image stacks and transforms tables, one batch of frames at a time.
 
-* :func:`open_stack`: a multi-page TIFF (read through ``tifffile.memmap`` when the
+* :func:`open_stack`: a multi-page TIFF (slices read straight from the file when the
   pixels are stored uncompressed in one block, page by page otherwise) or a folder
   of PNG/JPEG/TIFF images (one frame per file, in name order). Frames are read as
   ``(n, C, H, W)`` float32 with their values unchanged (no scaling), so the
@@ -85,9 +85,10 @@ class TiffStack:
         h, w = shape[-frame_nd : len(shape) - frame_nd + 2]
         self.frame_shape = (shape[-1] if rgb else 1, h, w)
         self._n = math.prod(shape[:-frame_nd])
-        self._memmap = None
-        if series.dataoffset is not None:
-            self._memmap = tifffile.memmap(self.path, series=0, mode="r").reshape(self._n, *shape[-frame_nd:])
+        # Uncompressed pixels in one block: read slices of it with plain file reads (a memory map would
+        # count every page read so far in the process's resident memory).
+        self._offset = series.dataoffset
+        self._stored = np.dtype(series.dtype).newbyteorder(self._file.byteorder)
         self.metadata: dict[str, Any] = {}
         if page.tags.get("XResolution") is not None:
             self.metadata["resolution"] = page.resolution
@@ -101,8 +102,12 @@ class TiffStack:
         return self._n
 
     def read(self, start: int, stop: int) -> Tensor:
-        if self._memmap is not None:
-            data = np.asarray(self._memmap[start:stop])
+        if self._offset is not None:
+            count = (stop - start) * math.prod(self.frame_shape)
+            fh = self._file.filehandle
+            fh.seek(self._offset + start * math.prod(self.frame_shape) * self._stored.itemsize)
+            data = np.frombuffer(fh.read(count * self._stored.itemsize), self._stored, count)
+            data = data.reshape(stop - start, *self._page_shape())
         else:
             data = self._file.asarray(key=range(start, stop)).reshape(stop - start, *self._page_shape())
         data = data[:, None] if data.ndim == 3 else np.moveaxis(data, -1, 1)
@@ -113,7 +118,6 @@ class TiffStack:
         return (h, w) if c == 1 else (h, w, c)
 
     def close(self) -> None:
-        self._memmap = None
         self._file.close()
 
 
