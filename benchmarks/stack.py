@@ -226,6 +226,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     n192, n512 = (12, 4) if args.quick else (300, 40)
     walk = bundled_image("astronaut")
+    if args.figure:
+        figure(args.figure, make_stack(walk, n192, 192, {100: 97.0, 200: -143.0}, 0, 0.02), args.batch_size)
+        return
     retina = bundled_image("retina")
     stacks = {
         f"walk-192 ({n192} frames)": make_stack(walk, n192, 192, {100: 97.0, 200: -143.0}, 0, 0.02),

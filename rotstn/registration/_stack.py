@@ -271,13 +271,14 @@ def register_stack(
         ref = ref.to(torch.float32).expand(src.frame_shape[0], *ref.shape[1:])
     device = torch.device("cpu") if device is None else torch.device(device)
     mask_d = None if mask is None else torch.as_tensor(mask).to(device)
-    passes = mean_passes if reference == "mean" else 1
+    mode = reference if isinstance(reference, str) else "image"
+    passes = mean_passes if mode == "mean" else 1
     bar = _bar(progress, passes * (stop - start))
     job = _Job(src, device, batch_size, mask_d, options, bar)
     try:
         for p in range(passes):
             last = p == passes - 1
-            if reference == "previous":
+            if mode == "previous":
                 result = job.chain(ref, start, stop, anchor_below, anchor_every, write)
             else:
                 result, mean = job.against(ref, start, stop, write if last else None, average=not last)
