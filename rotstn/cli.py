@@ -123,6 +123,10 @@ def _register_stack(args: argparse.Namespace) -> int:
     from . import io
     from .registration import register_stack
 
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     stack = io.open_stack(args.input)
     try:
         start, stop = _frames(args.frames, len(stack))
