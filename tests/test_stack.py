@@ -243,3 +243,18 @@ def test_cli_parts_and_folders(stack, tmp_path, capsys):
     assert np.asarray(Image.open(tmp_path / "out" / "frame0.png")).dtype == np.uint8
     assert main(["register-stack", str(folder), "--frames", "5:2", "-q"]) == 1
     assert "selects no frames" in capsys.readouterr().err
+
+
+def test_agrees_with_pystackreg_on_small_turns():
+    pystackreg = pytest.importorskip("pystackreg")
+    angles = np.radians([0.0, 2.0, -3.0, 4.0, 1.0, -2.0])
+    shifts = np.array([[0, 0], [1.5, -1.0], [-2.0, 1.0], [2.0, 2.5], [0.5, -2.0], [-1.0, 0.5]])
+    frames, truth = _scipy_frames(angles, shifts)
+    for reference in ("first", "previous"):
+        theirs = pystackreg.StackReg(pystackreg.StackReg.RIGID_BODY).register_stack(
+            frames[:, 0].double().numpy(), reference=reference, axis=0
+        )
+        ours = register_stack(frames, reference=reference, batch_size=6)
+        # pystackreg's tmats use the same convention (reference pixel -> frame pixel, x = column)
+        assert _displacement(torch.from_numpy(theirs[:, :2]), truth).max() < 0.3
+        assert _displacement(ours.matrix, theirs).max() < 0.3

@@ -83,7 +83,7 @@ class TensorFrames:
         return self.frames.shape[0]
 
     def read(self, start: int, stop: int) -> Tensor:
-        return self.frames[start:stop].to(torch.float32)
+        return self.frames[start:stop].to("cpu", torch.float32)
 
 
 @dataclass(frozen=True)
