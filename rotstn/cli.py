@@ -137,8 +137,8 @@ def _register_stack(args: argparse.Namespace) -> int:
                     "--reference must be first, previous, mean or an image file; "
                     f"{args.reference} does not exist"
                 )
-            ref_stack = io.open_stack(args.reference) if args.reference.lower().endswith(io.TIFF) else None
-            reference = ref_stack.read(0, 1)[0] if ref_stack is not None else _read(args.reference)[0].float()
+            # unscaled, like the frames (a TIFF reference: its first page)
+            reference = torch.from_numpy(io.read_image(args.reference).astype(np.float32))
         elif args.reference == "mean" and (start, stop) != (0, len(stack)):
             raise ValueError(
                 "--reference mean with --frames would give each part its own mean; register the whole "

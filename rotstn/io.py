@@ -37,6 +37,7 @@ __all__ = [
     "TiffStack",
     "merge_transforms",
     "open_stack",
+    "read_image",
     "read_transforms",
     "write_transforms",
 ]
@@ -171,15 +172,7 @@ class FolderStack:
 
     @staticmethod
     def _load(p: Path) -> np.ndarray:
-        try:
-            if p.suffix.lower() in TIFF:
-                return _chw(_tifffile().TiffFile(p).pages.first.asarray())
-            from PIL import Image
-
-            with Image.open(p) as img:
-                return _chw(np.asarray(img))
-        except Exception as exc:
-            raise ValueError(f"cannot read {p}: {exc}") from exc
+        return read_image(p)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -189,6 +182,25 @@ class FolderStack:
 
     def close(self) -> None:
         pass
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """One image file (PNG/JPEG/TIFF: its first page) as ``(C, H, W)`` in its own dtype, unscaled.
+
+    Raises:
+        ValueError: the file cannot be read (the message names it).
+    """
+    p = Path(path)
+    try:
+        if p.suffix.lower() in TIFF:
+            with _tifffile().TiffFile(p) as t:
+                return _chw(t.pages.first.asarray())
+        from PIL import Image
+
+        with Image.open(p) as img:
+            return _chw(np.asarray(img))
+    except Exception as exc:
+        raise ValueError(f"cannot read {p}: {exc}") from exc
 
 
 def open_stack(path: str | os.PathLike) -> TiffStack | FolderStack:

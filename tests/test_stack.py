@@ -258,3 +258,30 @@ def test_agrees_with_pystackreg_on_small_turns():
         # pystackreg's tmats use the same convention (reference pixel -> frame pixel, x = column)
         assert _displacement(torch.from_numpy(theirs[:, :2]), truth).max() < 0.3
         assert _displacement(ours.matrix, theirs).max() < 0.3
+
+
+def test_cli_tiff_keeps_dtype_and_pixel_size(stack, tmp_path):
+    frames, truth = stack
+    from PIL import Image
+
+    data = np.clip(np.rint(frames[:, 0].numpy() * 4000), 0, 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "in.tif", data, imagej=True, resolution=(2.0, 2.0), metadata={"unit": "um"})
+    Image.fromarray(data[0]).save(tmp_path / "ref.png")  # a given reference image (frame 0)
+    rc = main(
+        [
+            "register-stack",
+            str(tmp_path / "in.tif"),
+            "-o",
+            str(tmp_path / "out.tif"),
+            "-q",
+            "--reference",
+            str(tmp_path / "ref.png"),
+            "--transforms",
+            str(tmp_path / "t.csv"),
+        ]
+    )
+    assert rc == 0
+    with tifffile.TiffFile(tmp_path / "out.tif") as out:
+        assert out.series[0].shape == data.shape and out.series[0].dtype == np.uint16
+        assert out.pages.first.resolution == (2.0, 2.0) and out.imagej_metadata["unit"] == "um"
+    assert _displacement(io.read_transforms(tmp_path / "t.csv").matrix, truth).max() < 0.2
