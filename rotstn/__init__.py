@@ -3,7 +3,7 @@
 from . import encoders, heads, losses
 from .functional import angle_difference, rigid_matrix, rotate, rotation_matrix, warp, wrap_angle
 from .modules import Rotate, RotationSTN, STNOutput
-from .registration import Registration, register
+from .registration import Registration, StackRegistration, register, register_stack
 from .search import best_turn
 
 __all__ = [
@@ -11,12 +11,14 @@ __all__ = [
     "Rotate",
     "RotationSTN",
     "STNOutput",
+    "StackRegistration",
     "angle_difference",
     "best_turn",
     "encoders",
     "heads",
     "losses",
     "register",
+    "register_stack",
     "rigid_matrix",
     "rotate",
     "rotation_matrix",

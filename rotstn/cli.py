@@ -1,5 +1,11 @@
 """Command line: ``rotstn register FIXED MOVING [-o ALIGNED] [--fixed-mask M] [--moving-mask M]``.
 
+``rotstn register-stack IN -o OUT --reference first --transforms t.csv [--mask M]
+[--frames START:STOP] [--device cuda] [--batch-size N]`` registers a TIFF stack
+or a folder of images, streaming; ``rotstn merge-transforms a.csv b.csv -o all.csv``
+joins the tables of parts registered separately. Exit status: 0 done, 1 bad
+input, 3 (with ``--strict``) a score below the trust threshold.
+
 Also runnable as ``python -m rotstn``. Images are read and written with
 Pillow (PNG, JPEG, TIFF, BMP, ...). Colour images are registered on their
 grey level (the channel mean, or ``--channel``) and every channel is
@@ -12,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -103,6 +111,105 @@ def _register(args: argparse.Namespace) -> int:
     return 0 if score >= TRUST or not args.strict else 3
 
 
+def _frames(text: str | None, n: int) -> tuple[int, int]:
+    if text is None:
+        return 0, n
+    match = re.fullmatch(r"\s*(-?\d*)\s*:\s*(-?\d*)\s*", text)
+    if match is None:
+        raise ValueError(f"--frames must be START:STOP (e.g. 0:100, 100:), got {text!r}")
+    start, stop, _ = slice(*(int(v) if v else None for v in match.groups())).indices(n)
+    if start >= stop:
+        raise ValueError(f"--frames {text} selects no frames of the {n} in the stack")
+    return start, stop
+
+
+def _register_stack(args: argparse.Namespace) -> int:
+    from . import io
+    from .registration import register_stack
+
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    stack = io.open_stack(args.input)
+    try:
+        start, stop = _frames(args.frames, len(stack))
+        reference: str | torch.Tensor = args.reference
+        if args.reference not in ("first", "previous", "mean"):
+            if not os.path.exists(args.reference):
+                raise ValueError(
+                    "--reference must be first, previous, mean or an image file; "
+                    f"{args.reference} does not exist"
+                )
+            # unscaled, like the frames (a TIFF reference: its first page)
+            reference = torch.from_numpy(io.read_image(args.reference).astype(np.float32))
+        elif args.reference == "mean" and (start, stop) != (0, len(stack)):
+            raise ValueError(
+                "--reference mean with --frames would give each part its own mean; register the whole "
+                "stack, or pass a mean image as --reference FILE"
+            )
+        mask = None
+        if args.mask is not None:
+            m, _ = _read(args.mask)
+            if tuple(m.shape[1:]) != tuple(stack.frame_shape[1:]):
+                raise ValueError(
+                    f"--mask {args.mask} is {m.shape[2]}×{m.shape[1]} (W×H) but the frames are "
+                    f"{stack.frame_shape[2]}×{stack.frame_shape[1]}"
+                )
+            mask = _colour(m).amax(0) > 0
+        names = None
+        if isinstance(stack, io.FolderStack):
+            names = [p.name for p in stack.files[start:stop]]
+        writer = None
+        if args.output is not None:
+            writer = io.StackWriter(args.output, stack.dtype, stack.metadata, names)
+        try:
+            result = register_stack(
+                stack,
+                reference=reference,
+                start=start,
+                stop=stop,
+                batch_size=args.batch_size,
+                mask=mask,
+                device=args.device,
+                anchor_every=args.anchor_every,
+                write=None if writer is None else writer.write,
+                progress=not args.quiet,
+                smooth=args.smooth,
+            )
+        finally:
+            if writer is not None:
+                writer.close()
+    finally:
+        stack.close()
+    if args.transforms is not None:
+        io.write_transforms(args.transforms, result)
+    low = int((result.score < TRUST).sum())
+    print(
+        f"registered frames {start}:{stop} of {args.input}"
+        + (f"; aligned: {args.output}" if args.output else "")
+        + (f"; transforms: {args.transforms}" if args.transforms else "")
+    )
+    if low:
+        bad = result.frame[result.score < TRUST].tolist()
+        print(
+            f"{low} frame(s) scored below {TRUST} (do not trust them): {bad[:20]}{' ...' if low > 20 else ''}"
+        )
+    return 3 if low and args.strict else 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from . import io
+
+    merged = io.merge_transforms(args.tables, args.output)
+    frames = merged.frame.tolist()
+    gaps = sorted(set(range(frames[0], frames[-1] + 1)) - set(frames))
+    print(f"merged {len(args.tables)} table(s), frames {frames[0]}..{frames[-1]}: {args.output}")
+    if gaps:
+        print(f"warning: {len(gaps)} frame(s) missing: {gaps[:20]}{' ...' if len(gaps) > 20 else ''}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rotstn", description="Rotation tools from rotstn.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +249,64 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument(
         "--strict", action="store_true", help=f"exit with status 3 when the score is below {TRUST}"
     )
+    stack = commands.add_parser(
+        "register-stack",
+        help="register every frame of a TIFF stack or folder of images on one reference",
+        description=(
+            "Register every frame of INPUT (a multi-page TIFF or a folder of PNG/JPEG/TIFF images) on one "
+            "reference, over the full circle, a batch at a time (the stack is streamed, never loaded whole). "
+            "Writes the aligned frames (same dtype; TIFF pixel size kept) and a transforms table (CSV: "
+            "frame, "
+            "angle_deg, tx, ty, score, m00..m12, where the matrix maps a reference pixel (x, y, 1) to the "
+            "frame's pixel that shows it). Exit status: 0 done, 1 bad input, 3 a frame scored below "
+            f"{TRUST} with --strict."
+        ),
+    )
+    stack.add_argument("input", metavar="INPUT", help="multi-page TIFF file or folder of images")
+    stack.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="aligned stack: a .tif/.tiff file, or a folder (one file a frame)",
+    )
+    stack.add_argument("--transforms", metavar="CSV", help="write the transforms table here")
+    stack.add_argument(
+        "--reference",
+        default="first",
+        metavar="REF",
+        help="first (default), previous (each on the one before, composed to frame 0), mean, "
+        "or an image file",
+    )
+    stack.add_argument("--mask", metavar="MASK", help="image file, non-zero where the frames are compared")
+    stack.add_argument(
+        "--frames",
+        metavar="START:STOP",
+        help="register only these frames (Python slice, e.g. 0:1000) against the whole stack's reference; "
+        "join the parts' tables with merge-transforms",
+    )
+    stack.add_argument("--device", default=None, help="cpu (default) or cuda")
+    stack.add_argument("--batch-size", type=int, default=16, help="frames per registration call (default 16)")
+    stack.add_argument(
+        "--anchor-every",
+        type=int,
+        default=0,
+        help="with --reference previous: also register every N-th frame on frame 0 (bounds drift; 0: never)",
+    )
+    stack.add_argument(
+        "--smooth", type=float, default=1.0, help="Gaussian blur (pixels) before estimating (default 1)"
+    )
+    stack.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    stack.add_argument(
+        "--strict", action="store_true", help=f"exit with status 3 when a frame scores below {TRUST}"
+    )
+    merge = commands.add_parser(
+        "merge-transforms",
+        help="join transforms tables of parts of one stack (register-stack --frames)",
+        description="Join the transforms tables of parts of one stack into one, in frame order. A frame in "
+        "two tables is an error (exit status 1); missing frames are reported.",
+    )
+    merge.add_argument("tables", metavar="CSV", nargs="+", help="transforms tables")
+    merge.add_argument("-o", "--output", metavar="CSV", required=True, help="the merged table")
     return parser
 
 
@@ -150,8 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return _register(args)
-    except (OSError, ValueError, TypeError) as exc:
+        run = {"register": _register, "register-stack": _register_stack, "merge-transforms": _merge}
+        return run[args.command](args)
+    except (OSError, ValueError, TypeError, ImportError) as exc:
         print(f"rotstn {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -37,7 +37,7 @@ from ..functional import rigid_matrix, warp, wrap_angle
 from . import _refine, _rotation, _search
 from ._images import Level, indices, masked_blur, noise_variance, pyramid
 
-__all__ = ["Registration", "register"]
+__all__ = ["Registration", "StackRegistration", "register", "register_stack"]
 
 MIN_SIZE = 8
 MIN_MASKED = 64  # pixels a mask must leave
@@ -453,3 +453,6 @@ def _run_init(init: InitLike, fixed: Tensor, moving: Tensor, b: int, dtype: torc
     if not bool(torch.isfinite(angle).all()):
         raise ValueError("init returned a NaN or Inf angle")
     return angle.detach().to(device=fixed.device, dtype=dtype).reshape(-1).expand(b)
+
+
+from ._stack import StackRegistration, register_stack  # noqa: E402  (uses register and TRUST)
