@@ -101,7 +101,7 @@ def main() -> None:
             rows.append((name, k, trained, cpu, err))
             curves[f"{name}, steps={k}"] = (theta, err)
 
-    untrained = rotstn.RotationSTN(1, warmup=0)
+    untrained = rotstn.RotationSTN(1, identity_start=False)
     report("polar correlation, K=128 (default)", untrained, [1], "no", 0.0)
 
     stn = rotstn.RotationSTN(1)
