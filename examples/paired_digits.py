@@ -54,7 +54,8 @@ def train(stn, data, *, iters=None, cpu_budget=None, batch=32, lr=3e-3, noise=0.
     bar = tqdm(total=iters if iters else int(cpu_budget), desc=desc, unit="it" if iters else "cpu-s")
     while (iters and step < iters) or (cpu_budget and time.process_time() - start < cpu_budget):
         moving, fixed, theta = pairs(data, batch, g, noise)
-        loss = stn.angle_loss(stn(moving, fixed), theta)
+        # fixed is moving turned by theta: theta is the turn to apply (rotated_by would be -theta).
+        loss = stn.angle_loss(stn(moving, fixed), target_angle=theta)
         opt.zero_grad()
         loss.backward()
         opt.step()
