@@ -18,15 +18,19 @@ the last layer starts so that a fresh head reports θ = 0 for any input, and
 a :class:`rotstn.RotationSTN` starts as the identity warp. The projection's
 weight starts at zero and its bias encodes θ = 0 (the unit vector ``(1, 0)``,
 or logits peaked at bin 0); a :class:`BinnedHead` that reads per-bin scores
-directly multiplies them by a learned ``gain`` that starts at 0 (all bins
-equal: the decoder reads bin 0). There is no counter and no state: a head is
-a function of its input and its parameters, in training and in evaluation.
+directly decodes ``gain · scores + max(1 - gain, 0) · peak`` (``peak`` a fixed
+bump at bin 0) with a learned ``gain`` that starts at 0: the angle leaves 0
+gradually as the gain grows, and from ``gain = 1`` on the scores alone count.
+There is no counter and no state: a head is a function of its input and its
+parameters, in training and in evaluation.
 A function that ignores its input at the start also passes no gradient back
-to it, so the encoder in front of a fresh head gets a zero gradient on the
-first step and a non-zero one from the second (the first update moves the
-last layer off zero), as in the spatial transformer paper's zero-initialised
-localisation layer. ``identity_start=False`` keeps PyTorch's default
-initialisation (and ``gain = 1``), e.g. to use a correlation encoder untrained.
+to it, so through the angle the encoder in front of a fresh head gets a zero
+gradient on the first step and a non-zero one from the second (the first
+update moves the last layer off zero), as in the spatial transformer paper's
+zero-initialised localisation layer. (The binned head's own loss also
+trains the scores directly, so with it the encoder learns from the first
+step.) ``identity_start=False`` keeps PyTorch's default initialisation
+(``gain = 1``), e.g. to use a correlation encoder untrained.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ from torch import Tensor, nn
 
 from . import losses
 from .functional import wrap_angle
+
+# gain = _GATE_RATE · gate: Adam moves a parameter by about its learning rate per step, so
+# the gain reaches 1 from the identity start in about 1 / (10 lr) steps (33 at lr 3e-3).
+_GATE_RATE = 10.0
 
 __all__ = ["AngleHead", "AnglePrediction", "BinnedHead", "UnitVectorHead", "VonMisesHead", "build_head"]
 
@@ -198,14 +206,14 @@ class VonMisesHead(AngleHead):
     κ says how sure the head is (``1/κ`` ≈ the variance in rad² for large κ);
     :meth:`credible_arc` turns it into an arc that holds the truth with a given
     probability. The loss is the von Mises NLL
-    (:func:`rotstn.losses.von_mises_nll`), a proper scoring rule: it is
+    (:func:`rotstn.losses.von_mises_nll`) plus the cosine loss ``1 - cos Δ`` of
+    the mean. κ is trained by the NLL alone, a proper scoring rule: it is
     smallest when κ matches the spread of the mean's actual errors, which is
-    what makes the arcs calibrated. Its gradient to the mean is κ times a
-    cosine loss's, so a confident wrong mean gets a large push; from the
-    identity start κ is softplus(0) ≈ 0.69 for every input and grows only as
-    the errors shrink, which keeps training from scratch stable without a
-    schedule (with ``identity_start=False`` a random first layer can start
-    confident).
+    what makes the arcs calibrated. The NLL's gradient to the mean is
+    ``κ sin Δ``; at the identity start every error is possible, so the NLL
+    first drives κ towards 0, and with it that gradient: alone it can stall
+    with the mean unlearnt. The cosine term keeps the mean's gradient at
+    least ``sin Δ`` (no schedule, no state).
 
     Args:
         in_features: feature size F.
@@ -243,8 +251,11 @@ class VonMisesHead(AngleHead):
         )
 
     def loss(self, pred: AnglePrediction, target: Tensor, *, reduction: str = "mean") -> Tensor:
-        """The von Mises NLL of the target under ``(mean, κ)``."""
-        return self.nll(pred, target, reduction=reduction)
+        """The von Mises NLL of the target under ``(mean, κ)`` plus the mean's cosine loss."""
+        t = self._check_target(pred, target)
+        return self.nll(pred, target, reduction=reduction) + losses.cosine_loss(
+            pred.raw_angle, t, reduction=reduction
+        )
 
     def nll(self, pred: AnglePrediction, target: Tensor, *, reduction: str = "mean") -> Tensor:
         """Negative log-density of ``n · target`` under the predicted von Mises (per radian of ``nθ``)."""
@@ -330,18 +341,20 @@ class BinnedHead(AngleHead):
         if decoder not in ("circular_mean", "parabolic"):
             raise ValueError(f"decoder must be 'circular_mean' or 'parabolic'; got {decoder!r}")
         self.decode_window, self.decoder, self.residual = decode_window, decoder, residual
+        # Logits peaked at bin 0 and symmetric about it decode to exactly θ = 0.
+        peak = torch.cos(torch.arange(bins) * self.bin_width)
         if in_features is None:
             self.proj = None
-            # Multiplies the scores: at 0 every bin is equal and the decoder reads bin 0 (θ = 0).
-            self.gain = nn.Parameter(torch.tensor(0.0 if identity_start else 1.0))
+            # logits = gain · scores + max(1 - gain, 0) · peak: from gain 0 (the peak at bin 0
+            # alone) the angle leaves 0 gradually as the gain grows, first towards scores that
+            # beat the peak's small slope near 0; from gain 1 on, the scores alone.
+            self.gate = nn.Parameter(torch.tensor(0.0 if identity_start else 1.0 / _GATE_RATE))
+            self.register_buffer("peak", peak, persistent=False)
         else:
             self.proj = nn.Linear(in_features, bins * (2 if residual else 1))
-            centres = torch.arange(bins) * self.bin_width
-            # Logits peaked at bin 0 and symmetric about it decode to exactly θ = 0;
-            # residual offsets start at tanh(0) = 0.
-            bias = torch.cat((torch.cos(centres), torch.zeros(bins if residual else 0)))
+            # Residual offsets start at tanh(0) = 0.
             if identity_start:
-                _init_last_layer(self.proj, bias, identity_start)
+                _init_last_layer(self.proj, torch.cat((peak, torch.zeros(bins if residual else 0))), True)
 
     @property
     def bin_width(self) -> float:
@@ -375,9 +388,17 @@ class BinnedHead(AngleHead):
         return out[..., : self.bins], out[..., self.bins :]
 
     def logits(self, raw: Tensor) -> Tensor:
-        """The ``(..., K)`` logits the angle is decoded from: ``raw``'s scores, times ``gain`` if there is one."""
+        """The ``(..., K)`` logits the angle is decoded from (``gain · scores + max(1 - gain, 0) · peak``)."""
         scores = raw[..., : self.bins]
-        return scores if self.proj is not None else self.gain.to(scores.dtype) * scores
+        if self.proj is not None:
+            return scores
+        gain = self.gain.to(scores.dtype)
+        return gain * scores + (1 - gain).clamp(min=0) * self.peak.to(scores.dtype)
+
+    @property
+    def gain(self) -> Tensor:
+        """The factor on the scores, ``10 · gate`` (0-d; reading scores directly only)."""
+        return _GATE_RATE * self.gate
 
     def forward(self, features: Tensor) -> AnglePrediction:
         scores, res = self._split(features)
@@ -394,9 +415,9 @@ class BinnedHead(AngleHead):
         """Soft-label cross-entropy (KL) on the logits, plus a cosine loss on the residual.
 
         Reading scores directly, the loss is the KL of the scores themselves plus
-        that of the logits ``gain · scores``: the first trains the encoder at full
-        strength from the first step, whatever the gain; the second trains the
-        gain (from 0 at the identity start), and the two agree at ``gain = 1``.
+        that of the decoded logits (:meth:`logits`): the first trains the encoder
+        at full strength from the first step, whatever the gain; the second
+        trains the gain (from 0 at the identity start).
         """
         t = self._check_target(pred, target)
         value = losses.circular_soft_cross_entropy(
