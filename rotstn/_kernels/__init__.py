@@ -86,11 +86,7 @@ def warp(
         and triton_warp.available()
     ):
         return triton_warp.warp(image, angle, center, padding_mode, align_corners)
-    if (
-        same_size
-        and rotation
-        and (_forced == "cpu" or (_forced == "auto" and _cpu_fits(image, angle, center)))
-    ):
+    if same_size and rotation and (_forced == "cpu" or (_forced == "auto" and _cpu_fits(image, angle, center))):
         return cpu.warp(image, angle, center, mode, padding_mode, align_corners)
     return reference.warp(image, angle, center, source, mode, padding_mode, align_corners, size)
 
