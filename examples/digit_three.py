@@ -141,7 +141,9 @@ def main() -> None:
         for name, model in models.items():
             model.eval()
             if model is stn:
-                pred = -torch.cat([stn(x).angle for x in test_imgs.split(500)])
+                pred = torch.cat([stn(x).angle for x in test_imgs.split(500)])
+                # Read the way it was trained: the turn back is -alpha, or (--wrong-sign) alpha itself.
+                pred = pred if args.wrong_sign else -pred
             else:
                 pred = torch.cat([model.angle(model(x)) for x in test_imgs.split(500)])
             err = rotstn.losses.angular_error(pred, test_alpha, degrees=True)

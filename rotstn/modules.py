@@ -152,7 +152,8 @@ class RotationSTN(nn.Module):
         steps: refinement steps k >= 1.
         center: ``(x, y)`` pixels to rotate about; default the image centre.
         mode, padding_mode: as in :func:`rotstn.rotate`.
-        head_kwargs: passed to the head when ``head`` is a name.
+        head_kwargs: passed to the head when ``head`` is a name (``bins``, ``symmetry``,
+            ``identity_start=False`` to keep PyTorch's initialisation, ...).
 
     Shape:
         images ``(B, C, H, W)``, any H, W; ``.warped`` ``(B, C, H, W)``, ``.angle`` ``(B,)``.
