@@ -47,7 +47,13 @@ def perturbed(stn: torch.nn.Module, seed: int = 0, scale: float = 2.0) -> torch.
 def make_stn(paired: bool, head: str = "binned", seed: int = 0, **kwargs) -> rotstn.RotationSTN:
     torch.manual_seed(seed)
     # identity_start=False: no identity start, as after training.
-    return perturbed(rotstn.RotationSTN(1, paired=paired, head=head, identity_start=False, **kwargs), seed)
+    stn = perturbed(rotstn.RotationSTN(1, paired=paired, head=head, identity_start=False, **kwargs), seed)
+    if hasattr(stn.head, "gate"):
+        # Keep the binned head's gain at 1, as after training: shaken, it can turn negative and
+        # read the worst match, whose bins tie for a symmetric pair (moving == fixed).
+        with torch.no_grad():
+            stn.head.gate.fill_(0.1)
+    return stn
 
 
 def call(stn, x):
