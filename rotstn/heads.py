@@ -15,22 +15,25 @@ reports ``θ`` in ``(-π/n, π/n]``; the loss compares ``nθ`` with ``n·target`
 
 Identity start, by construction: with ``identity_start=True`` (the default)
 the last layer starts so that a fresh head reports θ = 0 for any input, and
-a :class:`rotstn.RotationSTN` starts as the identity warp. The projection's
-weight starts at zero and its bias encodes θ = 0 (the unit vector ``(1, 0)``,
-or logits peaked at bin 0); a :class:`BinnedHead` that reads per-bin scores
-directly decodes ``gain · scores + max(1 - gain, 0) · peak`` (``peak`` a fixed
-bump at bin 0) with a learned ``gain`` that starts at 0: the angle leaves 0
-gradually as the gain grows, and from ``gain = 1`` on the scores alone count.
+a :class:`rotstn.RotationSTN` starts as the identity warp. What the head
+decodes is its last layer with the weight multiplied by a learned ``gain``
+(``10 · gate``) that starts at 0, and a bias that encodes θ = 0 (the unit
+vector ``(1, 0)``, or logits peaked at bin 0); the weight itself keeps
+PyTorch's random initialisation. A :class:`BinnedHead` that reads per-bin
+scores directly decodes ``gain · scores + max(1 - gain, 0) · peak`` (``peak``
+a fixed bump at bin 0): the angle leaves 0 gradually as the gain grows, and
+from ``gain = 1`` on the scores alone count. Each head's loss is taken on
+what it decodes and on the layer's own output (gain 1), so the layer and the
+encoder train at full strength from the first step while the gain grows.
 There is no counter and no state: a head is a function of its input and its
 parameters, in training and in evaluation.
 A function that ignores its input at the start also passes no gradient back
-to it, so through the angle the encoder in front of a fresh head gets a zero
-gradient on the first step and a non-zero one from the second (the first
-update moves the last layer off zero), as in the spatial transformer paper's
-zero-initialised localisation layer. (The binned head's own loss also
-trains the scores directly, so with it the encoder learns from the first
-step.) ``identity_start=False`` keeps PyTorch's default initialisation
-(``gain = 1``), e.g. to use a correlation encoder untrained.
+to it, so through the angle (a loss on the warped image) the encoder in front
+of a fresh head gets a zero gradient on the first step and a non-zero one from
+the second (the first update moves the gain off zero), as with the spatial
+transformer paper's zero-initialised localisation layer; through the head's
+own loss it learns from the first step. ``identity_start=False`` starts at
+``gain = 1``, e.g. to use a correlation encoder untrained.
 """
 
 from __future__ import annotations
@@ -96,6 +99,18 @@ class AngleHead(nn.Module):
         self.in_features = in_features
         self.symmetry = symmetry
         self.identity_start = identity_start
+        # gain = _GATE_RATE · gate scales the last layer's weight (or the scores); 0 = identity.
+        self.gate = nn.Parameter(torch.tensor(0.0 if identity_start else 1.0 / _GATE_RATE))
+
+    @property
+    def gain(self) -> Tensor:
+        """The factor on the last layer's weight (or on the scores), ``10 · gate`` (0-d)."""
+        return _GATE_RATE * self.gate
+
+    def _gated(self, raw: Tensor, bias: Tensor) -> Tensor:
+        """``bias + gain · (raw - bias)``: the last layer's output with its weight scaled by the gain."""
+        bias = bias.to(raw.dtype)
+        return bias + self.gain.to(raw.dtype) * (raw - bias)
 
     @property
     def period(self) -> float:
@@ -150,7 +165,7 @@ class UnitVectorHead(AngleHead):
         kappa: concentration of the von Mises loss.
         norm_weight: weight of :func:`rotstn.losses.unit_norm_penalty` on the raw
             vector, keeping it away from the origin.
-        identity_start: start with a zero weight, so θ = 0 for any input (see the module docstring).
+        identity_start: start with gain 0, so θ = 0 for any input (see the module docstring).
 
     Shape:
         features ``(..., F)`` -> angle ``(...)``.
@@ -160,7 +175,9 @@ class UnitVectorHead(AngleHead):
         >>> p = head(torch.randn(4, 16))
         >>> p.angle.shape, bool((p.angle == 0).all())
         (torch.Size([4]), True)
-        >>> head.loss(p, p.raw_angle.detach()).item() < 1e-6  # zero at the head's own angle
+        >>> moved = UnitVectorHead(16, norm_weight=0.0, identity_start=False)  # gain 1
+        >>> q = moved(torch.randn(4, 16))
+        >>> moved.loss(q, q.raw_angle.detach()).item() < 1e-6  # zero at the head's own angle
         True
     """
 
@@ -181,23 +198,35 @@ class UnitVectorHead(AngleHead):
             raise ValueError(f"loss must be 'cosine' or 'von_mises'; got {loss!r}")
         self.loss_name, self.kappa, self.norm_weight = loss, kappa, norm_weight
         self.proj = nn.Linear(in_features, 2)
-        _init_last_layer(self.proj, torch.tensor([1.0, 0.0]), identity_start)
+        with torch.no_grad():
+            self.proj.bias.copy_(torch.tensor([1.0, 0.0]))
 
     def forward(self, features: Tensor) -> AnglePrediction:
         raw = self.proj(self._check_features(features))
-        psi = torch.atan2(raw[..., 1], raw[..., 0])
+        vec = self._gated(raw, self.proj.bias)
+        psi = torch.atan2(vec[..., 1], vec[..., 0])
         return AnglePrediction(angle=self._finish(psi), raw=raw, raw_angle=psi)
 
     def loss(self, pred: AnglePrediction, target: Tensor, *, reduction: str = "mean") -> Tensor:
-        """Cosine or von Mises loss on the normalised vector, plus the unit-norm penalty."""
+        """Cosine or von Mises loss on the normalised vector, plus the unit-norm penalty.
+
+        Taken on the vector decoded (weight scaled by the gain) and on the layer's own
+        output (gain 1), which trains the layer and the encoder at full strength from
+        the first step, whatever the gain.
+        """
         t = self._check_target(pred, target)
-        v = F.normalize(pred.raw, dim=-1, eps=1e-12)
+        return sum(
+            self._vector_loss(vec, t, reduction) for vec in (self._gated(pred.raw, self.proj.bias), pred.raw)
+        )
+
+    def _vector_loss(self, vec: Tensor, t: Tensor, reduction: str) -> Tensor:
+        v = F.normalize(vec, dim=-1, eps=1e-12)
         if self.loss_name == "cosine":
             value = 1 - (v[..., 0] * torch.cos(t) + v[..., 1] * torch.sin(t))
             value = losses._reduce(value, reduction)
         else:
             value = losses.von_mises_loss(v, t, kappa=self.kappa, reduction=reduction)
-        return value + self.norm_weight * losses.unit_norm_penalty(pred.raw, reduction=reduction)
+        return value + self.norm_weight * losses.unit_norm_penalty(vec, reduction=reduction)
 
 
 class VonMisesHead(AngleHead):
@@ -207,7 +236,8 @@ class VonMisesHead(AngleHead):
     :meth:`credible_arc` turns it into an arc that holds the truth with a given
     probability. The loss is the von Mises NLL
     (:func:`rotstn.losses.von_mises_nll`) plus the cosine loss ``1 - cos Δ`` of
-    the mean. κ is trained by the NLL alone, a proper scoring rule: it is
+    the mean (on the decoded and on the ungated output, see the module
+    docstring). κ is trained by the NLL alone, a proper scoring rule: it is
     smallest when κ matches the spread of the mean's actual errors, which is
     what makes the arcs calibrated. The NLL's gradient to the mean is
     ``κ sin Δ``; at the identity start every error is possible, so the NLL
@@ -219,7 +249,7 @@ class VonMisesHead(AngleHead):
         in_features: feature size F.
         symmetry: order n of the object's rotational symmetry.
         kappa_max: upper bound on κ (keeps the NLL finite for perfect fits).
-        identity_start: start with a zero weight, so θ = 0 for any input (see the module docstring).
+        identity_start: start with gain 0, so θ = 0 for any input (see the module docstring).
 
     Shape:
         features ``(..., F)`` -> angle and concentration ``(...)``.
@@ -239,22 +269,36 @@ class VonMisesHead(AngleHead):
         super().__init__(in_features, symmetry=symmetry, identity_start=identity_start)
         self.kappa_max = kappa_max
         self.proj = nn.Linear(in_features, 3)
-        _init_last_layer(self.proj, torch.tensor([1.0, 0.0, 0.0]), identity_start)
+        with torch.no_grad():
+            self.proj.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+
+    def _mean_kappa(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        kappa = (F.softplus(out[..., 2]) + 1e-3).clamp(max=self.kappa_max)
+        return torch.atan2(out[..., 1], out[..., 0]), kappa
 
     def forward(self, features: Tensor) -> AnglePrediction:
         raw = self.proj(self._check_features(features))
-        kappa = (F.softplus(raw[..., 2]) + 1e-3).clamp(max=self.kappa_max)
+        psi, kappa = self._mean_kappa(self._gated(raw, self.proj.bias))
         confidence = torch.special.i1e(kappa) / torch.special.i0e(kappa)
-        psi = torch.atan2(raw[..., 1], raw[..., 0])
         return AnglePrediction(
             angle=self._finish(psi), raw=raw, raw_angle=psi, concentration=kappa, confidence=confidence
         )
 
     def loss(self, pred: AnglePrediction, target: Tensor, *, reduction: str = "mean") -> Tensor:
-        """The von Mises NLL of the target under ``(mean, κ)`` plus the mean's cosine loss."""
+        """The von Mises NLL plus the mean's cosine loss, on the decoded and the ungated output.
+
+        The second (the layer's own output, gain 1) trains the layer and the encoder at
+        full strength from the first step, whatever the gain.
+        """
         t = self._check_target(pred, target)
-        return self.nll(pred, target, reduction=reduction) + losses.cosine_loss(
+        value = self.nll(pred, target, reduction=reduction) + losses.cosine_loss(
             pred.raw_angle, t, reduction=reduction
+        )
+        mean, kappa = self._mean_kappa(pred.raw)
+        return (
+            value
+            + losses.von_mises_nll(mean, kappa, t, reduction=reduction)
+            + losses.cosine_loss(mean, t, reduction=reduction)
         )
 
     def nll(self, pred: AnglePrediction, target: Tensor, *, reduction: str = "mean") -> Tensor:
@@ -302,9 +346,9 @@ class BinnedHead(AngleHead):
             whatever their sharpness, and reads small residuals best (refinement).
         residual: also predict a per-bin offset within ±half a bin, added to
             the decoded angle and trained with a cosine loss (needs ``in_features``).
-        identity_start: start so that θ = 0 for any input: a zero projection
-            weight and logits peaked at bin 0, or, with ``in_features=None``,
-            ``gain`` (the factor on the scores) at 0 instead of 1.
+        identity_start: start so that θ = 0 for any input: gain 0 (on the
+            projection's weight, or with ``in_features=None`` on the scores)
+            instead of 1, and logits peaked at bin 0.
 
     Shape:
         features ``(..., F)`` (or ``(..., K)``) -> angle ``(...)``; raw logits ``(..., K)``.
@@ -348,13 +392,13 @@ class BinnedHead(AngleHead):
             # logits = gain · scores + max(1 - gain, 0) · peak: from gain 0 (the peak at bin 0
             # alone) the angle leaves 0 gradually as the gain grows, first towards scores that
             # beat the peak's small slope near 0; from gain 1 on, the scores alone.
-            self.gate = nn.Parameter(torch.tensor(0.0 if identity_start else 1.0 / _GATE_RATE))
             self.register_buffer("peak", peak, persistent=False)
         else:
             self.proj = nn.Linear(in_features, bins * (2 if residual else 1))
             # Residual offsets start at tanh(0) = 0.
             if identity_start:
-                _init_last_layer(self.proj, torch.cat((peak, torch.zeros(bins if residual else 0))), True)
+                with torch.no_grad():
+                    self.proj.bias.copy_(torch.cat((peak, torch.zeros(bins if residual else 0))))
 
     @property
     def bin_width(self) -> float:
@@ -391,14 +435,9 @@ class BinnedHead(AngleHead):
         """The ``(..., K)`` logits the angle is decoded from (``gain · scores + max(1 - gain, 0) · peak``)."""
         scores = raw[..., : self.bins]
         if self.proj is not None:
-            return scores
+            return self._gated(scores, self.proj.bias[: self.bins])
         gain = self.gain.to(scores.dtype)
         return gain * scores + (1 - gain).clamp(min=0) * self.peak.to(scores.dtype)
-
-    @property
-    def gain(self) -> Tensor:
-        """The factor on the scores, ``10 · gate`` (0-d; reading scores directly only)."""
-        return _GATE_RATE * self.gate
 
     def forward(self, features: Tensor) -> AnglePrediction:
         scores, res = self._split(features)
@@ -407,7 +446,8 @@ class BinnedHead(AngleHead):
         raw = scores
         if res is not None:
             peak = logits.argmax(-1, keepdim=True)
-            psi = psi + 0.5 * self.bin_width * torch.tanh(res.gather(-1, peak).squeeze(-1))
+            res_gated = self._gated(res, self.proj.bias[self.bins :])
+            psi = psi + 0.5 * self.bin_width * torch.tanh(res_gated.gather(-1, peak).squeeze(-1))
             raw = torch.cat((scores, res), dim=-1)
         return AnglePrediction(angle=self._finish(psi), raw=raw, raw_angle=wrap_angle(psi), confidence=mass)
 
@@ -423,10 +463,10 @@ class BinnedHead(AngleHead):
         value = losses.circular_soft_cross_entropy(
             self.logits(pred.raw), t, width=self.label_width, window=self.window, reduction=reduction
         )
-        if self.proj is None:
-            value = value + losses.circular_soft_cross_entropy(
-                pred.raw, t, width=self.label_width, window=self.window, reduction=reduction
-            )
+        # The layer's own output (gain 1) too: the encoder learns at full strength from step one.
+        value = value + losses.circular_soft_cross_entropy(
+            pred.raw[..., : self.bins], t, width=self.label_width, window=self.window, reduction=reduction
+        )
         if self.residual:
             value = value + losses.cosine_loss(pred.raw_angle, t, reduction=reduction) / self.bin_width**2
         return value
@@ -446,14 +486,6 @@ class BinnedHead(AngleHead):
             True
         """
         return losses.binned_credible_arc(self.logits(pred.raw), pred.raw_angle, level) / self.symmetry
-
-
-def _init_last_layer(layer: nn.Linear, bias: Tensor, identity_start: bool) -> None:
-    """Set the bias that encodes θ = 0; with ``identity_start`` zero the weight (output = that bias)."""
-    with torch.no_grad():
-        layer.bias.copy_(bias)
-        if identity_start:
-            layer.weight.zero_()
 
 
 HEADS = {"binned": BinnedHead, "unit_vector": UnitVectorHead, "von_mises": VonMisesHead}
