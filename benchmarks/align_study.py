@@ -69,21 +69,21 @@ def gaussian(sigma_deg: float) -> ac.AngleSampler:
     return sample
 
 
-# (label, model kind, RotationSTN head, warmup, best_turn candidates, sampler);
+# (label, model kind, RotationSTN head, identity start, best_turn candidates, sampler);
 # sampler None = uniform in [-90°, 90°] as in the example.
 UV_SEARCH = "RotationSTN(head='unit_vector') + CNN, also trained towards best_turn (8 candidates)"
-ROWS: list[tuple[str, str, str, int, int, ac.AngleSampler | None]] = [
-    ("CNN", "cnn", "binned", 100, 16, None),
-    ("RotationSTN(paired=False) + CNN (example default)", "rot", "binned", 100, 16, None),
-    ("RotationSTN(paired=False) + CNN, also trained towards best_turn", "search", "binned", 100, 16, None),
-    (UV_SEARCH, "search", "unit_vector", 100, 8, None),
-    ("RotationSTN, no identity warm-up (warmup=0)", "rot", "binned", 0, 16, None),
-    ("RotationSTN, unit-vector head (ConvEncoder)", "rot", "unit_vector", 100, 16, None),
-    ("affine STN + CNN", "affine", "binned", 100, 16, None),
-    ("oracle: CNN on digits turned back by the true angle", "cnn", "binned", 100, 16, gaussian(0.0)),
-    ("oracle with residual pose error σ = 10°", "cnn", "binned", 100, 16, gaussian(10.0)),
-    ("oracle with residual pose error σ = 25°", "cnn", "binned", 100, 16, gaussian(25.0)),
-    ("oracle with residual pose error σ = 45°", "cnn", "binned", 100, 16, gaussian(45.0)),
+ROWS: list[tuple[str, str, str, bool, int, ac.AngleSampler | None]] = [
+    ("CNN", "cnn", "binned", True, 16, None),
+    ("RotationSTN(paired=False) + CNN (example default)", "rot", "binned", True, 16, None),
+    ("RotationSTN(paired=False) + CNN, also trained towards best_turn", "search", "binned", True, 16, None),
+    (UV_SEARCH, "search", "unit_vector", True, 8, None),
+    ("RotationSTN, no identity start (identity_start=False)", "rot", "binned", False, 16, None),
+    ("RotationSTN, unit-vector head (ConvEncoder)", "rot", "unit_vector", True, 16, None),
+    ("affine STN + CNN", "affine", "binned", True, 16, None),
+    ("oracle: CNN on digits turned back by the true angle", "cnn", "binned", True, 16, gaussian(0.0)),
+    ("oracle with residual pose error σ = 10°", "cnn", "binned", True, 16, gaussian(10.0)),
+    ("oracle with residual pose error σ = 25°", "cnn", "binned", True, 16, gaussian(25.0)),
+    ("oracle with residual pose error σ = 45°", "cnn", "binned", True, 16, gaussian(45.0)),
 ]
 LONG = (
     "CNN",
@@ -128,13 +128,23 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|---|---:|---:|---:|")
     for epochs in args.epochs:
         base = None
-        for label, kind, head, warmup, candidates, sampler in ROWS:
+        for label, kind, head, identity_start, candidates, sampler in ROWS:
             if epochs != args.epochs[0] and label not in LONG:
                 continue
             if args.only and label != "CNN" and (args.only == "CNN" or args.only not in label):
                 continue
             cfg = ac.Config(
-                math.pi / 2, epochs, 64, 3e-3, args.views, len(y_fit), head, 64, warmup, candidates, head
+                math.pi / 2,
+                epochs,
+                64,
+                3e-3,
+                args.views,
+                len(y_fit),
+                head,
+                64,
+                identity_start,
+                candidates,
+                head,
             )
             sample = sampler or ac.random_angles
             xv, yv, angles = ac.test_set(x_val, y_val, cfg, sample)

@@ -127,16 +127,16 @@ class AffineSTN(nn.Module):
 class Classifier(nn.Module):
     """An optional aligner in front of :class:`SmallCNN`; ``align(x)`` is what the CNN sees."""
 
-    def __init__(self, kind: str, head: str = "binned", bins: int = 64, warmup: int = 100) -> None:
+    def __init__(self, kind: str, head: str = "binned", bins: int = 64, identity_start: bool = True) -> None:
         super().__init__()
         if kind not in MODELS:
             raise ValueError(f"kind must be one of {', '.join(MODELS)}; got {kind!r}")
         self.kind = kind
         self.stn: nn.Module | None = None
         if kind in ("rot", "search"):
-            # The class loss reaches the angle through the identity pull (heads.py): --warmup sets its length.
+            # Starts as the identity (heads.py); --no-identity-start keeps the head's default init.
             extra: dict = {"bins": bins} if head == "binned" else {}
-            self.stn = rotstn.RotationSTN(1, paired=False, head=head, warmup=warmup, **extra)
+            self.stn = rotstn.RotationSTN(1, paired=False, head=head, identity_start=identity_start, **extra)
         elif kind == "affine":
             self.stn = AffineSTN()
         self.cnn = SmallCNN()
@@ -161,7 +161,7 @@ class Config:
     n_train: int
     head: str
     bins: int
-    warmup: int
+    identity_start: bool
     candidates: int = 16
     search_head: str = "binned"
 
@@ -199,7 +199,7 @@ def train(
     x_train, y_train, x_test, y_test = data
     x_train, y_train = x_train[: cfg.n_train], y_train[: cfg.n_train]
     torch.manual_seed(seed)
-    model = Classifier(kind, cfg.head_for(kind), cfg.bins, cfg.warmup)
+    model = Classifier(kind, cfg.head_for(kind), cfg.bins, cfg.identity_start)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = cfg.epochs * math.ceil(len(y_train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
@@ -289,7 +289,7 @@ def load_checkpoint(path: str | Path) -> tuple[Classifier, dict]:
     ckpt = torch.load(path, weights_only=True)
     c = ckpt["config"]
     cfg = Config(**c)
-    model = Classifier(ckpt["kind"], cfg.head_for(ckpt["kind"]), cfg.bins, cfg.warmup)
+    model = Classifier(ckpt["kind"], cfg.head_for(ckpt["kind"]), cfg.bins, cfg.identity_start)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
 
@@ -316,7 +316,12 @@ def main(argv: list[str] | None = None) -> None:
         "--head", default="binned", help="RotationSTN head: binned (its default), unit_vector, von_mises"
     )
     p.add_argument("--bins", type=int, default=64, help="angle bins of the binned head (its default is 128)")
-    p.add_argument("--warmup", type=int, default=100, help="RotationSTN identity-pull steps (its default)")
+    p.add_argument(
+        "--no-identity-start",
+        dest="identity_start",
+        action="store_false",
+        help="RotationSTN head with PyTorch's default init instead of starting as the identity",
+    )
     p.add_argument("--candidates", type=int, default=16, help="turns best_turn tries per digit (search row)")
     p.add_argument("--search-head", default="binned", help="RotationSTN head of the search row")
     p.add_argument("--threads", type=int, default=2)
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         args.n_train,
         args.head,
         args.bins,
-        args.warmup,
+        args.identity_start,
         args.candidates,
         args.search_head,
     )

@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             turn = (torch.rand(len(xb), generator=g) * 2 - 1) * max_angle
             xb = rotstn.rotate(xb, turn).to(device)
             out = model(xb)
-            # Upright again means undoing the turn.
-            loss = stn.angle_loss(out, -turn.to(device))
+            # xb was made by turning upright digits by `turn`: upright again means undoing it.
+            loss = stn.angle_loss(out, rotated_by=turn.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

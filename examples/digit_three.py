@@ -11,7 +11,11 @@ The task: from one image, the angle α it was turned by.
     and the target vector), angle ``atan2``. tanh pulls both outputs towards
     ±1, i.e. the angle towards odd multiples of 45°;
   * ``RotationSTN(1, paired=False)`` with its defaults: it predicts the angle
-    that turns the image back to a learned canonical pose, so α = -angle.
+    that turns the image back to a learned canonical pose, so α = -angle. It
+    is trained with ``stn.angle_loss(out, rotated_by=alpha)``: the label is
+    how the image was made. Passed as the target (``angle_loss(out, alpha)``)
+    the same label cannot be fitted by the rotation-equivariant default
+    encoder (``python examples/digit_three.py --wrong-sign`` shows it).
 
 Both see the same batches; the tanh model, five times cheaper per step, gets
 five times the steps so both use about the same CPU time. "Snapped"
@@ -86,6 +90,11 @@ def main() -> None:
         default=2,
         help="torch threads (1 is much faster on a machine shared with other jobs)",
     )
+    parser.add_argument(
+        "--wrong-sign",
+        action="store_true",
+        help="train the STN with angle_loss(out, alpha) instead of rotated_by=alpha (cannot fit)",
+    )
     parser.add_argument("--out", default="digit_three.png")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,7 +109,8 @@ def main() -> None:
     stn = rotstn.RotationSTN(1, paired=False)
     models = {
         "CNN + (cos, sin) + tanh + cosine proximity": seed_model,
-        "RotationSTN(paired=False), defaults": stn,
+        "RotationSTN(paired=False), defaults"
+        + (", angle_loss(out, alpha): wrong sign" if args.wrong_sign else ""): stn,
     }
     opts = {name: torch.optim.Adam(m.parameters(), lr=3e-3) for name, m in models.items()}
     iters = {name: args.iters if m is stn else args.baseline_iters for name, m in models.items()}
@@ -114,7 +124,11 @@ def main() -> None:
                 continue
             t = time.process_time()
             if model is stn:
-                loss = stn.angle_loss(stn(x), -alpha)
+                out = stn(x)
+                if args.wrong_sign:  # the trap: "rotated by alpha" read as the turn to apply
+                    loss = stn.angle_loss(out, alpha)
+                else:  # x = rotate(upright '3', alpha): the label says how x was made
+                    loss = stn.angle_loss(out, rotated_by=alpha)
             else:
                 loss = model.loss(model(x), alpha)
             opts[name].zero_grad()
@@ -127,7 +141,9 @@ def main() -> None:
         for name, model in models.items():
             model.eval()
             if model is stn:
-                pred = -torch.cat([stn(x).angle for x in test_imgs.split(500)])
+                pred = torch.cat([stn(x).angle for x in test_imgs.split(500)])
+                # Read the way it was trained: the turn back is -alpha, or (--wrong-sign) alpha itself.
+                pred = pred if args.wrong_sign else -pred
             else:
                 pred = torch.cat([model.angle(model(x)) for x in test_imgs.split(500)])
             err = rotstn.losses.angular_error(pred, test_alpha, degrees=True)

@@ -54,7 +54,8 @@ def train(stn, data, *, iters=None, cpu_budget=None, batch=32, lr=3e-3, noise=0.
     bar = tqdm(total=iters if iters else int(cpu_budget), desc=desc, unit="it" if iters else "cpu-s")
     while (iters and step < iters) or (cpu_budget and time.process_time() - start < cpu_budget):
         moving, fixed, theta = pairs(data, batch, g, noise)
-        loss = stn.angle_loss(stn(moving, fixed), theta)
+        # fixed is moving turned by theta: theta is the turn to apply (rotated_by would be -theta).
+        loss = stn.angle_loss(stn(moving, fixed), target_angle=theta)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -101,7 +102,7 @@ def main() -> None:
             rows.append((name, k, trained, cpu, err))
             curves[f"{name}, steps={k}"] = (theta, err)
 
-    untrained = rotstn.RotationSTN(1, warmup=0)
+    untrained = rotstn.RotationSTN(1, identity_start=False)
     report("polar correlation, K=128 (default)", untrained, [1], "no", 0.0)
 
     stn = rotstn.RotationSTN(1)

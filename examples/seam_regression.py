@@ -97,8 +97,8 @@ def part_a(train_x, train_y, test_x, test_y, iters: int):
     makers = {
         "MSE on θ/360": lambda: Scalar(128, forum=False),
         "min-of-two MSE (forum)": lambda: Scalar(128, forum=True),
-        "UnitVectorHead": lambda: RotstnHead(heads.UnitVectorHead(128, warmup=0)),
-        "BinnedHead (soft labels)": lambda: RotstnHead(heads.BinnedHead(128, warmup=0)),
+        "UnitVectorHead": lambda: RotstnHead(heads.UnitVectorHead(128, identity_start=False)),
+        "BinnedHead (soft labels)": lambda: RotstnHead(heads.BinnedHead(128, identity_start=False)),
     }
     models, opts, cpu = {}, {}, {}
     for name, make in makers.items():
@@ -191,7 +191,9 @@ def part_b(train_x, test_x, iters: int):
     makers = {
         "regression, MSE on φ/2π": lambda: Scalar(32, forum=False),
         "plain classification (one-hot CE, argmax)": lambda: PlainClassifier(32),
-        "circular soft labels (BinnedHead)": lambda: RotstnHead(heads.BinnedHead(32, bins=LEVELS, warmup=0)),
+        "circular soft labels (BinnedHead)": lambda: RotstnHead(
+            heads.BinnedHead(32, bins=LEVELS, identity_start=False)
+        ),
     }
     models, opts, cpu = {}, {}, {}
     for name, make in makers.items():

@@ -109,6 +109,10 @@ def center(value: object, like: Tensor, dtype: torch.dtype, batch: int | None) -
 def size(value: object, name: str = "size") -> tuple[int, int]:
     if isinstance(value, torch.Size | tuple | list) and len(value) == 2:
         h, w = value
+        if torch.jit.is_tracing() and isinstance(h, Tensor) and isinstance(w, Tensor):
+            # TorchScript tracing hands out a shape's entries as 0-d tensors; a trace
+            # fixes the image size anyway (only the batch may vary).
+            h, w = int(h), int(w)
         if isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1:
             return h, w
     raise ValueError(f"{name} must be (H, W) with positive ints, got {value!r}")

@@ -53,7 +53,7 @@ class ConvEncoder(nn.Module):
             nn.ReLU(),
             nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
             nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4),
+            _AdaptiveAvgPool(4),
             nn.Flatten(),
             nn.Linear(2 * w * 16, out_features),
             nn.ReLU(),
@@ -221,13 +221,58 @@ class PolarCorrelationEncoder(nn.Module):
         ff = ff - ff.mean(dim=-1, keepdim=True)
         fm = fm / (fm.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-6)
         ff = ff / (ff.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-6)
-        # score[s] = sum_k fm[k] * ff[k + s]: turning moving by s bins matches fixed.
-        spec = torch.conj(torch.fft.rfft(fm, dim=-1)) * torch.fft.rfft(ff, dim=-1)
-        corr = torch.fft.irfft(spec.sum(dim=(1, 2)), n=self.bins, dim=-1)
-        return torch.exp(self.log_gain) * corr
+        return torch.exp(self.log_gain) * _circular_correlation(fm, ff)
 
     def extra_repr(self) -> str:
         return f"paired={self.paired}, bins={self.bins}, radii={self.radii}"
+
+
+class _AdaptiveAvgPool(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` that the TorchScript ONNX exporter also takes.
+
+    That exporter only writes adaptive pooling whose output size divides the
+    input size. Under ONNX export the same averages are written as two
+    matrix products with the (constant, for a fixed image size) averaging
+    matrices; the eager path is aten's kernel.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        return (
+            _pool_matrix(x.shape[-2], self.output_size, x)
+            @ x
+            @ _pool_matrix(x.shape[-1], self.output_size, x).T
+        )
+
+
+def _pool_matrix(n: int | Tensor, out: int, like: Tensor) -> Tensor:
+    # Output cell i averages inputs floor(i·n/out) .. ceil((i+1)·n/out) - 1, as aten does.
+    n = int(n)
+    i = torch.arange(out)
+    start, stop = (i * n) // out, ((i + 1) * n + out - 1) // out
+    j = torch.arange(n)
+    inside = (j >= start[:, None]) & (j < stop[:, None])
+    return (inside / (stop - start)[:, None]).to(like.dtype)
+
+
+def _circular_correlation(fm: Tensor, ff: Tensor) -> Tensor:
+    """``score[b, s] = Σ_{c, r, k} fm[b, c, r, k] · ff[b, c, r, k + s]`` (k + s mod K), shape (B, K)."""
+    bins = fm.shape[-1]
+    if not torch.onnx.is_in_onnx_export():
+        # score[s] = sum_k fm[k] * ff[k + s]: turning moving by s bins matches fixed.
+        spec = torch.conj(torch.fft.rfft(fm, dim=-1)) * torch.fft.rfft(ff, dim=-1)
+        return torch.fft.irfft(spec.sum(dim=(1, 2)), n=bins, dim=-1)
+    # The TorchScript ONNX exporter has no FFT: the same DFT as products with cos/sin matrices.
+    k = torch.arange(bins, dtype=torch.float64)
+    phase = torch.remainder(k[:, None] * k, bins) * (2 * math.pi / bins)
+    cos, sin = torch.cos(phase).to(fm.dtype), torch.sin(phase).to(fm.dtype)
+    mr, mi = fm @ cos, -(fm @ sin)
+    fr, fi = ff @ cos, -(ff @ sin)
+    # conj(M) · F, summed over channels and radii, then the inverse DFT's real part.
+    pr = (mr * fr + mi * fi).sum(dim=(1, 2))
+    pi = (mr * fi - mi * fr).sum(dim=(1, 2))
+    return (pr @ cos - pi @ sin) / bins
 
 
 def _check_channels(in_channels: object) -> None:

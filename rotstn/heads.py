@@ -13,14 +13,27 @@ target)``), so there is no seam at 0/2π anywhere.
 or an '8' at n = 2): the head predicts ``nθ``, which is well defined, and
 reports ``θ`` in ``(-π/n, π/n]``; the loss compares ``nθ`` with ``n·target``.
 
-Identity start: a freshly built head reports θ ≈ 0 (within 1e-3 rad) whatever
-its input, so a :class:`rotstn.RotationSTN` starts as the identity warp.
-The decoded angle is pulled towards 0 by a weight that decays
-geometrically from 10⁴ to 0 over the first ``warmup`` training-mode forward
-calls. The loss always sees the head's own output, so supervised training
-runs at full speed from the first step. A loss on the warped image goes
-through the pulled angle, whose gradient is scaled down while the pull is
-strong: for purely unsupervised training use a short ``warmup`` (or 0).
+Identity start, by construction: with ``identity_start=True`` (the default)
+the last layer starts so that a fresh head reports θ = 0 for any input, and
+a :class:`rotstn.RotationSTN` starts as the identity warp. What the head
+decodes is its last layer with the weight multiplied by a learned ``gain``
+(``10 · gate``) that starts at 0, and a bias that encodes θ = 0 (the unit
+vector ``(1, 0)``, or logits peaked at bin 0); the weight itself keeps
+PyTorch's random initialisation. A :class:`BinnedHead` that reads per-bin
+scores directly decodes ``gain · scores + max(1 - gain, 0) · peak`` (``peak``
+a fixed bump at bin 0): the angle leaves 0 gradually as the gain grows, and
+from ``gain = 1`` on the scores alone count. Each head's loss is taken on
+what it decodes and on the layer's own output (gain 1), so the layer and the
+encoder train at full strength from the first step while the gain grows.
+There is no counter and no state: a head is a function of its input and its
+parameters, in training and in evaluation.
+A function that ignores its input at the start also passes no gradient back
+to it, so through the angle (a loss on the warped image) the encoder in front
+of a fresh head gets a zero gradient on the first step and a non-zero one from
+the second (the first update moves the gain off zero), as with the spatial
+transformer paper's zero-initialised localisation layer; through the head's
+own loss it learns from the first step. ``identity_start=False`` starts at
+``gain = 1``, e.g. to use a correlation encoder untrained.
 """
 
 from __future__ import annotations
@@ -35,9 +48,11 @@ from torch import Tensor, nn
 from . import losses
 from .functional import wrap_angle
 
-__all__ = ["AngleHead", "AnglePrediction", "BinnedHead", "UnitVectorHead", "VonMisesHead", "build_head"]
+# gain = _GATE_RATE · gate: Adam moves a parameter by about its learning rate per step, so
+# the gain reaches 1 from the identity start in about 1 / (10 lr) steps (33 at lr 3e-3).
+_GATE_RATE = 10.0
 
-_IDENTITY_WEIGHT = 1e4
+__all__ = ["AngleHead", "AnglePrediction", "BinnedHead", "UnitVectorHead", "VonMisesHead", "build_head"]
 
 
 @dataclass
@@ -48,8 +63,7 @@ class AnglePrediction:
         angle: ``(...)`` radians in ``(-π/n, π/n]`` for symmetry order n.
         raw: the head's raw output, ``(..., 2)`` vectors or ``(..., K)`` logits
             (what the loss is computed on).
-        raw_angle: ``(...)`` the angle ``nθ`` decoded from ``raw`` without the
-            identity start, in ``(-π, π]``.
+        raw_angle: ``(...)`` the angle ``nθ`` decoded from ``raw``, in ``(-π, π]``.
         concentration: ``(...)`` von Mises κ of the prediction (:class:`VonMisesHead`),
             else None.
         confidence: ``(...)`` in [0, 1]: the probability mass near the peak
@@ -65,15 +79,14 @@ class AnglePrediction:
 
 
 class AngleHead(nn.Module):
-    """Base class: symmetry handling and the identity start shared by all heads.
+    """Base class: symmetry handling shared by all heads.
 
-    Subclasses implement ``_decode(raw) -> (psi, extras)`` giving the angle
-    ``ψ = nθ`` in radians, and ``loss``.
+    Subclasses implement ``forward`` (decoding ``ψ = nθ`` in radians and
+    passing it through ``_finish``) and ``loss``, and honour ``identity_start``
+    in how they initialise their last layer.
     """
 
-    seen: Tensor
-
-    def __init__(self, in_features: int | None, *, symmetry: int = 1, warmup: int = 100) -> None:
+    def __init__(self, in_features: int | None, *, symmetry: int = 1, identity_start: bool = True) -> None:
         super().__init__()
         if in_features is not None and (not isinstance(in_features, int) or in_features < 1):
             raise ValueError(f"in_features must be a positive int or None, got {in_features!r}")
@@ -81,28 +94,28 @@ class AngleHead(nn.Module):
             raise ValueError(
                 f"symmetry must be a positive int (the order n of n-fold symmetry), got {symmetry!r}"
             )
-        if not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be an int >= 0 (training forward calls), got {warmup!r}")
+        if not isinstance(identity_start, bool):
+            raise TypeError(f"identity_start must be a bool, got {identity_start!r}")
         self.in_features = in_features
         self.symmetry = symmetry
-        self.warmup = warmup
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.identity_start = identity_start
+        # gain = _GATE_RATE · gate scales the last layer's weight (or the scores); 0 = identity.
+        self.gate = nn.Parameter(torch.tensor(0.0 if identity_start else 1.0 / _GATE_RATE))
+
+    @property
+    def gain(self) -> Tensor:
+        """The factor on the last layer's weight (or on the scores), ``10 · gate`` (0-d)."""
+        return _GATE_RATE * self.gate
+
+    def _gated(self, raw: Tensor, bias: Tensor) -> Tensor:
+        """``bias + gain · (raw - bias)``: the last layer's output with its weight scaled by the gain."""
+        bias = bias.to(raw.dtype)
+        return bias + self.gain.to(raw.dtype) * (raw - bias)
 
     @property
     def period(self) -> float:
         """The period of the reported angle, ``2π / symmetry``."""
         return 2 * math.pi / self.symmetry
-
-    def warmup_progress(self) -> Tensor:
-        """Fraction of the warm-up done, a 0-d float tensor in [0, 1] (1 when ``warmup`` is 0)."""
-        if self.warmup == 0:
-            return torch.ones((), device=self.seen.device)
-        # Tensor ops, not int(self.seen): no graph break under torch.compile.
-        return self.seen.clamp(max=self.warmup).float() / self.warmup
-
-    def identity_weight(self) -> Tensor:
-        """Weight of the pull towards θ = 0: 10⁴ before training, 0 after ``warmup`` steps (0-d tensor)."""
-        return _IDENTITY_WEIGHT ** (1 - self.warmup_progress()) - 1
 
     def _check_features(self, features: Tensor) -> Tensor:
         if not isinstance(features, Tensor) or not features.is_floating_point():
@@ -116,11 +129,6 @@ class AngleHead(nn.Module):
         return features
 
     def _finish(self, psi: Tensor) -> Tensor:
-        w = self.identity_weight().to(psi.dtype)
-        if self.training and torch.is_grad_enabled():
-            self.seen += 1
-        # With w = 0 (after the warm-up) this is wrap(psi), with derivative 1.
-        psi = torch.atan2(torch.sin(psi), torch.cos(psi) + w)
         return wrap_angle(psi) / self.symmetry
 
     def encode_target(self, target: Tensor) -> Tensor:
@@ -139,7 +147,9 @@ class AngleHead(nn.Module):
         return t
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, symmetry={self.symmetry}, warmup={self.warmup}"
+        return (
+            f"in_features={self.in_features}, symmetry={self.symmetry}, identity_start={self.identity_start}"
+        )
 
 
 class UnitVectorHead(AngleHead):
@@ -155,7 +165,7 @@ class UnitVectorHead(AngleHead):
         kappa: concentration of the von Mises loss.
         norm_weight: weight of :func:`rotstn.losses.unit_norm_penalty` on the raw
             vector, keeping it away from the origin.
-        warmup: training forward calls over which the identity start fades.
+        identity_start: start with gain 0, so θ = 0 for any input (see the module docstring).
 
     Shape:
         features ``(..., F)`` -> angle ``(...)``.
@@ -163,9 +173,11 @@ class UnitVectorHead(AngleHead):
     Example:
         >>> head = UnitVectorHead(16, norm_weight=0.0)
         >>> p = head(torch.randn(4, 16))
-        >>> p.angle.shape, bool(p.angle.abs().max() < 1e-3)
+        >>> p.angle.shape, bool((p.angle == 0).all())
         (torch.Size([4]), True)
-        >>> head.loss(p, p.raw_angle.detach()).item() < 1e-6  # zero at the head's own angle
+        >>> moved = UnitVectorHead(16, norm_weight=0.0, identity_start=False)  # gain 1
+        >>> q = moved(torch.randn(4, 16))
+        >>> moved.loss(q, q.raw_angle.detach()).item() < 1e-6  # zero at the head's own angle
         True
     """
 
@@ -177,11 +189,11 @@ class UnitVectorHead(AngleHead):
         loss: str = "cosine",
         kappa: float = 1.0,
         norm_weight: float = 0.01,
-        warmup: int = 100,
+        identity_start: bool = True,
     ) -> None:
         if in_features is None:
             raise ValueError("in_features must be a positive int for UnitVectorHead, got None")
-        super().__init__(in_features, symmetry=symmetry, warmup=warmup)
+        super().__init__(in_features, symmetry=symmetry, identity_start=identity_start)
         if loss not in ("cosine", "von_mises"):
             raise ValueError(f"loss must be 'cosine' or 'von_mises'; got {loss!r}")
         self.loss_name, self.kappa, self.norm_weight = loss, kappa, norm_weight
@@ -191,36 +203,53 @@ class UnitVectorHead(AngleHead):
 
     def forward(self, features: Tensor) -> AnglePrediction:
         raw = self.proj(self._check_features(features))
-        psi = torch.atan2(raw[..., 1], raw[..., 0])
+        vec = self._gated(raw, self.proj.bias)
+        psi = torch.atan2(vec[..., 1], vec[..., 0])
         return AnglePrediction(angle=self._finish(psi), raw=raw, raw_angle=psi)
 
     def loss(self, pred: AnglePrediction, target: Tensor, *, reduction: str = "mean") -> Tensor:
-        """Cosine or von Mises loss on the normalised vector, plus the unit-norm penalty."""
+        """Cosine or von Mises loss on the normalised vector, plus the unit-norm penalty.
+
+        Taken on the vector decoded (weight scaled by the gain) and on the layer's own
+        output (gain 1), which trains the layer and the encoder at full strength from
+        the first step, whatever the gain.
+        """
         t = self._check_target(pred, target)
-        v = F.normalize(pred.raw, dim=-1, eps=1e-12)
+        return sum(
+            self._vector_loss(vec, t, reduction) for vec in (self._gated(pred.raw, self.proj.bias), pred.raw)
+        )
+
+    def _vector_loss(self, vec: Tensor, t: Tensor, reduction: str) -> Tensor:
+        v = F.normalize(vec, dim=-1, eps=1e-12)
         if self.loss_name == "cosine":
             value = 1 - (v[..., 0] * torch.cos(t) + v[..., 1] * torch.sin(t))
             value = losses._reduce(value, reduction)
         else:
             value = losses.von_mises_loss(v, t, kappa=self.kappa, reduction=reduction)
-        return value + self.norm_weight * losses.unit_norm_penalty(pred.raw, reduction=reduction)
+        return value + self.norm_weight * losses.unit_norm_penalty(vec, reduction=reduction)
 
 
 class VonMisesHead(AngleHead):
     """A von Mises distribution: mean direction (normalised vector) and concentration κ.
 
-    κ says how sure the head is (``1/κ`` ≈ the variance in rad² for large κ).
-    The loss is :func:`rotstn.losses.von_mises_nll`. Trained from scratch the NLL
-    is unstable: early on a large κ turns every mean error into a huge gradient.
-    For the first ``warmup`` training calls the loss is therefore a blend that
-    starts as the cosine loss on the mean plus the NLL of κ with the mean held
-    fixed, and ends as the plain NLL.
+    κ says how sure the head is (``1/κ`` ≈ the variance in rad² for large κ);
+    :meth:`credible_arc` turns it into an arc that holds the truth with a given
+    probability. The loss is the von Mises NLL
+    (:func:`rotstn.losses.von_mises_nll`) plus the cosine loss ``1 - cos Δ`` of
+    the mean (on the decoded and on the ungated output, see the module
+    docstring). κ is trained by the NLL alone, a proper scoring rule: it is
+    smallest when κ matches the spread of the mean's actual errors, which is
+    what makes the arcs calibrated. The NLL's gradient to the mean is
+    ``κ sin Δ``; at the identity start every error is possible, so the NLL
+    first drives κ towards 0, and with it that gradient: alone it can stall
+    with the mean unlearnt. The cosine term keeps the mean's gradient at
+    least ``sin Δ`` (no schedule, no state).
 
     Args:
         in_features: feature size F.
         symmetry: order n of the object's rotational symmetry.
         kappa_max: upper bound on κ (keeps the NLL finite for perfect fits).
-        warmup: training forward calls for the identity start and the NLL warm-up.
+        identity_start: start with gain 0, so θ = 0 for any input (see the module docstring).
 
     Shape:
         features ``(..., F)`` -> angle and concentration ``(...)``.
@@ -233,37 +262,62 @@ class VonMisesHead(AngleHead):
     """
 
     def __init__(
-        self, in_features: int, *, symmetry: int = 1, kappa_max: float = 1e3, warmup: int = 100
+        self, in_features: int, *, symmetry: int = 1, kappa_max: float = 1e3, identity_start: bool = True
     ) -> None:
         if in_features is None:
             raise ValueError("in_features must be a positive int for VonMisesHead, got None")
-        super().__init__(in_features, symmetry=symmetry, warmup=warmup)
+        super().__init__(in_features, symmetry=symmetry, identity_start=identity_start)
         self.kappa_max = kappa_max
         self.proj = nn.Linear(in_features, 3)
         with torch.no_grad():
             self.proj.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
 
+    def _mean_kappa(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        kappa = (F.softplus(out[..., 2]) + 1e-3).clamp(max=self.kappa_max)
+        return torch.atan2(out[..., 1], out[..., 0]), kappa
+
     def forward(self, features: Tensor) -> AnglePrediction:
         raw = self.proj(self._check_features(features))
-        kappa = (F.softplus(raw[..., 2]) + 1e-3).clamp(max=self.kappa_max)
+        psi, kappa = self._mean_kappa(self._gated(raw, self.proj.bias))
         confidence = torch.special.i1e(kappa) / torch.special.i0e(kappa)
-        psi = torch.atan2(raw[..., 1], raw[..., 0])
         return AnglePrediction(
             angle=self._finish(psi), raw=raw, raw_angle=psi, concentration=kappa, confidence=confidence
         )
 
     def loss(self, pred: AnglePrediction, target: Tensor, *, reduction: str = "mean") -> Tensor:
-        """Von Mises NLL, blended in from a cosine loss over the warm-up."""
+        """The von Mises NLL plus the mean's cosine loss, on the decoded and the ungated output.
+
+        The second (the layer's own output, gain 1) trains the layer and the encoder at
+        full strength from the first step, whatever the gain.
+        """
         t = self._check_target(pred, target)
-        mean = pred.raw_angle
-        nll = losses.von_mises_nll(mean, pred.concentration, t, reduction=reduction)
-        if self.warmup == 0:
-            return nll
-        blend = self.warmup_progress().to(nll.dtype)
-        gentle = losses.cosine_loss(mean, t, reduction=reduction) + losses.von_mises_nll(
-            mean.detach(), pred.concentration, t, reduction=reduction
+        value = self.nll(pred, target, reduction=reduction) + losses.cosine_loss(
+            pred.raw_angle, t, reduction=reduction
         )
-        return blend * nll + (1 - blend) * gentle
+        mean, kappa = self._mean_kappa(pred.raw)
+        return (
+            value
+            + losses.von_mises_nll(mean, kappa, t, reduction=reduction)
+            + losses.cosine_loss(mean, t, reduction=reduction)
+        )
+
+    def nll(self, pred: AnglePrediction, target: Tensor, *, reduction: str = "mean") -> Tensor:
+        """Negative log-density of ``n · target`` under the predicted von Mises (per radian of ``nθ``)."""
+        t = self._check_target(pred, target)
+        return losses.von_mises_nll(pred.raw_angle, pred.concentration, t, reduction=reduction)
+
+    def credible_arc(self, pred: AnglePrediction, level: float) -> Tensor:
+        """Half-width h (radians of θ) of the arc ``[angle - h, angle + h]`` that holds ``level``.
+
+        Example:
+            >>> head = VonMisesHead(4, identity_start=False)
+            >>> p = head(torch.randn(3, 4))
+            >>> bool((head.credible_arc(p, 0.5) < head.credible_arc(p, 0.9)).all())
+            True
+        """
+        if pred.concentration is None:
+            raise ValueError("pred must be a VonMisesHead prediction (with a concentration), got none")
+        return losses.von_mises_credible_arc(pred.concentration, level) / self.symmetry
 
 
 class BinnedHead(AngleHead):
@@ -292,15 +346,17 @@ class BinnedHead(AngleHead):
             whatever their sharpness, and reads small residuals best (refinement).
         residual: also predict a per-bin offset within ±half a bin, added to
             the decoded angle and trained with a cosine loss (needs ``in_features``).
-        warmup: training forward calls over which the identity start fades.
+        identity_start: start so that θ = 0 for any input: gain 0 (on the
+            projection's weight, or with ``in_features=None`` on the scores)
+            instead of 1, and logits peaked at bin 0.
 
     Shape:
         features ``(..., F)`` (or ``(..., K)``) -> angle ``(...)``; raw logits ``(..., K)``.
 
     Example:
-        >>> head = BinnedHead(None, bins=16, warmup=0)
+        >>> head = BinnedHead(None, bins=16, identity_start=False)
         >>> logits = losses.circular_soft_labels(torch.tensor([1.0, -2.0]), 16).log()
-        >>> head(logits).angle.round(decimals=3)
+        >>> head(logits).angle.detach().round(decimals=3)
         tensor([ 1., -2.])
     """
 
@@ -315,9 +371,9 @@ class BinnedHead(AngleHead):
         decode_window: int = 4,
         decoder: str = "circular_mean",
         residual: bool = False,
-        warmup: int = 100,
+        identity_start: bool = True,
     ) -> None:
-        super().__init__(in_features, symmetry=symmetry, warmup=warmup)
+        super().__init__(in_features, symmetry=symmetry, identity_start=identity_start)
         if not isinstance(bins, int) or bins < 4:
             raise ValueError(f"bins must be an int >= 4, got {bins!r}")
         if not isinstance(decode_window, int) or not 1 <= decode_window < bins // 2:
@@ -329,7 +385,20 @@ class BinnedHead(AngleHead):
         if decoder not in ("circular_mean", "parabolic"):
             raise ValueError(f"decoder must be 'circular_mean' or 'parabolic'; got {decoder!r}")
         self.decode_window, self.decoder, self.residual = decode_window, decoder, residual
-        self.proj = None if in_features is None else nn.Linear(in_features, bins * (2 if residual else 1))
+        # Logits peaked at bin 0 and symmetric about it decode to exactly θ = 0.
+        peak = torch.cos(torch.arange(bins) * self.bin_width)
+        if in_features is None:
+            self.proj = None
+            # logits = gain · scores + max(1 - gain, 0) · peak: from gain 0 (the peak at bin 0
+            # alone) the angle leaves 0 gradually as the gain grows, first towards scores that
+            # beat the peak's small slope near 0; from gain 1 on, the scores alone.
+            self.register_buffer("peak", peak, persistent=False)
+        else:
+            self.proj = nn.Linear(in_features, bins * (2 if residual else 1))
+            # Residual offsets start at tanh(0) = 0.
+            if identity_start:
+                with torch.no_grad():
+                    self.proj.bias.copy_(torch.cat((peak, torch.zeros(bins if residual else 0))))
 
     @property
     def bin_width(self) -> float:
@@ -362,26 +431,61 @@ class BinnedHead(AngleHead):
             return out, None
         return out[..., : self.bins], out[..., self.bins :]
 
+    def logits(self, raw: Tensor) -> Tensor:
+        """The ``(..., K)`` logits the angle is decoded from (``gain · scores + max(1 - gain, 0) · peak``)."""
+        scores = raw[..., : self.bins]
+        if self.proj is not None:
+            return self._gated(scores, self.proj.bias[: self.bins])
+        gain = self.gain.to(scores.dtype)
+        return gain * scores + (1 - gain).clamp(min=0) * self.peak.to(scores.dtype)
+
     def forward(self, features: Tensor) -> AnglePrediction:
-        logits, res = self._split(features)
+        scores, res = self._split(features)
+        logits = self.logits(scores)
         psi, mass = self.decode(logits)
-        raw = logits
+        raw = scores
         if res is not None:
             peak = logits.argmax(-1, keepdim=True)
-            psi = psi + 0.5 * self.bin_width * torch.tanh(res.gather(-1, peak).squeeze(-1))
-            raw = torch.cat((logits, res), dim=-1)
+            res_gated = self._gated(res, self.proj.bias[self.bins :])
+            psi = psi + 0.5 * self.bin_width * torch.tanh(res_gated.gather(-1, peak).squeeze(-1))
+            raw = torch.cat((scores, res), dim=-1)
         return AnglePrediction(angle=self._finish(psi), raw=raw, raw_angle=wrap_angle(psi), confidence=mass)
 
     def loss(self, pred: AnglePrediction, target: Tensor, *, reduction: str = "mean") -> Tensor:
-        """Soft-label cross-entropy (KL) on the logits, plus a cosine loss on the residual."""
+        """Soft-label cross-entropy (KL) on the logits, plus a cosine loss on the residual.
+
+        Reading scores directly, the loss is the KL of the scores themselves plus
+        that of the decoded logits (:meth:`logits`): the first trains the encoder
+        at full strength from the first step, whatever the gain; the second
+        trains the gain (from 0 at the identity start).
+        """
         t = self._check_target(pred, target)
-        logits = pred.raw[..., : self.bins]
         value = losses.circular_soft_cross_entropy(
-            logits, t, width=self.label_width, window=self.window, reduction=reduction
+            self.logits(pred.raw), t, width=self.label_width, window=self.window, reduction=reduction
+        )
+        # The layer's own output (gain 1) too: the encoder learns at full strength from step one.
+        value = value + losses.circular_soft_cross_entropy(
+            pred.raw[..., : self.bins], t, width=self.label_width, window=self.window, reduction=reduction
         )
         if self.residual:
             value = value + losses.cosine_loss(pred.raw_angle, t, reduction=reduction) / self.bin_width**2
         return value
+
+    def nll(self, pred: AnglePrediction, target: Tensor, *, reduction: str = "mean") -> Tensor:
+        """Negative log-density of ``n · target`` under the bins (:func:`rotstn.losses.binned_nll`)."""
+        t = self._check_target(pred, target)
+        return losses.binned_nll(self.logits(pred.raw), t, reduction=reduction)
+
+    def credible_arc(self, pred: AnglePrediction, level: float) -> Tensor:
+        """Half-width h (radians of θ) of the arc ``[angle - h, angle + h]`` holding ``level`` of the mass.
+
+        Example:
+            >>> head = BinnedHead(None, bins=16, identity_start=False)
+            >>> p = head(losses.circular_soft_labels(torch.tensor([1.0]), 16, width=2.0).log())
+            >>> bool(head.credible_arc(p, 0.5) < head.credible_arc(p, 0.9))
+            True
+        """
+        return losses.binned_credible_arc(self.logits(pred.raw), pred.raw_angle, level) / self.symmetry
 
 
 HEADS = {"binned": BinnedHead, "unit_vector": UnitVectorHead, "von_mises": VonMisesHead}

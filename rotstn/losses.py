@@ -11,6 +11,14 @@ per-bin logits carry one extra trailing dimension (2 or K).
 
 ``reduction`` is ``"mean"`` (default), ``"sum"`` or ``"none"`` (the
 per-angle values, shaped like the target).
+
+Uncertainty that can be checked: :func:`von_mises_credible_arc` and
+:func:`binned_credible_arc` give the half-width h of the arc ``[μ - h, μ + h]``
+about the prediction that holds a given probability under the predicted
+distribution, :func:`in_arc` says whether the truth fell inside, and
+:func:`von_mises_nll` / :func:`binned_nll` score the distribution on the truth.
+On held-out data a calibrated head's 50 % arcs hold the truth about 50 % of
+the time (``benchmarks/uncertainty.py``).
 """
 
 from __future__ import annotations
@@ -25,10 +33,14 @@ from .functional import wrap_angle
 
 __all__ = [
     "angular_error",
+    "binned_credible_arc",
+    "binned_nll",
     "circular_soft_cross_entropy",
     "circular_soft_labels",
     "cosine_loss",
+    "in_arc",
     "unit_norm_penalty",
+    "von_mises_credible_arc",
     "von_mises_loss",
     "von_mises_nll",
 ]
@@ -283,3 +295,164 @@ def circular_soft_cross_entropy(
     log_p = torch.log_softmax(logits, dim=-1)
     kl = (torch.xlogy(labels, labels) - labels * log_p).sum(-1)
     return _reduce(kl, reduction)
+
+
+def _check_level(level: float) -> float:
+    if not isinstance(level, float | int) or not 0 < level < 1:
+        raise ValueError(f"level must be a probability in (0, 1), got {level!r}")
+    return float(level)
+
+
+def von_mises_credible_arc(kappa: Tensor, level: float) -> Tensor:
+    """Half-width of the arc about the mean that holds ``level`` of a von Mises distribution.
+
+    The von Mises density is symmetric and peaks at its mean, so the arc
+    ``[μ - h, μ + h]`` is also the shortest one with that probability. h solves
+    ``∫_{-h}^{h} exp(κ cos u) du / (2π I0(κ)) = level``: integrated numerically
+    for 1001 values of κ from 1e-4 to 1e6 (log-spaced) and interpolated in
+    ``log κ`` (relative error below 1e-4); beyond 1e6 the normal approximation
+    ``z / √κ`` is exact to that precision, below 1e-4 the uniform ``level · π``.
+
+    Args:
+        kappa: concentrations κ >= 0, any shape.
+        level: the probability the arc holds, in (0, 1).
+
+    Returns:
+        h in radians, shaped like ``kappa``, in ``(0, π]`` (``level · π`` at κ = 0).
+
+    Example:
+        >>> von_mises_credible_arc(torch.tensor([0.0, 100.0]), 0.9)  # uniform: 0.9 π; κ = 100: ≈ 1.645 / √κ
+        tensor([2.8274, 0.1649])
+    """
+    kappa = _as_float(kappa, "kappa")
+    level = _check_level(level)
+    if bool((kappa < 0).any()):
+        raise ValueError(f"kappa must be >= 0, got a minimum of {kappa.min().item():.3g}")
+    lo, hi, n = -4.0, 6.0, 1001
+    table = _von_mises_arc_table(level, lo, hi, n, kappa.device)
+    pos = ((torch.log10(kappa.double().clamp(10**lo, 10**hi)) - lo) * ((n - 1) / (hi - lo))).clamp(0, n - 1)
+    i = pos.floor().long().clamp(max=n - 2)
+    h = torch.lerp(table[i], table[i + 1], pos - i)
+    z = math.sqrt(2) * torch.special.erfinv(torch.tensor(level, dtype=torch.float64)).item()
+    h = torch.where(kappa.double() > 10**hi, z / kappa.double().clamp(min=1).sqrt(), h)
+    return h.to(kappa.dtype)
+
+
+def _von_mises_arc_table(level: float, lo: float, hi: float, n: int, device: torch.device) -> Tensor:
+    """h for κ = 10**linspace(lo, hi, n), by the trapezoid rule on a grid spanning 40 σ (or π)."""
+    kappa = torch.logspace(lo, hi, n, dtype=torch.float64, device=device)
+    top = (40 / kappa.sqrt()).clamp(max=math.pi)
+    u = torch.linspace(0, 1, 4096, dtype=torch.float64, device=device) * top[:, None]
+    # exp(κ (cos u - 1)): the density up to a constant, without overflow for large κ;
+    # 1 - cos u = 2 sin²(u/2) keeps its precision for small u.
+    density = torch.exp(-2 * kappa[:, None] * torch.sin(u / 2) ** 2)
+    steps = (density[:, 1:] + density[:, :-1]) * (0.5 * (u[:, 1:] - u[:, :-1]))
+    cdf = torch.cat((torch.zeros_like(density[:, :1]), steps.cumsum(-1)), dim=-1)
+    cdf = cdf / cdf[:, -1:]
+    i = torch.searchsorted(cdf, torch.full_like(cdf[:, :1], level)).clamp(1, u.shape[1] - 1)
+    c0, c1 = cdf.gather(-1, i - 1), cdf.gather(-1, i)
+    u0, u1 = u.gather(-1, i - 1), u.gather(-1, i)
+    return (u0 + (level - c0) / (c1 - c0).clamp(min=1e-300) * (u1 - u0)).squeeze(-1)
+
+
+def binned_credible_arc(logits: Tensor, center: Tensor, level: float, *, iterations: int = 40) -> Tensor:
+    """Half-width of the arc about ``center`` that holds ``level`` of a binned distribution.
+
+    The distribution is ``softmax(logits)`` over K bins, bin k centred on
+    ``2πk / K`` with its probability spread evenly over its width. The arc
+    ``[center - h, center + h]`` is the narrowest one about the prediction
+    that holds ``level``; h is found by bisection (``iterations`` halvings of π).
+
+    Args:
+        logits: ``(..., K)`` per-bin scores.
+        center: ``(...)`` radians, the predicted angle (e.g. the decoded one).
+        level: the probability the arc holds, in (0, 1).
+
+    Returns:
+        h in radians, shaped like ``center``, in ``[0, π]``.
+
+    Example:
+        >>> binned_credible_arc(torch.zeros(1, 8), torch.zeros(1), 0.5)  # uniform: a quarter turn each side
+        tensor([1.5708])
+    """
+    logits, center = _as_float(logits, "logits"), _as_float(center, "center")
+    level = _check_level(level)
+    if logits.dim() == 0 or logits.shape[:-1] != center.shape:
+        raise ValueError(
+            f"logits must have shape (*center.shape, K) with center {tuple(center.shape)}, "
+            f"got {tuple(logits.shape)}"
+        )
+    bins = logits.shape[-1]
+    width = 2 * math.pi / bins
+    p = torch.softmax(logits.double(), dim=-1)
+    centres = torch.arange(bins, dtype=torch.float64, device=logits.device) * width
+    d = wrap_angle(centres - center.double().unsqueeze(-1))
+    left, right = d - width / 2, d + width / 2
+
+    def mass(h: Tensor) -> Tensor:
+        h = h.unsqueeze(-1)
+        # The bin [left, right] may reach past ±π: count its overlap with the arc and the arc's copies at ±2π.
+        inside = sum(
+            (torch.minimum(right, h + shift) - torch.maximum(left, -h + shift)).clamp(min=0)
+            for shift in (-2 * math.pi, 0.0, 2 * math.pi)
+        )
+        return (p * inside).sum(-1) / width
+
+    lo, hi = (
+        torch.zeros_like(center, dtype=torch.float64),
+        torch.full_like(center, math.pi, dtype=torch.float64),
+    )
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        enough = mass(mid) >= level
+        hi, lo = torch.where(enough, mid, hi), torch.where(enough, lo, mid)
+    return hi.to(center.dtype)
+
+
+def binned_nll(logits: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Negative log-density of ``target`` under ``softmax(logits)`` spread evenly over each bin.
+
+    ``-log(p_k / w)`` for the bin k that contains the target (w = 2π / K), so it
+    is in the same units as :func:`von_mises_nll` (a density per radian) and
+    the two heads' NLLs can be compared; ``log 2π`` ≈ 1.84 is a uniform guess.
+
+    Args:
+        logits: ``(..., K)`` per-bin scores, bin k centred on ``2πk / K``.
+        target: true angles, radians, ``logits.shape[:-1]``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> binned_nll(torch.zeros(1, 4), torch.tensor([1.0]))  # uniform: log 2π
+        tensor(1.8379)
+    """
+    logits, target = _as_float(logits, "logits"), _as_float(target, "target")
+    if logits.dim() == 0 or logits.shape[:-1] != target.shape:
+        raise ValueError(
+            f"logits must have shape (*target.shape, K) with target {tuple(target.shape)}, "
+            f"got {tuple(logits.shape)}"
+        )
+    bins = logits.shape[-1]
+    width = 2 * math.pi / bins
+    k = torch.remainder(torch.round(target / width), bins).long()
+    log_p = torch.log_softmax(logits, dim=-1).gather(-1, k.unsqueeze(-1)).squeeze(-1)
+    return _reduce(math.log(width) - log_p, reduction)
+
+
+def in_arc(center: Tensor, half_width: Tensor, target: Tensor, *, period: float = 2 * math.pi) -> Tensor:
+    """Whether ``target`` lies on the arc ``[center - half_width, center + half_width]`` (modulo ``period``).
+
+    Averaged over held-out data this is the coverage of credible arcs: about
+    ``level`` for a calibrated distribution.
+
+    Args:
+        center, half_width, target: radians, the same shape.
+        period: ``2π``, or ``2π / n`` for an object with n-fold symmetry.
+
+    Returns:
+        A bool tensor shaped like ``target``.
+
+    Example:
+        >>> in_arc(torch.tensor([3.0, 3.0]), torch.tensor([0.5, 0.5]), torch.tensor([-3.0, 2.0]))
+        tensor([ True, False])
+    """
+    return angular_error(center, target, period=period) <= _as_float(half_width, "half_width")

@@ -239,3 +239,61 @@ class TestSoftCrossEntropy:
     def test_shape_error(self):
         with pytest.raises(ValueError, match=r"logits must have shape \(\*target.shape, K\)"):
             losses.circular_soft_cross_entropy(torch.zeros(3, 8), torch.zeros(4))
+
+
+class TestCredibleArcs:
+    @pytest.mark.parametrize("level", [0.5, 0.9, 0.99])
+    def test_von_mises_arc_matches_scipy_interval(self, level):
+        kappa = torch.tensor([0.0, 0.3, 1.0, 4.0, 30.0, 900.0], dtype=torch.float64)
+        h = losses.von_mises_credible_arc(kappa, level)
+        # scipy's central interval; at κ = 0 (uniform) it is level · π on each side.
+        ref = [level * math.pi if k == 0 else stats.vonmises.interval(level, k)[1] for k in kappa.tolist()]
+        np.testing.assert_allclose(h.numpy(), ref, rtol=1e-3, atol=1e-3)
+
+    @pytest.mark.parametrize("level", [0.5, 0.9])
+    def test_binned_arc_matches_brute_force(self, level):
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(5, 16, generator=g, dtype=torch.float64) * 2
+        center = _angles((5,), 3)
+        h = losses.binned_credible_arc(logits, center, level).numpy()
+        # Brute force: the mass of a fine grid of angles on the arc, each carrying its bin's density.
+        p = torch.softmax(logits, -1).numpy()
+        fine = np.linspace(-math.pi, math.pi, 200001)[:-1]
+        step = fine[1] - fine[0]
+        for i in range(5):
+            bins = (
+                np.round(np.mod(center[i].item() + fine, 2 * math.pi) / (2 * math.pi / 16)).astype(int) % 16
+            )
+            density = p[i][bins] / (2 * math.pi / 16)
+            inside = np.abs(fine) <= h[i]
+            assert abs(density[inside].sum() * step - level) < 1e-3
+            narrower = np.abs(fine) <= h[i] - 0.01
+            assert density[narrower].sum() * step < level
+
+    def test_binned_nll_matches_numpy(self):
+        g = torch.Generator().manual_seed(1)
+        logits = torch.randn(6, 8, generator=g, dtype=torch.float64)
+        t = _angles((6,), 4)
+        width = 2 * math.pi / 8
+        k = np.round(np.mod(t.numpy(), 2 * math.pi) / width).astype(int) % 8
+        p = torch.softmax(logits, -1).numpy()
+        ref = -np.log(p[np.arange(6), k] / width)
+        out = losses.binned_nll(logits, t, reduction="none")
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-12)
+        assert torch.isclose(
+            losses.binned_nll(torch.zeros(1, 8), torch.tensor([0.3])), torch.tensor(math.log(2 * math.pi))
+        )
+
+    def test_in_arc_wraps(self):
+        c, h = torch.tensor([3.0, -3.0, 0.0]), torch.tensor([0.5, 0.5, 1.0])
+        t = torch.tensor([-2.9, 2.9, 2 * math.pi + 0.05])
+        assert losses.in_arc(c, h, t).tolist() == [True, True, True]
+        assert losses.in_arc(c, h * 0.1, t).tolist() == [False, False, True]
+
+    def test_errors(self):
+        with pytest.raises(ValueError, match="level must be a probability in"):
+            losses.von_mises_credible_arc(torch.ones(2), 1.0)
+        with pytest.raises(ValueError, match="kappa must be >= 0"):
+            losses.von_mises_credible_arc(-torch.ones(2), 0.5)
+        with pytest.raises(ValueError, match=r"logits must have shape \(\*center.shape, K\)"):
+            losses.binned_credible_arc(torch.zeros(2, 8), torch.zeros(3), 0.5)

@@ -56,26 +56,49 @@ class TestRotationSTN:
             out = _call(stn, x, y)
         assert out.angle.abs().max() < 1e-3
         torch.testing.assert_close(out.warped, x, atol=2e-3, rtol=0)
+        # By construction (the head's initialisation), not approximately.
+        assert torch.equal(out.angle, torch.zeros(4)) and torch.equal(out.warped, x)
+
+    def test_forward_is_a_function_of_inputs_and_parameters(self, cfg):
+        # No counter: the same batch gives the same output in every call, training or not.
+        torch.manual_seed(3)
+        stn = rotstn.RotationSTN(3, identity_start=False, center=(9.0, 10.5), **cfg)
+        x, y = torch.rand(2, 3, 20, 20), torch.rand(2, 3, 20, 20)
+        for mode in (stn.train, stn.eval):
+            mode()
+            first, second = _call(stn, x, y), _call(stn, x, y)
+            assert torch.equal(first.angle, second.angle) and torch.equal(first.warped, second.warped)
+        # state_dict: the parameters and the fixed centre, nothing that counts calls.
+        assert set(stn.state_dict()) == {n for n, _ in stn.named_parameters()} | {"center"}
 
     @pytest.mark.parametrize("what", ["warped", "angle"])
     def test_every_encoder_parameter_gets_a_gradient(self, cfg, what):
+        # A head that is exactly the identity for every input passes the encoder a zero
+        # gradient on the first step (heads.py); that step moves the head's last layer,
+        # and from the second step on every parameter learns.
         torch.manual_seed(1)
         stn = rotstn.RotationSTN(3, **cfg)
         x = torch.rand(3, 3, 20, 20)
         y = rotstn.rotate(x, torch.tensor([0.5, -1.0, 2.0]))
-        out = _call(stn, x, y)
-        if what == "warped":
-            loss = F.mse_loss(out.warped, y)
-        else:
-            loss = stn.angle_loss(out, torch.tensor([0.5, -1.0, 2.0]))
-        loss.backward()
+
+        def loss_fn():
+            out = _call(stn, x, y)
+            if what == "warped":
+                return F.mse_loss(out.warped, y)
+            return stn.angle_loss(out, torch.tensor([0.5, -1.0, 2.0]))
+
+        opt = torch.optim.Adam(stn.parameters(), lr=1e-2)
+        loss_fn().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in stn.head.parameters())
+        opt.step()
+        opt.zero_grad()
+        loss_fn().backward()
         for name, p in stn.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
 
     def test_refinement_composes_and_resamples_the_original_once(self, cfg):
         torch.manual_seed(2)
-        stn = rotstn.RotationSTN(3, steps=3, **cfg)
-        stn.head.warmup = 0  # let the head move off the identity
+        stn = rotstn.RotationSTN(3, steps=3, identity_start=False, **cfg)  # off the identity
         x, y = torch.rand(2, 3, 20, 20), torch.rand(2, 3, 20, 20)
         out = _call(stn, x, y)
         assert len(out.steps) == 3
@@ -99,7 +122,7 @@ class TestSignConvention:
                 for m, d in zip(moving, degrees, strict=True)
             ]
         ) * _disk(32, 32)
-        stn = rotstn.RotationSTN(1, warmup=0).eval()
+        stn = rotstn.RotationSTN(1, identity_start=False).eval()
         with torch.no_grad():
             out = stn(moving, fixed.float())
         err = rotstn.losses.angular_error(out.angle, torch.deg2rad(torch.tensor(degrees)), degrees=True)
@@ -109,7 +132,7 @@ class TestSignConvention:
         # Trained on one picture at random angles, rotate(x, angle) must bring x back upright.
         torch.manual_seed(0)
         base = _crops(1, 24, seed=5)
-        stn = rotstn.RotationSTN(1, paired=False, bins=64, warmup=10)
+        stn = rotstn.RotationSTN(1, paired=False, bins=64)
         opt = torch.optim.Adam(stn.parameters(), lr=3e-3)
         g = torch.Generator().manual_seed(0)
         for _ in range(40):
@@ -127,6 +150,73 @@ class TestSignConvention:
         assert err.mean() < 3.0, err
         inner = _disk(24, 24).bool()
         assert (out.warped[:, 0][:, inner] - base[0, 0][inner]).abs().mean() < 0.05
+
+
+class TestRotatedBy:
+    def _fit(self, rotated_by):
+        # One picture at random angles, x = rotate(base, a); the default unpaired STN.
+        torch.manual_seed(0)
+        base = _crops(1, 24, seed=5)
+        stn = rotstn.RotationSTN(1, paired=False, bins=64)
+        opt = torch.optim.Adam(stn.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(40):
+            a = (torch.rand(16, generator=g) * 2 - 1) * math.pi
+            out = stn(rotstn.rotate(base, a))
+            loss = stn.angle_loss(out, rotated_by=a) if rotated_by else stn.angle_loss(out, a)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        a = torch.linspace(-3.0, 3.0, 13)
+        with torch.no_grad():
+            out = stn.eval()(rotstn.rotate(base, a))
+        # The error against the angle it was trained to give: -a, or a for the wrong sign.
+        trained_towards = -a if rotated_by else a
+        return rotstn.losses.angular_error(out.angle, trained_towards, degrees=True).mean()
+
+    def test_unpaired_label_read_as_rotated_by_fits(self, one_thread):
+        assert self._fit(rotated_by=True) < 3.0
+
+    def test_unpaired_label_read_as_target_cannot_fit(self, one_thread):
+        # The trap rotated_by= exists for: the polar encoder is rotation-equivariant, its angle
+        # for rotate(c, a) moves by -a, so "the angle it was rotated by" read as the target
+        # cannot be fitted: trained towards a, it stays far from a.
+        assert self._fit(rotated_by=False) > 30.0
+
+    def test_paired_rotated_by_is_the_aligning_angle(self):
+        # moving = rotate(fixed, a): the untrained polar STN already finds -a, the aligning
+        # angle, so its loss is small for rotated_by=a and large for the target a.
+        fixed = _crops(3, 32, seed=3)
+        a = torch.tensor([0.7, -2.0, 2.6])
+        moving = rotstn.rotate(fixed, a) * _disk(32, 32)
+        stn = rotstn.RotationSTN(1, identity_start=False).eval()
+        with torch.no_grad():
+            out = stn(moving, fixed)
+            right, wrong = stn.angle_loss(out, rotated_by=a), stn.angle_loss(out, a)
+            torch.testing.assert_close(right, stn.angle_loss(out, rotstn.wrap_angle(-a)))
+        err = rotstn.losses.angular_error(out.angle, -a, degrees=True)
+        assert err.max() < 2.0 and wrong > 10 * right
+
+    def test_symmetry_wraps_the_target(self):
+        # With symmetry=2 the target -a is only defined modulo π.
+        stn = rotstn.RotationSTN(1, paired=False, head="unit_vector", symmetry=2, identity_start=False)
+        out = stn(torch.rand(2, 1, 16, 16))
+        a = torch.tensor([0.4, -1.1])
+        torch.testing.assert_close(
+            stn.angle_loss(out, rotated_by=a), stn.angle_loss(out, rotstn.wrap_angle(-a + math.pi))
+        )
+
+    def test_exactly_one_target(self):
+        stn = rotstn.RotationSTN(1, paired=False)
+        out = stn(torch.rand(2, 1, 8, 8))
+        with pytest.raises(ValueError, match=r"exactly one of target_angle .* got neither"):
+            stn.angle_loss(out)
+        with pytest.raises(ValueError, match=r"exactly one of target_angle .* got both"):
+            stn.angle_loss(out, torch.zeros(2), rotated_by=torch.zeros(2))
+        with pytest.raises(ValueError, match=r"rotated_by must be a tensor of shape \(2,\), got \(3,\)"):
+            stn.angle_loss(out, rotated_by=torch.zeros(3))
+        with pytest.raises(TypeError):
+            stn.angle_loss(out, torch.zeros(2), torch.zeros(2))  # rotated_by is keyword-only
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -196,7 +286,7 @@ class TestEncoders:
             1,
             encoder=encoders.PolarCorrelationEncoder(1, bins=16, radii=3, width=2, depth=2),
             bins=16,
-            warmup=0,
+            identity_start=False,
         ).double()
         m = _crops(1, 6, seed=4).double().requires_grad_()
         f = rotstn.rotate(m.detach(), 0.9)

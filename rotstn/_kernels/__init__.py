@@ -11,8 +11,9 @@ built from a row and a column term and a backward that reduces straight to
 dθ and the centre's and source point's gradients; bilinear with zero padding
 runs a compiled C kernel instead of aten's sampler where one could be built
 (``compiled.py``: AVX-512, AVX2 or generic, picked at run time). Under
-``torch.compile`` the reference graph is traced instead (inductor fuses it), and
-under torch.func transforms (vmap, grad) the reference path runs.
+``torch.compile`` and ``torch.export`` the reference graph is traced instead
+(inductor fuses it), as under TorchScript tracing (``torch.jit.trace``, ONNX
+export), and under torch.func transforms (vmap, grad) the reference path runs.
 
 "triton" (``triton_warp``) is chosen automatically for CUDA tensors when
 triton imports and the call is one it serves (bilinear; float32, float16 or
@@ -93,10 +94,14 @@ def warp(
 
 def _cpu_fits(image: Tensor, angle: Tensor, center: Tensor, source: Tensor) -> bool:
     # Under torch.compile the reference graph is the better input: inductor fuses it.
+    # TorchScript tracing (torch.jit.trace, the dynamo=False ONNX exporter) would record
+    # the custom Function as an opaque node, or the C kernel not at all: trace F.grid_sample.
     # torch.func transforms (vmap, grad) need plain differentiable ops, not a custom Function.
     return (
         image.device.type == "cpu"
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch.onnx.is_in_onnx_export()
         and not any(
             torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (image, angle, center, source)
         )
