@@ -94,16 +94,7 @@ def angle(value: object, like: Tensor, dtype: torch.dtype, batch: int | None) ->
 
 def center(value: object, like: Tensor, dtype: torch.dtype, batch: int | None) -> Tensor | None:
     """Return the centre as (1, 2) or (B, 2) in ``dtype``, or None."""
-    if value is None:
-        return None
-    t = _as_tensor(value, "center", like, dtype)
-    ok = (t.dim() == 1 and t.shape[0] == 2) or (t.dim() == 2 and t.shape[1] == 2)
-    if ok and batch is not None and t.dim() == 2:
-        ok = t.shape[0] in (1, batch)
-    if not ok:
-        want = "(2,) or (B, 2)" if batch is None else f"(2,) or (B, 2) with B={batch}"
-        raise ValueError(f"center must have shape {want} as (x, y) pixels, got {shape_str(t)}")
-    return t.reshape(-1, 2)
+    return pair(value, "center", like, dtype, batch)
 
 
 def size(value: object, name: str = "size") -> tuple[int, int]:

@@ -99,6 +99,14 @@ def _coord_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _sampling_args(image: object, mode: object, padding_mode: object, align_corners: object) -> tuple:
+    """The checked (B, C, H, W) image and sampling options shared by rotate and warp."""
+    img = _validate.image(image)
+    mode = _validate.choice(mode, _validate.MODES, "mode")
+    padding_mode = _validate.choice(padding_mode, _validate.PADDING_MODES, "padding_mode")
+    return img, mode, padding_mode, _validate.flag(align_corners, "align_corners")
+
+
 def rotation_matrix(
     angle: AngleLike,
     size: tuple[int, int],
@@ -194,10 +202,7 @@ def rotate(
         >>> torch.equal(rotate(x, math.pi / 2).round(), torch.rot90(x, 1, (-2, -1)))
         True
     """
-    img = _validate.image(image)
-    mode = _validate.choice(mode, _validate.MODES, "mode")
-    padding_mode = _validate.choice(padding_mode, _validate.PADDING_MODES, "padding_mode")
-    align_corners = _validate.flag(align_corners, "align_corners")
+    img, mode, padding_mode, align_corners = _sampling_args(image, mode, padding_mode, align_corners)
     dtype = _coord_dtype(img.dtype)
     b, ch, h, w = img.shape
     hint = b if b != 1 else None
@@ -323,10 +328,7 @@ def warp(
         >>> [int(i) for i in (y[0] == 1).nonzero()[0]]
         [0, 3]
     """
-    img = _validate.image(image)
-    mode = _validate.choice(mode, _validate.MODES, "mode")
-    padding_mode = _validate.choice(padding_mode, _validate.PADDING_MODES, "padding_mode")
-    align_corners = _validate.flag(align_corners, "align_corners")
+    img, mode, padding_mode, align_corners = _sampling_args(image, mode, padding_mode, align_corners)
     dtype = _coord_dtype(img.dtype)
     b, ch, h, w = img.shape
     ho, wo = (h, w) if size is None else _validate.size(size)
