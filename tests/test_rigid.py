@@ -259,6 +259,11 @@ BAD = {
         ValueError,
         "model='rotation' needs fixed and moving of one size and no masks",
     ),
+    "constant over the mask": (
+        {"fixed": torch.ones(1, 1, 32, 32), "fixed_mask": torch.ones(32, 32)},
+        ValueError,
+        r"fixed is constant over its mask \(sample\(s\) 0\)",
+    ),
     "constant under the mask": (
         {"fixed": torch.ones(1, 1, 32, 32)},
         ValueError,

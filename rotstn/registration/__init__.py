@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import _validate
 from ..functional import rigid_matrix, warp, wrap_angle
 from . import _refine, _rotation, _search
-from ._images import Level, indices, masked_blur, noise_variance, pyramid
+from ._images import Level, check_not_flat, indices, masked_blur, noise_variance, pyramid
 
 __all__ = ["Registration", "StackRegistration", "register", "register_stack"]
 
@@ -206,8 +206,9 @@ def register(
             t = torch.zeros(b, 2, dtype=dtype, device=f.device)
             score, overlap = ncc.clamp_min(0), torch.ones_like(ncc)
         else:
-            _check_not_flat(fg, fmask, "fixed")
-            _check_not_flat(mg, mmask, "moving")
+            for gray, mask, name in ((fg, fmask, "fixed"), (mg, mmask, "moving")):
+                keep = None if mask is None else mask.flatten(1) > 0
+                check_not_flat(gray.flatten(1), keep, name, "" if mask is None else "over its mask")
             angle, t, score, overlap = _rigid(
                 fg,
                 fmask,
@@ -402,22 +403,6 @@ def _check_mask(mask: object, name: str, image: Tensor, b: int, dtype: torch.dty
             "there is nothing to register"
         )
     return m
-
-
-def _check_not_flat(gray: Tensor, mask: Tensor | None, name: str) -> None:
-    values = gray.flatten(1)
-    if mask is None:
-        hi, lo = values.amax(1), values.amin(1)
-    else:
-        keep = mask.flatten(1) > 0
-        hi = values.masked_fill(~keep, -math.inf).amax(1)
-        lo = values.masked_fill(~keep, math.inf).amin(1)
-    flat = (hi - lo) <= 1e-6 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
-    if bool(flat.any()):
-        where = "over its mask" if mask is not None else ""
-        raise ValueError(
-            f"{name} is constant {where}(sample(s) {indices(flat)}): there is nothing to register"
-        )
 
 
 def _check_number(value: object, name: str) -> float:

@@ -36,6 +36,21 @@ def _blur_axis(image: Tensor, kernel: list[float], dim: int) -> Tensor:
     return out
 
 
+def check_not_flat(values: Tensor, keep: Tensor | None, name: str, where: str = "") -> None:
+    """Raise when any sample's (B, N) ``values`` (where ``keep`` says, if given) are all the same."""
+    if keep is None:
+        hi, lo = values.amax(1), values.amin(1)
+    else:
+        hi = values.masked_fill(~keep, -math.inf).amax(1)
+        lo = values.masked_fill(~keep, math.inf).amin(1)
+    flat = (hi - lo) <= 1e-6 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
+    if bool(flat.any()):
+        place = f" {where}" if where else ""
+        raise ValueError(
+            f"{name} is constant{place} (sample(s) {indices(flat)}): there is nothing to register"
+        )
+
+
 def blur(image: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of (B, C, H, W) with replicated borders (``sigma`` 0 leaves it)."""
     if sigma == 0:

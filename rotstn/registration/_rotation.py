@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..functional import rotation_matrix, wrap_angle
-from ._images import blur, indices
+from ._images import blur, check_not_flat
 
 
 def estimate(
@@ -52,8 +52,8 @@ def estimate(
     """(B,) angle and (B,) disc NCC for grey (B, 1, H, W) images of one size (already broadcast)."""
     h, w = fixed.shape[-2:]
     disc = _Disc(h, w, fixed.dtype, fixed.device)
-    check_not_flat(fixed, disc, "fixed")
-    check_not_flat(moving, disc, "moving")
+    check_not_flat(disc.take(fixed), None, "fixed", "over its central disc")
+    check_not_flat(disc.take(moving), None, "moving", "over its central disc")
     fs, ms = blur(fixed, smooth), blur(moving, smooth)
     angle, spacing = _global_search(fs, ms, disc.radius, guess, window)
     angle = _gauss_newton(fs, ms, angle, disc, iterations, reach=2 * spacing)
@@ -205,15 +205,3 @@ def _gauss_newton(
         if float(step.abs().max()) * disc.radius < 1e-3:
             break
     return angle
-
-
-def check_not_flat(gray: Tensor, disc: _Disc, name: str) -> None:
-    values = disc.take(gray)
-    spread = values.amax(-1) - values.amin(-1)
-    scale = values.abs().amax(-1).clamp_min(1.0)
-    flat = spread <= 1e-6 * scale
-    if bool(flat.any()):
-        raise ValueError(
-            f"{name} is constant over its central disc (sample(s) {indices(flat)}): "
-            "there is nothing to register"
-        )
