@@ -158,6 +158,17 @@ class Level:
         m = self.margin
         return (x >= m) & (x <= w - 1 - m) & (y >= m) & (y <= h - 1 - m)
 
+    def area(self) -> Tensor:
+        """(B or 1,) pixels compared: :meth:`content` summed, without building it when there is no mask."""
+        if self.mask is not None:
+            return self.content().sum((1, 2, 3))
+        h, w = self.image.shape[-2:]
+        y = torch.arange(h, dtype=self.image.dtype, device=self.image.device)
+        x = torch.arange(w, dtype=self.image.dtype, device=self.image.device)
+        rows = self.inside(torch.full_like(y, (w - 1) / 2), y).sum()
+        cols = self.inside(x, torch.full_like(x, (h - 1) / 2)).sum()
+        return (rows * cols).to(self.image.dtype).view(1)
+
     def content(self) -> Tensor:
         """(B or 1, 1, h, w) 1 where the image is compared, else 0."""
         h, w = self.image.shape[-2:]

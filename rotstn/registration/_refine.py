@@ -84,9 +84,28 @@ def _sample(level: Level, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
     return out[:, 0], inside
 
 
-def _area(level: Level, stride: int) -> Tensor:
-    """(B or 1,) compared pixels of a level, in points of the given stride."""
-    return level.content().sum((1, 2, 3)) / stride**2
+def _overlap(pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Moving's values at the fixed points and the points' weights in the overlap, each (B, M, N).
+
+    For (B, M) angles and (B, M, 2) translations (level-0 pixels).
+    """
+    qx, qy = frame.project(pts, angle, t)
+    g, inside = _sample(moving, qx, qy)
+    return g, pts.weight.unsqueeze(1) * inside
+
+
+def _smaller_area(pts: _Points, moving: Level) -> Tensor:
+    """(B, 1) compared pixels of the smaller image, in points of the fixed level's stride."""
+    return torch.minimum(pts.weight.sum(1), moving.area() / pts.stride**2).clamp_min(1).unsqueeze(1)
+
+
+def _moments(f: Tensor, g: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Weighted count, covariance and the two variances (sums, not means) along the last dimension."""
+    n = w.sum(-1)
+    mean_f = (w * f).sum(-1, keepdim=True) / n.clamp_min(1).unsqueeze(-1)
+    mean_g = (w * g).sum(-1, keepdim=True) / n.clamp_min(1).unsqueeze(-1)
+    df, dg = f - mean_f, g - mean_g
+    return n, (w * df * dg).sum(-1), (w * df.square()).sum(-1), (w * dg.square()).sum(-1)
 
 
 class _Frame:
@@ -130,9 +149,7 @@ def refine(
             (-v * pts.gx + u * pts.gy, pts.gx, pts.gy, pts.values, torch.ones_like(pts.values)), 1
         )
         for _ in range(iterations):
-            qx, qy = frame.project(pts, angle.unsqueeze(1), t.unsqueeze(1))
-            g, inside = _sample(lm, qx, qy)
-            g, w = g[:, 0], pts.weight * inside[:, 0]
+            g, w = (x[:, 0] for x in _overlap(pts, lm, frame, angle.unsqueeze(1), t.unsqueeze(1)))
             jw = jac * w.unsqueeze(1)
             hess = jw @ jac.transpose(1, 2)
             rhs = (jw @ g.unsqueeze(-1)).squeeze(-1)
@@ -171,19 +188,11 @@ def _ncc_over_overlap(
     pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """NCC over the overlap, overlap and smaller image size (points), each (B, M), for (B, M) hypotheses."""
-    qx, qy = frame.project(pts, angle, t)
-    g, inside = _sample(moving, qx, qy)
-    w = pts.weight.unsqueeze(1) * inside
-    n = w.sum(-1)
-    f = pts.values.unsqueeze(1)
-    mean_f = (w * f).sum(-1, keepdim=True) / n.clamp_min(1).unsqueeze(-1)
-    mean_g = (w * g).sum(-1, keepdim=True) / n.clamp_min(1).unsqueeze(-1)
-    df, dg = f - mean_f, g - mean_g
-    cov = (w * df * dg).sum(-1)
-    var = (w * df.square()).sum(-1) * (w * dg.square()).sum(-1)
+    g, w = _overlap(pts, moving, frame, angle, t)
+    n, cov, var_f, var_g = _moments(pts.values.unsqueeze(1), g, w)
+    var = var_f * var_g
     ncc = torch.where((var > 0) & (n >= 16), cov / var.clamp_min(1e-30).sqrt(), torch.zeros_like(cov))
-    area = torch.minimum(pts.weight.sum(1), _area(moving, pts.stride)).clamp_min(1)
-    return ncc, n, area.unsqueeze(1)
+    return ncc, n, _smaller_area(pts, moving)
 
 
 def significance(
@@ -229,13 +238,8 @@ def _block_ncc(pts: _Points, g: Tensor, w: Tensor, blocks: int, noise: tuple[Ten
             .flatten(3)
         )
 
-    f, g, w = grid(pts.values.expand(b, -1)), grid(g), grid(w)
-    n = w.sum(-1)
-    mean_f = (w * f).sum(-1, keepdim=True) / n.clamp_min(1).unsqueeze(-1)
-    mean_g = (w * g).sum(-1, keepdim=True) / n.clamp_min(1).unsqueeze(-1)
-    df, dg = f - mean_f, g - mean_g
-    var_f, var_g = (w * df.square()).sum(-1), (w * dg.square()).sum(-1)
-    ncc = (w * df * dg).sum(-1) / (var_f * var_g).clamp_min(1e-30).sqrt()
+    n, cov, var_f, var_g = _moments(grid(pts.values.expand(b, -1)), grid(g), grid(w))
+    ncc = cov / (var_f * var_g).clamp_min(1e-30).sqrt()
     noise_f, noise_g = (v.view(-1, 1, 1) * n for v in noise)
     # "Flat": a block whose variance is mostly noise (or less than a thousandth of the image's).
     total = (pts.weight * (pts.values - pts.values.mean(1, keepdim=True)).square()).sum(1) / pts.weight.sum(
@@ -301,11 +305,8 @@ def score(
     """
     pts = _Points(fixed, max_points, gradient=True)
     frame = _Frame(size, moving_size, fixed.scale, angle)
-    qx, qy = frame.project(pts, angle.unsqueeze(1), translation.unsqueeze(1))
-    g, inside = _sample(moving, qx, qy)
-    g, w = g[:, 0], pts.weight * inside[:, 0]
-    area = torch.minimum(pts.weight.sum(1), _area(moving, pts.stride)).clamp_min(1)
-    overlap = (w.sum(1) / area).clamp(0, 1)
+    g, w = (x[:, 0] for x in _overlap(pts, moving, frame, angle.unsqueeze(1), translation.unsqueeze(1)))
+    overlap = (w.sum(1) / _smaller_area(pts, moving)[:, 0]).clamp(0, 1)
     local = _block_ncc(pts, g, w, blocks, noise)
     localisation = _localisation(pts, frame, w, noise[0])
     measured = torch.isfinite(local).any(1)
