@@ -1,4 +1,5 @@
-"""Shared test data: crops of real bundled pictures, and the disc a rotation keeps in frame."""
+"""Shared test data and wrappers: crops of real bundled pictures, the disc a rotation keeps in frame, and
+RotationSTN modules that return plain tensors (what a deployment exports)."""
 
 import numpy as np
 import torch
@@ -20,3 +21,23 @@ def interior(h: int, w: int, margin: float = 2.0) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     r = np.hypot(xx - (w - 1) / 2, yy - (h - 1) / 2)
     return r <= min(h, w) / 2 - margin
+
+
+class ExportedSTN(torch.nn.Module):
+    """A single-input RotationSTN returning its warped image and angle as plain tensors."""
+
+    def __init__(self, stn: torch.nn.Module) -> None:
+        super().__init__()
+        self.stn = stn
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.stn(x)
+        return out.warped, out.angle
+
+
+class ExportedPairedSTN(ExportedSTN):
+    """The same for a paired RotationSTN: forward(moving, fixed)."""
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.stn(moving, fixed)
+        return out.warped, out.angle

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import real_image
+from helpers import ExportedPairedSTN, ExportedSTN, real_image
 
 import rotstn
 from rotstn import _kernels
@@ -33,22 +33,6 @@ class RigidWarp(torch.nn.Module):
         self, x: torch.Tensor, angle: torch.Tensor, center: torch.Tensor, source: torch.Tensor
     ) -> torch.Tensor:
         return _kernels.warp(x, angle, center, source, "bilinear", "zeros", False)
-
-
-class STNSingle(torch.nn.Module):
-    def __init__(self, stn: rotstn.RotationSTN) -> None:
-        super().__init__()
-        self.stn = stn
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.stn(x)
-        return out.warped, out.angle
-
-
-class STNPaired(STNSingle):
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.stn(moving, fixed)
-        return out.warped, out.angle
 
 
 def _digits(b: int, size: int = 28, seed: int = 0) -> torch.Tensor:
@@ -75,7 +59,7 @@ def _stn(paired: bool, head: str) -> torch.nn.Module:
     if head != "binned":
         with torch.no_grad():  # a vector head at PyTorch's init barely turns: make it turn
             stn.head.proj.weight.mul_(30)
-    return STNPaired(stn) if paired else STNSingle(stn)
+    return ExportedPairedSTN(stn) if paired else ExportedSTN(stn)
 
 
 def _stn_inputs(paired: bool):

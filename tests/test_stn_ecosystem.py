@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ExportedPairedSTN, ExportedSTN
 
 import rotstn
 
@@ -243,24 +244,6 @@ def test_compiled_equals_eager_at_every_point_of_training():
 # ---------------------------------------------------------------- ONNX
 
 
-class Single(torch.nn.Module):
-    """What a deployment exports: the warped image and the angle as plain tensors."""
-
-    def __init__(self, stn: rotstn.RotationSTN) -> None:
-        super().__init__()
-        self.stn = stn
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.stn(x)
-        return out.warped, out.angle
-
-
-class Paired(Single):
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.stn(moving, fixed)
-        return out.warped, out.angle
-
-
 # The default STN of each kind, and a unit-vector head (atan2 instead of the binned decoding).
 @pytest.mark.parametrize(
     ("paired", "head"), [(False, "binned"), (True, "binned"), (False, "unit_vector")], ids=str
@@ -270,7 +253,7 @@ def test_onnx_opset18_matches_torch(paired, head, tmp_path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     stn = make_stn(paired, head, steps=2)
-    model = (Paired(stn) if paired else Single(stn)).eval()
+    model = (ExportedPairedSTN(stn) if paired else ExportedSTN(stn)).eval()
     x = digits(3)
     args = (x, x.flip(0)) if paired else (x,)
     batch = torch.export.Dim("batch", min=1, max=1024)
