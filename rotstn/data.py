@@ -263,6 +263,12 @@ class _Picture:
         cols = slice(max(0, math.floor(left / s)), math.ceil(right / s) + 1)
         return float(self.pixels[rows, cols].std())
 
+    def std_at(self, rows: np.ndarray, cols: np.ndarray) -> float:
+        """Grey-level spread of the original pixels nearest to upscaled (row, column) points."""
+        r = np.clip(np.rint(rows / self.scale).astype(int), 0, self.pixels.shape[0] - 1)
+        c = np.clip(np.rint(cols / self.scale).astype(int), 0, self.pixels.shape[1] - 1)
+        return float(self.pixels[r, c].std())
+
 
 @functools.lru_cache(maxsize=32)
 def _coefficients(name: str) -> np.ndarray:
@@ -358,8 +364,9 @@ def rigid_pairs(
             with ``min_shift=0.5, max_shift=0.9`` gives pairs with under 10 %
             overlap).
         images: names of bundled pictures (see :func:`bundled_image`).
-        min_std: crops whose ``fixed`` or ``moving`` region has a grey-level
-            standard deviation below this are redrawn.
+        min_std: pairs whose ``fixed`` or ``moving`` shows picture pixels with a
+            grey-level standard deviation below this are redrawn (``moving`` is
+            checked on its turned window, not that window's bounding box).
         seed: seeds the geometry, crops, noise and photometric changes; each
             pair has its own streams, and the geometry and crops do not depend
             on ``noise`` and ``photometric``.
@@ -520,12 +527,17 @@ def _draw_geometry(
         tops = math.ceil(top_lo - y0), math.floor(top_hi - y1)
         if lefts[0] > lefts[1] or tops[0] > tops[1]:
             continue
+        # Where a grid of moving's pixels lies in the picture, relative to the crop's top-left pixel (the
+        # turned window itself: its bounding box can hold content that moving does not show).
+        qx, qy = np.meshgrid(np.linspace(0, wm - 1, 32), np.linspace(0, hm - 1, 32))
+        du, dv = qx - (wm - 1) / 2, qy - (hm - 1) / 2
+        px = matrix[0, 0] * du + matrix[1, 0] * dv + cx
+        py = matrix[0, 1] * du + matrix[1, 1] * dv + cy
         for _ in range(100):
             top, left = int(rng.integers(tops[0], tops[1] + 1)), int(rng.integers(lefts[0], lefts[1] + 1))
-            # The picture region moving shows: its bounding box is enough to tell a flat one.
             if (
                 picture.std(top, top + h - 1, left, left + w - 1) > min_std
-                and picture.std(top + cy - ey, top + cy + ey, left + cx - ex, left + cx + ex) > min_std
+                and picture.std_at(py + top, px + left) > min_std
             ):
                 return angle, shift, matrix, top, left
     raise ValueError(

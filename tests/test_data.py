@@ -134,3 +134,11 @@ def test_bad_arguments(kwargs, match):
     kwargs = {"n": 2, "size": (32, 32), **kwargs}
     with pytest.raises(ValueError, match=match):
         rigid_pairs(**kwargs)
+
+
+def test_rigid_pairs_moving_shows_content():
+    # The content check looks at the picture pixels moving shows, not its turned window's bounding box
+    # (which once let a moving crop of retina's black surround, 4 grey levels deep, through).
+    pairs = rigid_pairs(24, (96, 160), seed=0)
+    assert pairs.moving.flatten(1).std(1).min() > 0.02
+    assert pairs.fixed.flatten(1).std(1).min() > 0.02

@@ -194,6 +194,44 @@ def test_score_separates_right_from_unrelated_pairs():
     assert good.score.min() > threshold > bad.score.max(), (good.score, bad.score)
 
 
+def test_one_structure_matches_are_flagged():
+    # Noisy pairs where one structure dominates (a crater on a noisy plain, the rim of the retina's field
+    # of view): lining up that structure alone must not earn a trusted score.
+    pairs = rigid_pairs(96, (128, 128), noise=0.02, photometric=True, seed=3)
+    pick = [2, 74]
+    assert [pairs.names[i] for i in pick] == ["moon", "retina"]
+    result = rotstn.register(pairs.fixed[pick], pairs.moving[pick])
+    d = max_displacement(result.matrix, pairs.matrix[pick], (128, 128))
+    assert_right_or_flagged(result, d, at_least=0)
+
+
+def test_fine_structure_found_one_level_finer():
+    # A 256² retina crop with a 20–25 % shift: on the 64² search level the vessels blur away and the
+    # rim of the field of view matches itself; the untrusted result is searched again one level finer.
+    pairs = rigid_pairs(24, (256, 256), min_shift=0.2, max_shift=0.25, seed=0)
+    i = 14
+    assert pairs.names[i] == "retina"
+    result = rotstn.register(pairs.fixed[i : i + 1], pairs.moving[i : i + 1])
+    d = max_displacement(result.matrix, pairs.matrix[i : i + 1], (256, 256))
+    assert d.item() < 0.1, d
+    assert result.score.item() > rotstn.registration.TRUST
+
+
+def test_phase_correlation_of_twin_angles_equals_turning_by_them():
+    # θ + π comes from θ's canvas flipped (a conjugate spectrum times a ramp), not a second resampling.
+    from rotstn.registration import _images, _search
+
+    pairs = rigid_pairs(3, (96, 160), seed=1)
+    levels = []
+    for image in (pairs.fixed, pairs.moving):
+        blurred, mask, margin = _images.masked_blur(image, None, 1.0)
+        levels.append(_images.pyramid(blurred, mask, 1, margin)[-1])
+    angles = _search.spectral_angles(*levels, peaks=2)
+    plain = _search.phase_correlation(*levels, (96, 160), (96, 160), angles, peaks=2)
+    twins = _search.phase_correlation(*levels, (96, 160), (96, 160), angles, peaks=2, twins=True)
+    torch.testing.assert_close(twins[1], plain[1], atol=1e-4, rtol=0)
+
+
 def test_rotation_only_pairs_and_model_option():
     from rotstn.data import rotated_pairs
 

@@ -255,26 +255,73 @@ def _rigid(
         n_levels += 1
     fixed_levels = pyramid(fixed, fixed_mask, n_levels, margin)
     moving_levels = pyramid(moving, moving_mask, n_levels, margin)
+    options = (size, moving_size, window, iterations, min_overlap, max_points)
+    angle, t, score, overlap = _estimate(fixed_levels, moving_levels, guess, noise, *options)
+    # A result the score does not trust gets a second search one level finer, where fine structure (thin
+    # vessels, text) that vanished on the search level and left one dominant edge to match is still there.
+    retry = score < TRUST
+    if n_levels > 0 and bool(retry.any()):
+        sub_f = [level.select(retry) for level in fixed_levels[:-1]]
+        sub_m = [level.select(retry) for level in moving_levels[:-1]]
+        a2, t2, s2, o2 = _estimate(
+            sub_f,
+            sub_m,
+            None if guess is None else guess[retry],
+            (noise[0][retry], noise[1][retry]),
+            *options,
+        )
+        # The more significant agreement over the whole overlap wins (as between hypotheses): the trust
+        # score of a wrong result that lines up one edge in many blocks can exceed that of a right
+        # result on a faint texture.
+        z = _refine.significance(
+            sub_f[0],
+            sub_m[0],
+            size,
+            moving_size,
+            torch.stack((angle[retry], a2), 1),
+            torch.stack((t[retry], t2), 1),
+            max_points,
+            min_overlap,
+        )
+        better = z[:, 1] > z[:, 0]
+        for current, new in ((angle, a2), (t, t2), (score, s2), (overlap, o2)):
+            current[retry] = torch.where(better.view(-1, *[1] * (new.dim() - 1)), new, current[retry])
+    return angle, t, score, overlap
+
+
+def _estimate(
+    fixed_levels: list[Level],
+    moving_levels: list[Level],
+    guess: Tensor | None,
+    noise: tuple[Tensor, Tensor],
+    size: tuple[int, int],
+    moving_size: tuple[int, int],
+    window: float,
+    iterations: int,
+    min_overlap: float,
+    max_points: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Search on the coarsest of the levels, refine down to the first, score there."""
     coarse_f, coarse_m = fixed_levels[-1], moving_levels[-1]
     if guess is None:
         angles = _search.spectral_angles(coarse_f, coarse_m, peaks=2)
     else:
         steps = max(2 * math.ceil(window / _search.SWEEP_STEP), 1)
-        offsets = torch.linspace(-window, window, steps + 1, dtype=fixed.dtype, device=fixed.device)
+        offsets = torch.linspace(-window, window, steps + 1, dtype=guess.dtype, device=guess.device)
         angles = guess.view(-1, 1) + offsets
     angle, t, z = _hypotheses(
-        coarse_f, coarse_m, size, moving_size, angles, min_overlap, max_points, iterations
+        coarse_f, coarse_m, size, moving_size, angles, min_overlap, max_points, iterations, guess is None
     )
     weak = z < _search.SWEEP_BELOW
     if guess is None and bool(weak.any()):
         # No convincing candidate: try the whole circle on those pairs, one level coarser where the
         # images keep 32 pixels a side (a quarter of the work), then check on the search level.
         sub_f, sub_m = coarse_f.select(weak), coarse_m.select(weak)
-        sweep = _search.sweep_angles(int(weak.sum()), fixed.dtype, fixed.device)
+        sweep = _search.sweep_angles(int(weak.sum()), sub_f.image.dtype, sub_f.image.device)
         coarser = min(*sub_f.image.shape[-2:], *sub_m.image.shape[-2:]) >= 64
         level_f, level_m = (sub_f.halve(), sub_m.halve()) if coarser else (sub_f, sub_m)
         a2, t2, z2 = _hypotheses(
-            level_f, level_m, size, moving_size, sweep, min_overlap, max_points, iterations
+            level_f, level_m, size, moving_size, sweep, min_overlap, max_points, iterations, True
         )
         if coarser:
             a2, t2 = _refine.refine(
@@ -286,8 +333,9 @@ def _rigid(
         better = z2 > z[weak]
         angle[weak] = torch.where(better, a2, angle[weak])
         t[weak] = torch.where(better.unsqueeze(1), t2, t[weak])
+    # From the search level (where the hypotheses took a few steps only) down to the first.
     angle, t = _refine.refine(
-        fixed_levels[:-1], moving_levels[:-1], size, moving_size, angle, t, iterations, max_points
+        fixed_levels, moving_levels, size, moving_size, angle, t, iterations, max_points
     )
     score, overlap = _refine.score(
         fixed_levels[0], moving_levels[0], size, moving_size, angle, t, max_points, min_overlap, noise
@@ -304,6 +352,7 @@ def _hypotheses(
     min_overlap: float,
     max_points: int,
     iterations: int,
+    twins: bool,
     keep: int = 2,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The best (angle, translation) on the search level for candidate angles (B, K), and its significance.
@@ -313,7 +362,7 @@ def _hypotheses(
     most significant after refinement wins (a near miss of the right angle
     refines to a clear winner; a chance match does not).
     """
-    angle, shifts = _search.phase_correlation(fixed, moving, size, moving_size, angles, peaks=2)
+    angle, shifts = _search.phase_correlation(fixed, moving, size, moving_size, angles, peaks=2, twins=twins)
     # A first ranking on a quarter of the points is enough to pick which hypotheses to refine.
     z = _refine.significance(fixed, moving, size, moving_size, angle, shifts, max_points // 4, min_overlap)
     b = angle.shape[0]

@@ -30,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -42,6 +43,9 @@ from ._images import Level, centre
 # right results on benchmarks/registration.py's sets fall below 0.02, results sliding along one
 # dominant edge or rim below 0.01.
 LOCALISED = 0.01
+# Textured blocks a result must agree in to be trusted fully: a wrong result that lines up one structure
+# (a crater, the rim of a round field of view) rests on one or two (examples/register.py).
+MIN_BLOCKS = 3
 
 
 class _Points:
@@ -57,16 +61,33 @@ class _Points:
         self.y = rows.to(img.dtype).view(-1, 1).expand(-1, cols.numel()).reshape(-1)
         self.x = cols.to(img.dtype).view(1, -1).expand(rows.numel(), -1).reshape(-1)
 
-        def take(plane: Tensor, dr: int = 0, dc: int = 0) -> Tensor:
-            return plane[:, (rows + dr).clamp(0, h - 1)][:, :, (cols + dc).clamp(0, w - 1)].flatten(1)
+        r0, c0, nr, nc, s = int(rows[0]), int(cols[0]), rows.numel(), cols.numel(), self.stride
 
-        self.values = take(img[:, 0])
+        def take(plane: Tensor, dr: int = 0, dc: int = 0) -> Tensor:
+            # ``plane`` is padded by one pixel (edge values repeated): the points are a strided slice.
+            r, c = r0 + 1 + dr, c0 + 1 + dc
+            return plane[:, r : r + (nr - 1) * s + 1 : s, c : c + (nc - 1) * s + 1 : s].reshape(
+                plane.shape[0], -1
+            )
+
+        padded = (
+            F.pad(img, (1, 1, 1, 1), mode="replicate")[:, 0] if gradient else F.pad(img[:, 0], (1, 1, 1, 1))
+        )
+        self.values = take(padded)
         weight = level.inside(self.x, self.y).to(img.dtype).expand_as(self.values)
-        self.weight = weight if mask is None else weight * (take(mask[:, 0]) > 0.999)
+        self.weight = weight if mask is None else weight * (take(F.pad(mask[:, 0], (1, 1, 1, 1))) > 0.999)
         if gradient:
             # Central differences at the points only (one-sided at the frame, where points carry no weight).
-            self.gx = (take(img[:, 0], dc=1) - take(img[:, 0], dc=-1)) / 2
-            self.gy = (take(img[:, 0], dr=1) - take(img[:, 0], dr=-1)) / 2
+            self.gx = (take(padded, dc=1) - take(padded, dc=-1)) / 2
+            self.gy = (take(padded, dr=1) - take(padded, dr=-1)) / 2
+
+    def select(self, rows: Tensor) -> _Points:
+        """The points of a subset of the batch (an index tensor)."""
+        out = copy.copy(self)
+        for name in ("values", "weight", "gx", "gy"):
+            if hasattr(self, name):
+                setattr(out, name, getattr(self, name)[rows])
+        return out
 
 
 def _sample(level: Level, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,7 +155,12 @@ def refine(
     iterations: int,
     max_points: int,
 ) -> tuple[Tensor, Tensor]:
-    """Refine (B,) angles and (B, 2) translations (level-0 pixels) coarse to fine."""
+    """Refine (B,) angles and (B, 2) translations (level-0 pixels) coarse to fine.
+
+    On each level a pair stops once its step moves no point by more than
+    ``1e-3`` pixels (``2e-2`` on coarser levels, which only hand the next one a
+    start); the pairs still moving go on as a smaller batch.
+    """
     angle, t = angle.clone(), translation.clone()
     for lf, lm in zip(reversed(fixed), reversed(moving), strict=True):
         if iterations == 0:
@@ -142,14 +168,18 @@ def refine(
         pts = _Points(lf, max_points, gradient=True)
         frame = _Frame(size, moving_size, lf.scale, angle)
         radius = max(math.hypot(*lf.image.shape[-2:]) / 2, 1.0)
-        # ∂F(R_δ(p))/∂(δθ, δtx, δty) at δ = 0, with δt in level pixels: rotation about c_f is (-v, u).
+        tolerance = 1e-3 if lf.scale == 1 else 2e-2
+        # ∂F(R_δ(p))/∂(δθ, δtx, δty) at δ = 0, with δt in level pixels: rotation about c_f is (-v, u);
+        # then the gain and offset of the intensity model.
         u, v = pts.x - frame.c_f[0, 0], pts.y - frame.c_f[0, 1]
-        # (B, 5, N), contiguous along the points: both products below are then plain matrix products.
         jac = torch.stack(
             (-v * pts.gx + u * pts.gy, pts.gx, pts.gy, pts.values, torch.ones_like(pts.values)), 1
         )
+        rows = torch.arange(angle.shape[0], device=angle.device)
+        previous = torch.zeros_like(t[:, :1].expand(-1, 3))
         for _ in range(iterations):
-            g, w = (x[:, 0] for x in _overlap(pts, lm, frame, angle.unsqueeze(1), t.unsqueeze(1)))
+            a, tl = angle[rows], t[rows] / lf.scale
+            g, w = (x[:, 0] for x in _overlap(pts, lm, frame, a.unsqueeze(1), t[rows].unsqueeze(1)))
             jw = jac * w.unsqueeze(1)
             hess = jw @ jac.transpose(1, 2)
             rhs = (jw @ g.unsqueeze(-1)).squeeze(-1)
@@ -158,15 +188,25 @@ def refine(
             # x = (a·δθ, a·δtx, a·δty, a, b): the model a·F + b ≈ G(W) is linear in it.
             gain = x[:, 3:4]
             delta = x[:, :3] / torch.where(gain.abs() > 1e-12, gain, torch.ones_like(gain))
+            usable = (w.sum(1) >= 16) & torch.isfinite(delta).all(1) & (gain[:, 0] > 0)
+            delta = torch.where(usable.unsqueeze(1), delta, torch.zeros_like(delta))
+            # Where noise or a weakly constrained direction shortens every step by the same ratio r, the
+            # steps form a geometric series: take its sum, δ/(1 - r) (Aitken's extrapolation).
+            moves = delta * delta.new_tensor([radius, 1.0, 1.0])
+            ratio = (moves * previous).sum(1) / previous.square().sum(1).clamp_min(1e-30)
+            aligned = (moves * previous).sum(1) > 0.9 * moves.norm(dim=1) * previous.norm(dim=1)
+            boost = torch.where(
+                aligned & (ratio > 0.3) & (ratio < 0.9), 1 / (1 - ratio), torch.ones_like(ratio)
+            )
+            previous = moves
+            delta = delta * boost.unsqueeze(1)
             # A step never moves a point more than a pixel of this level: the linearisation holds that far.
             reach = delta[:, 0].abs() * radius + delta[:, 1:3].norm(dim=1)
             shrink = 1.0 / reach.clamp_min(1.0)
-            usable = (w.sum(1) >= 16) & torch.isfinite(delta).all(1) & (gain[:, 0] > 0)
-            delta = torch.where(usable.unsqueeze(1), delta * shrink.unsqueeze(1), torch.zeros_like(delta))
+            delta = delta * shrink.unsqueeze(1)
             # W ← W ∘ R_δ⁻¹: θ - δθ, and t ← δt + A(δθ)·t (in level pixels).
             cos, sin = torch.cos(delta[:, 0]), torch.sin(delta[:, 0])
-            tl = t / lf.scale
-            t = (
+            t[rows] = (
                 torch.stack(
                     (
                         delta[:, 1] + cos * tl[:, 0] - sin * tl[:, 1],
@@ -176,11 +216,15 @@ def refine(
                 )
                 * lf.scale
             )
-            angle = angle - delta[:, 0]
-            # Coarse levels only need to hand the next one a start well inside its reach.
-            moved = torch.where(usable, reach * shrink, torch.zeros_like(reach))
-            if float(moved.max()) < (1e-3 if lf.scale == 1 else 2e-2):
+            angle[rows] = a - delta[:, 0]
+            going = reach * shrink >= tolerance
+            if not bool(going.any()):
                 break
+            if not bool(going.all()):
+                keep = going.nonzero()[:, 0]
+                rows, previous = rows[keep], previous[keep]
+                jac = jac[keep]
+                pts, lm = pts.select(keep), lm.select(keep)
     return angle, t
 
 
@@ -295,10 +339,11 @@ def score(
     two images is measured in each textured block, corrected for the
     images' (B,) ``noise`` variances: the score is the lower quartile of those
     NCCs (negative counts as 0), scaled down when the overlap does not pin
-    the motion down (:func:`_localisation` under ``LOCALISED``). A right result agrees
+    the motion down (:func:`_localisation` under ``LOCALISED``) and when fewer
+    than ``MIN_BLOCKS`` blocks are textured. A right result agrees
     everywhere; a wrong one that lines up one dominant structure (the rim of
-    a round field of view, a long edge) agrees in a few blocks only, which
-    the whole-overlap NCC would not show. Scaled by
+    a round field of view, a long edge, a crater on a noisy plain) agrees in a
+    few blocks only, which the whole-overlap NCC would not show. Scaled by
     ``min(1, overlap / (2·min_overlap))``: agreement on a sliver of the images
     is trusted less. The overlap is the fraction of the smaller image's
     (masked) pixels that the other one covers.
@@ -315,4 +360,5 @@ def score(
     )
     trust = torch.where(measured, quartile, torch.zeros_like(quartile)).clamp(0, 1)
     trust = trust * (localisation / LOCALISED).clamp(max=1.0)
+    trust = trust * (torch.isfinite(local).sum(1) / MIN_BLOCKS).clamp(max=1.0)
     return trust * (overlap / (2 * min_overlap)).clamp(max=1.0), overlap

@@ -166,6 +166,7 @@ def phase_correlation(
     moving_size: tuple[int, int],
     angles: Tensor,
     peaks: int,
+    twins: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Translations for each candidate angle from the peaks of a phase correlation.
 
@@ -179,6 +180,10 @@ def phase_correlation(
         size, moving_size: level-0 (H, W) of fixed and moving.
         angles: (B, K) candidate angles.
         peaks: shifts kept per angle.
+        twins: the second half of ``angles`` is the first half plus π. Moving turned by
+            θ + π about the canvas centre is the canvas turned by θ, flipped: its
+            transform is the conjugate of θ's times a phase ramp, so only half of the
+            angles are resampled and transformed.
 
     Returns:
         ``(B, K·peaks)`` angles and ``(B, K·peaks, 2)`` translations (level-0 pixels).
@@ -193,8 +198,12 @@ def phase_correlation(
     c_d = (d - 1) / 2
     c_f = centre(*size, scale, f)
     c_m = centre(*moving_size, scale, f)
+    if twins and k % 2:
+        raise ValueError(f"twins needs an even number of angles, got {k}")
+    turn = angles[:, : k // 2] if twins else angles
+    kt = turn.shape[1]
     # Turn moving (and where it has content) by each candidate onto a d×d canvas.
-    cos, sin = torch.cos(angles).reshape(-1), torch.sin(angles).reshape(-1)
+    cos, sin = torch.cos(turn).reshape(-1), torch.sin(turn).reshape(-1)
     cmx, cmy = c_m[0, 0], c_m[0, 1]
     matrix = torch.stack(
         (
@@ -205,7 +214,7 @@ def phase_correlation(
     )
     # The taper is turned with the image (it is linear in the samples), so it is made once per image.
     content = moving.content().expand_as(g)
-    turned = warp(torch.cat((g, _taper(content)), 1).repeat_interleave(k, 0), matrix=matrix, size=(d, d))
+    turned = warp(torch.cat((g, _taper(content)), 1).repeat_interleave(kt, 0), matrix=matrix, size=(d, d))
     fmask = fixed.content().expand_as(f)
 
     def prepare(image: Tensor, weight: Tensor) -> Tensor:
@@ -216,11 +225,15 @@ def phase_correlation(
 
     p = (_fft_size(max(h, d)), _fft_size(max(w, d)))
     ff = torch.fft.rfft2(prepare(f, _taper(fmask))[:, 0], s=p)  # (B, ...), shared by the K angles
-    fg = torch.fft.rfft2(prepare(turned[:, :1], turned[:, 1:])[:, 0], s=p).view(b, k, p[0], -1)
-    cross = ff.conj().unsqueeze(1) * fg
-    # Whitened, and weighted towards the frequencies a coarse level resolves well.
+    fg = torch.fft.rfft2(prepare(turned[:, :1], turned[:, 1:])[:, 0], s=p).view(b, kt, p[0], -1)
     ky = torch.fft.fftfreq(p[0], device=device, dtype=dtype).view(-1, 1)
     kx = torch.fft.rfftfreq(p[1], device=device, dtype=dtype).view(1, -1)
+    if twins:
+        # x flipped on the canvas, x'[n] = x[d - 1 - n], padded to p: X'(k) = e^{-2πik(d-1)/p}·conj(X(k)).
+        ramp = torch.polar(torch.ones_like(ky * kx), -2 * math.pi * (d - 1) * (ky + kx))
+        fg = torch.cat((fg, ramp * fg.conj()), 1)
+    cross = ff.conj().unsqueeze(1) * fg
+    # Whitened, and weighted towards the frequencies a coarse level resolves well.
     lowpass = torch.exp(-(kx.square() + ky.square()) / (2 * LOWPASS**2))
     magnitude = cross.abs()
     cross = cross * (lowpass / (magnitude + 1e-6 * magnitude.amax((-2, -1), keepdim=True)))
@@ -257,6 +270,7 @@ def phase_correlation(
 
 
 def sweep_angles(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(b, K) angles every ``SWEEP_STEP`` over the circle."""
-    n = round(2 * math.pi / SWEEP_STEP)
-    return (torch.arange(n, dtype=dtype, device=device) * (2 * math.pi / n)).expand(b, n)
+    """(b, K) angles every ``SWEEP_STEP`` over the circle, the second half the first plus π."""
+    half = round(math.pi / SWEEP_STEP)
+    angle = torch.arange(half, dtype=dtype, device=device) * (math.pi / half)
+    return torch.cat((angle, angle + math.pi)).expand(b, 2 * half)
