@@ -60,6 +60,7 @@ class _Points:
         self.shape = (rows.numel(), cols.numel())
         self.y = rows.to(img.dtype).view(-1, 1).expand(-1, cols.numel()).reshape(-1)
         self.x = cols.to(img.dtype).view(1, -1).expand(rows.numel(), -1).reshape(-1)
+        self.homogeneous = torch.stack((self.x, self.y, torch.ones_like(self.x)))  # (3, N)
 
         r0, c0, nr, nc, s = int(rows[0]), int(cols[0]), rows.numel(), cols.numel(), self.stride
 
@@ -70,9 +71,9 @@ class _Points:
                 plane.shape[0], -1
             )
 
-        padded = (
-            F.pad(img, (1, 1, 1, 1), mode="replicate")[:, 0] if gradient else F.pad(img[:, 0], (1, 1, 1, 1))
-        )
+        # Points within a pixel of the frame count only without a margin; there the difference is one-sided.
+        edge = "replicate" if gradient and level.margin < 1 else "constant"
+        padded = F.pad(img, (1, 1, 1, 1), mode=edge)[:, 0]
         self.values = take(padded)
         weight = level.inside(self.x, self.y).to(img.dtype).expand_as(self.values)
         self.weight = weight if mask is None else weight * (take(F.pad(mask[:, 0], (1, 1, 1, 1))) > 0.999)
@@ -90,29 +91,23 @@ class _Points:
         return out
 
 
-def _sample(level: Level, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
-    """Bilinear samples of a moving level at level pixels (qx, qy), each (B, M, N), and which count.
-
-    Returns the (B, M, N) values (zeros outside) and a (B, M, N) bool.
-    """
-    h, w = level.image.shape[-2:]
-    grid = torch.stack(((2 * qx + 1) / w - 1, (2 * qy + 1) / h - 1), -1)
-    planes = level.image if level.mask is None else torch.cat((level.image, level.mask), 1)
-    out = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    inside = level.inside(qx, qy)
-    if level.mask is not None:
-        inside = inside & (out[:, 1] > 0.999)
-    return out[:, 0], inside
-
-
 def _overlap(pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Moving's values at the fixed points and the points' weights in the overlap, each (B, M, N).
 
-    For (B, M) angles and (B, M, 2) translations (level-0 pixels).
+    For (B, M) angles and (B, M, 2) translations (level-0 pixels). A point counts
+    where its bilinear sample reads only compared pixels of moving (inside the
+    frame less the margin, and inside moving's mask) and the point itself counts.
     """
-    qx, qy = frame.project(pts, angle, t)
-    g, inside = _sample(moving, qx, qy)
-    return g, pts.weight.unsqueeze(1) * inside
+    h, w = moving.image.shape[-2:]
+    grid = frame.grid(pts, angle, t, (h, w))
+    planes = moving.image if moving.mask is None else torch.cat((moving.image, moving.mask), 1)
+    out = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # Level pixel q is inside [m, side - 1 - m] when its normalised coordinate is within ±(1 - (2m + 1)/side).
+    reach = grid.new_tensor([1 - (2 * moving.margin + 1) / w, 1 - (2 * moving.margin + 1) / h])
+    inside = (grid.abs() <= reach).all(-1)
+    if moving.mask is not None:
+        inside = inside & (out[:, 1] > 0.999)
+    return out[:, 0], pts.weight.unsqueeze(1) * inside
 
 
 def _smaller_area(pts: _Points, moving: Level) -> Tensor:
@@ -137,12 +132,28 @@ class _Frame:
         self.c_m = centre(*moving_size, scale, like)
         self.scale = scale
 
-    def project(self, pts: _Points, angle: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(qx, qy), each (B, M, N), for (B, M) angles and (B, M, 2) translations in level-0 pixels."""
-        cos, sin = torch.cos(angle).unsqueeze(-1), torch.sin(angle).unsqueeze(-1)
-        u = pts.x - self.c_f[0, 0] - t[..., 0:1] / self.scale
-        v = pts.y - self.c_f[0, 1] - t[..., 1:2] / self.scale
-        return self.c_m[0, 0] + cos * u - sin * v, self.c_m[0, 1] + sin * u + cos * v
+    def grid(self, pts: _Points, angle: Tensor, t: Tensor, shape: tuple[int, int]) -> Tensor:
+        """(B, M, N, 2) grid_sample coordinates in a moving level of ``shape`` of the points.
+
+        For (B, M) angles and (B, M, 2) translations in level-0 pixels: level pixel
+        ``q = c_m + A(p - c_f - t/scale)``, normalised as ``(2q + 1)/side - 1``, is
+        affine in ``p = (x, y, 1)``: one matrix product for all points.
+        """
+        h, w = shape
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        ox = self.c_f[0, 0] + t[..., 0] / self.scale
+        oy = self.c_f[0, 1] + t[..., 1] / self.scale
+        qx0 = self.c_m[0, 0] - cos * ox + sin * oy
+        qy0 = self.c_m[0, 1] - sin * ox - cos * oy
+        # (B, M, 2, 3): rows (normalised x, normalised y), columns (x, y, 1).
+        affine = torch.stack(
+            (
+                torch.stack((cos, -sin, qx0 + 0.5), -1) * (2 / w),
+                torch.stack((sin, cos, qy0 + 0.5), -1) * (2 / h),
+            ),
+            -2,
+        ) - angle.new_tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+        return (affine @ pts.homogeneous).transpose(-1, -2).contiguous()
 
 
 def refine(
@@ -157,7 +168,7 @@ def refine(
 ) -> tuple[Tensor, Tensor]:
     """Refine (B,) angles and (B, 2) translations (level-0 pixels) coarse to fine.
 
-    On each level a pair stops once its step moves no point by more than
+    On each level a pair is done once its step moves no point by more than
     ``1e-3`` pixels (``2e-2`` on coarser levels, which only hand the next one a
     start); the pairs still moving go on as a smaller batch.
     """
@@ -220,7 +231,8 @@ def refine(
             going = reach * shrink >= tolerance
             if not bool(going.any()):
                 break
-            if not bool(going.all()):
+            # Pairs that are done leave the batch once they are half of it (each copy costs a step).
+            if 2 * int(going.sum()) <= going.numel():
                 keep = going.nonzero()[:, 0]
                 rows, previous = rows[keep], previous[keep]
                 jac = jac[keep]

@@ -213,9 +213,9 @@ def phase_correlation(
         -2,
     )
     # The taper is turned with the image (it is linear in the samples), so it is made once per image.
-    content = moving.content().expand_as(g)
-    turned = warp(torch.cat((g, _taper(content)), 1).repeat_interleave(kt, 0), matrix=matrix, size=(d, d))
-    fmask = fixed.content().expand_as(f)
+    # Without a mask, content (and its taper) is one frame shared by the batch.
+    taper = _taper(moving.content()).expand_as(g)
+    turned = warp(torch.cat((g, taper), 1).repeat_interleave(kt, 0), matrix=matrix, size=(d, d))
 
     def prepare(image: Tensor, weight: Tensor) -> Tensor:
         mean = (image * weight).sum((-2, -1), keepdim=True) / weight.sum((-2, -1), keepdim=True).clamp_min(
@@ -224,19 +224,21 @@ def phase_correlation(
         return (image - mean) * weight
 
     p = (_fft_size(max(h, d)), _fft_size(max(w, d)))
-    ff = torch.fft.rfft2(prepare(f, _taper(fmask))[:, 0], s=p)  # (B, ...), shared by the K angles
+    ff = torch.fft.rfft2(prepare(f, _taper(fixed.content()).expand_as(f))[:, 0], s=p)  # shared by the angles
     fg = torch.fft.rfft2(prepare(turned[:, :1], turned[:, 1:])[:, 0], s=p).view(b, kt, p[0], -1)
     ky = torch.fft.fftfreq(p[0], device=device, dtype=dtype).view(-1, 1)
     kx = torch.fft.rfftfreq(p[1], device=device, dtype=dtype).view(1, -1)
-    if twins:
-        # x flipped on the canvas, x'[n] = x[d - 1 - n], padded to p: X'(k) = e^{-2πik(d-1)/p}·conj(X(k)).
-        ramp = torch.polar(torch.ones_like(ky * kx), -2 * math.pi * (d - 1) * (ky + kx))
-        fg = torch.cat((fg, ramp * fg.conj()), 1)
-    cross = ff.conj().unsqueeze(1) * fg
     # Whitened, and weighted towards the frequencies a coarse level resolves well.
     lowpass = torch.exp(-(kx.square() + ky.square()) / (2 * LOWPASS**2))
-    magnitude = cross.abs()
-    cross = cross * (lowpass / (magnitude + 1e-6 * magnitude.amax((-2, -1), keepdim=True)))
+    magnitude = ff.abs().unsqueeze(1) * fg.abs()
+    floor = 1e-6 * magnitude.amax((-2, -1), keepdim=True)
+    weighted = ff.conj().unsqueeze(1) * (lowpass / (magnitude + floor))
+    cross = weighted * fg
+    if twins:
+        # x flipped on the canvas, x'[n] = x[d - 1 - n], padded to p: X'(k) = e^{-2πik(d-1)/p}·conj(X(k)),
+        # so its cross-power spectrum has the same magnitude.
+        ramp = torch.polar(torch.ones_like(ky * kx), -2 * math.pi * (d - 1) * (ky + kx))
+        cross = torch.cat((cross, ramp * weighted * fg.conj()), 1)
     corr = torch.fft.irfft2(cross, s=p).view(b * k, p[0], p[1])
     # Shifts s (fixed p against canvas p + s), unwrapped around the one that puts the centres together.
     s0 = (c_d - c_f[0, 1].item(), c_d - c_f[0, 0].item())
