@@ -318,7 +318,7 @@ def _estimate(
         # images keep 32 pixels a side (a quarter of the work), then check on the search level.
         sub_f, sub_m = coarse_f.select(weak), coarse_m.select(weak)
         sweep = _search.sweep_angles(int(weak.sum()), sub_f.image.dtype, sub_f.image.device)
-        coarser = min(*sub_f.image.shape[-2:], *sub_m.image.shape[-2:]) >= 64
+        coarser = min(*sub_f.image.shape[-2:], *sub_m.image.shape[-2:]) >= 48
         level_f, level_m = (sub_f.halve(), sub_m.halve()) if coarser else (sub_f, sub_m)
         a2, t2, z2 = _hypotheses(
             level_f, level_m, size, moving_size, sweep, min_overlap, max_points, iterations, True
