@@ -232,6 +232,17 @@ def test_phase_correlation_of_twin_angles_equals_turning_by_them():
     torch.testing.assert_close(twins[1], plain[1], atol=1e-4, rtol=0)
 
 
+def test_batch_result_equals_one_pair_at_a_time():
+    # Pairs stop refining one by one; a pair's answer must not depend on the others in its batch.
+    pairs = rigid_pairs(5, (96, 96), noise=0.03, seed=21)
+    batch = rotstn.register(pairs.fixed, pairs.moving)
+    for i in range(5):
+        one = rotstn.register(pairs.fixed[i : i + 1], pairs.moving[i : i + 1])
+        d = max_displacement(one.matrix, batch.matrix[i : i + 1].double(), (96, 96))
+        assert d.item() < 1e-3, (i, d)
+        assert abs(one.score.item() - batch.score[i].item()) < 1e-3
+
+
 def test_rotation_only_pairs_and_model_option():
     from rotstn.data import rotated_pairs
 

@@ -170,7 +170,8 @@ def refine(
 
     On each level a pair is done once its step moves no point by more than
     ``1e-3`` pixels (``2e-2`` on coarser levels, which only hand the next one a
-    start); the pairs still moving go on as a smaller batch.
+    start) and then stays where it is: a pair's result does not depend on the
+    others in the batch. The pairs still moving go on as a smaller batch.
     """
     angle, t = angle.clone(), translation.clone()
     for lf, lm in zip(reversed(fixed), reversed(moving), strict=True):
@@ -187,6 +188,7 @@ def refine(
             (-v * pts.gx + u * pts.gy, pts.gx, pts.gy, pts.values, torch.ones_like(pts.values)), 1
         )
         rows = torch.arange(angle.shape[0], device=angle.device)
+        live = torch.ones_like(rows, dtype=torch.bool)  # a finished pair stays where it is
         previous = torch.zeros_like(t[:, :1].expand(-1, 3))
         for _ in range(iterations):
             a, tl = angle[rows], t[rows] / lf.scale
@@ -199,7 +201,7 @@ def refine(
             # x = (a·δθ, a·δtx, a·δty, a, b): the model a·F + b ≈ G(W) is linear in it.
             gain = x[:, 3:4]
             delta = x[:, :3] / torch.where(gain.abs() > 1e-12, gain, torch.ones_like(gain))
-            usable = (w.sum(1) >= 16) & torch.isfinite(delta).all(1) & (gain[:, 0] > 0)
+            usable = (w.sum(1) >= 16) & torch.isfinite(delta).all(1) & (gain[:, 0] > 0) & live
             delta = torch.where(usable.unsqueeze(1), delta, torch.zeros_like(delta))
             # Where noise or a weakly constrained direction shortens every step by the same ratio r, the
             # steps form a geometric series: take its sum, δ/(1 - r) (Aitken's extrapolation).
@@ -228,13 +230,13 @@ def refine(
                 * lf.scale
             )
             angle[rows] = a - delta[:, 0]
-            going = reach * shrink >= tolerance
-            if not bool(going.any()):
+            live = live & (reach * shrink >= tolerance)
+            if not bool(live.any()):
                 break
             # Pairs that are done leave the batch once they are half of it (each copy costs a step).
-            if 2 * int(going.sum()) <= going.numel():
-                keep = going.nonzero()[:, 0]
-                rows, previous = rows[keep], previous[keep]
+            if 2 * int(live.sum()) <= live.numel():
+                keep = live.nonzero()[:, 0]
+                rows, previous, live = rows[keep], previous[keep], live[keep]
                 jac = jac[keep]
                 pts, lm = pts.select(keep), lm.select(keep)
     return angle, t
