@@ -16,7 +16,7 @@ Methods, each through its documented API and converted to rotstn's matrix
 (the pixel of moving that shows fixed pixel ``(x, y)`` is ``matrix @ (x, y, 1)``):
 
 * ``rotstn``: ``rotstn.register(fixed, moving)`` on the whole set (chunks of
-  ``--chunk`` pairs at 2048²), torch.set_num_threads(2).
+  ``--chunk`` pairs at 2048²), ``torch.set_num_threads(--threads)`` (default 2).
 * ``fourier-mellin``: scikit-image's recipe per pair (Hann window,
   log-magnitude spectrum, ``warp_polar``, ``phase_cross_correlation`` for the
   angle mod 180°), then ``phase_cross_correlation`` for the shift of both
@@ -89,6 +89,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _machine import machine_line
 from kornia.geometry import ImageRegistrator
 from kornia.geometry.transform import rotate as kornia_rotate
 from scipy import ndimage
@@ -761,6 +762,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-pairs", type=int, default=8, help="pairs per set for exhaustive NCC")
     parser.add_argument("--kornia-pairs", type=int, default=4, help="pairs per set for ImageRegistrator")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help="torch threads for rotstn (default 2; the peers run on one core, SimpleITK on two)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs = args.pairs or 4
@@ -768,11 +775,12 @@ def main(argv: list[str] | None = None) -> None:
         args.sets = args.sets or QUICK_SETS
     args.pairs = args.pairs or 24
     sets = args.sets or ALL_SETS
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     versions = peer_versions()
     wanted = args.methods or ALL_METHODS
     methods = [m for m in wanted if m not in PEERS or not versions[m].startswith("unavailable")]
     start = time.perf_counter()
+    print(machine_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.pairs} pairs per set")
     print("peers: " + ", ".join(f"{LABELS[k]} {v}" for k, v in versions.items() if k in wanted) + "\n")
     rigid_methods = [m for m in methods if m in ("rotstn", *PEERS)]

@@ -22,9 +22,13 @@ SCRIPT = ROOT / "benchmarks" / "registration.py"
 def bench():
     spec = importlib.util.spec_from_file_location("registration_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules.
+    # dataclasses look their module up in sys.modules; the script imports its neighbours (benchmarks/).
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     yield module
     del sys.modules[spec.name]
 
