@@ -211,6 +211,8 @@ def refine(
             boost = torch.where(
                 aligned & (ratio > 0.3) & (ratio < 0.9), 1 / (1 - ratio), torch.ones_like(ratio)
             )
+            # Steps that neither shrink nor grow crawl along a long, shallow slope: take two at once.
+            boost = torch.where(aligned & (ratio >= 0.9) & (ratio < 1.25), torch.full_like(ratio, 2.0), boost)
             previous = moves
             delta = delta * boost.unsqueeze(1)
             # A step never moves a point more than a pixel of this level: the linearisation holds that far.
