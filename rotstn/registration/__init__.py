@@ -228,6 +228,72 @@ def register(
     return Registration(angle, t, matrix, score, overlap, aligned)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """One side of a rigid registration, ready to compare: its pyramid and noise (``_prepare``)."""
+
+    levels: list[Level]  # finest first, down to the search level
+    noise: Tensor  # (B,) variance of its noise after the blur
+    size: tuple[int, int]
+
+    def expand(self, b: int) -> _Prepared:
+        """The same image for a batch of ``b`` (views, no copies)."""
+        if self.levels[0].image.shape[0] == b:
+            return self
+        levels = [
+            Level(
+                lv.image.expand(b, *lv.image.shape[1:]),
+                None if lv.mask is None else lv.mask.expand(b, *lv.mask.shape[1:]),
+                lv.scale,
+                lv.margin,
+            )
+            for lv in self.levels
+        ]
+        return _Prepared(levels, self.noise.expand(b), self.size)
+
+    def select(self, rows: Tensor, levels: slice = slice(None)) -> _Prepared:
+        """A subset of the batch (an index tensor) on some of the levels (all by default)."""
+        n = self.levels[0].image.shape[0]
+        if rows.numel() == n and bool((rows == torch.arange(n, device=rows.device)).all()):
+            return _Prepared(self.levels[levels], self.noise, self.size)  # all of it: no copies
+        return _Prepared([lv.select(rows) for lv in self.levels[levels]], self.noise[rows], self.size)
+
+    def cat(self, other: _Prepared) -> _Prepared:
+        """This batch followed by ``other``'s (same size and levels)."""
+        levels = [
+            Level(
+                torch.cat((a.image, b.image)),
+                None if a.mask is None else torch.cat((a.mask, b.mask)),
+                a.scale,
+                a.margin,
+            )
+            for a, b in zip(self.levels, other.levels, strict=True)
+        ]
+        return _Prepared(levels, torch.cat((self.noise, other.noise)), self.size)
+
+
+def _n_levels(size: tuple[int, int], moving_size: tuple[int, int], search_size: int) -> int:
+    """Halvings from full resolution to the search level.
+
+    Both pyramids go down to one scale, the search level: the larger image's geometric-mean side about
+    ``search_size`` (a long thin image keeps enough rows), never a side under 40 (fewer pixels leave the
+    spectrum and the correlations too little).
+    """
+    side = math.sqrt(max(size[0] * size[1], moving_size[0] * moving_size[1]))
+    smallest = min(*size, *moving_size)
+    n_levels = 0
+    while side / 2**n_levels > search_size * 1.5 and smallest >> (n_levels + 1) >= 40:
+        n_levels += 1
+    return n_levels
+
+
+def _prepare(image: Tensor, mask: Tensor | None, smooth: float, n_levels: int) -> _Prepared:
+    """Noise estimate, masked blur and pyramid of a (B, 1, H, W) grey image."""
+    noise = noise_variance(image, mask, smooth)
+    blurred, mask, margin = masked_blur(image, mask, smooth)
+    return _Prepared(pyramid(blurred, mask, n_levels, margin), noise, tuple(image.shape[-2:]))
+
+
 def _rigid(
     fixed: Tensor,
     fixed_mask: Tensor | None,
@@ -241,26 +307,31 @@ def _rigid(
     search_size: int,
     max_points: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    size, moving_size = tuple(fixed.shape[-2:]), tuple(moving.shape[-2:])
-    noise = (noise_variance(fixed, fixed_mask, smooth), noise_variance(moving, moving_mask, smooth))
-    fixed, fixed_mask, margin = masked_blur(fixed, fixed_mask, smooth)
-    moving, moving_mask, _ = masked_blur(moving, moving_mask, smooth)
-    # Both pyramids go down to one scale, the search level: the larger image's geometric-mean side about
-    # ``search_size`` (a long thin image keeps enough rows), never a side under 40 (fewer pixels leave the
-    # spectrum and the correlations too little).
-    side = math.sqrt(max(size[0] * size[1], moving_size[0] * moving_size[1]))
-    smallest = min(*size, *moving_size)
-    n_levels = 0
-    while side / 2**n_levels > search_size * 1.5 and smallest >> (n_levels + 1) >= 40:
-        n_levels += 1
-    fixed_levels = pyramid(fixed, fixed_mask, n_levels, margin)
-    moving_levels = pyramid(moving, moving_mask, n_levels, margin)
-    coarse_f, coarse_m = fixed_levels[-1], moving_levels[-1]
+    n_levels = _n_levels(tuple(fixed.shape[-2:]), tuple(moving.shape[-2:]), search_size)
+    pf = _prepare(fixed, fixed_mask, smooth, n_levels)
+    pm = _prepare(moving, moving_mask, smooth, n_levels)
+    angle, t = _search_rigid(pf, pm, guess, window, iterations, min_overlap, max_points)
+    return _finish(pf, pm, angle, t, iterations, min_overlap, max_points, coarsest=False)
+
+
+def _search_rigid(
+    pf: _Prepared,
+    pm: _Prepared,
+    guess: Tensor | None,
+    window: float,
+    iterations: int,
+    min_overlap: float,
+    max_points: int,
+) -> tuple[Tensor, Tensor]:
+    """The global search: the best (angle, translation) on the search level, over the circle or the window."""
+    size, moving_size = pf.size, pm.size
+    coarse_f, coarse_m = pf.levels[-1], pm.levels[-1]
+    dtype, device = coarse_f.image.dtype, coarse_f.image.device
     if guess is None:
         angles = _search.spectral_angles(coarse_f, coarse_m, peaks=2)
     else:
         steps = max(2 * math.ceil(window / _search.SWEEP_STEP), 1)
-        offsets = torch.linspace(-window, window, steps + 1, dtype=fixed.dtype, device=fixed.device)
+        offsets = torch.linspace(-window, window, steps + 1, dtype=dtype, device=device)
         angles = guess.view(-1, 1) + offsets
     angle, t, z = _hypotheses(
         coarse_f, coarse_m, size, moving_size, angles, min_overlap, max_points, iterations
@@ -270,7 +341,7 @@ def _rigid(
         # No convincing candidate: try the whole circle on those pairs, one level coarser where the
         # images keep 32 pixels a side (a quarter of the work), then check on the search level.
         sub_f, sub_m = coarse_f.select(weak), coarse_m.select(weak)
-        sweep = _search.sweep_angles(int(weak.sum()), fixed.dtype, fixed.device)
+        sweep = _search.sweep_angles(int(weak.sum()), dtype, device)
         coarser = min(*sub_f.image.shape[-2:], *sub_m.image.shape[-2:]) >= 64
         level_f, level_m = (sub_f.halve(), sub_m.halve()) if coarser else (sub_f, sub_m)
         a2, t2, z2 = _hypotheses(
@@ -286,13 +357,110 @@ def _rigid(
         better = z2 > z[weak]
         angle[weak] = torch.where(better, a2, angle[weak])
         t[weak] = torch.where(better.unsqueeze(1), t2, t[weak])
-    angle, t = _refine.refine(
-        fixed_levels[:-1], moving_levels[:-1], size, moving_size, angle, t, iterations, max_points
-    )
+    return angle, t
+
+
+def _finish(
+    pf: _Prepared,
+    pm: _Prepared,
+    angle: Tensor,
+    t: Tensor,
+    iterations: int,
+    min_overlap: float,
+    max_points: int,
+    coarsest: bool,
+    fine_points: int | None = None,
+    fine_iterations: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gauss–Newton coarse to fine from (angle, t), then the score at full resolution.
+
+    The search level itself takes part when ``coarsest`` (a start that no search has checked there).
+    ``fine_points`` (default ``max_points``) is the number of fixed pixels compared at full
+    resolution: more pins the answer down more precisely on large images. ``fine_iterations``
+    (default ``iterations``) caps the steps at full resolution after a coarser level.
+    """
+    size, moving_size = pf.size, pm.size
+    stop = len(pf.levels) if coarsest else len(pf.levels) - 1
+    if stop == 1 or (fine_points is None and fine_iterations is None):
+        fine = max_points if fine_points is None else fine_points
+        angle, t = _refine.refine(
+            pf.levels[:stop], pm.levels[:stop], size, moving_size, angle, t, iterations, fine
+        )
+    else:
+        angle, t = _refine.refine(
+            pf.levels[1:stop], pm.levels[1:stop], size, moving_size, angle, t, iterations, max_points
+        )
+        angle, t = _refine.refine(
+            pf.levels[:1],
+            pm.levels[:1],
+            size,
+            moving_size,
+            angle,
+            t,
+            iterations if fine_iterations is None else fine_iterations,
+            max_points if fine_points is None else fine_points,
+        )
+    # The score compares block by block per pair: it needs the fixed side per pair.
+    pf = pf.expand(angle.shape[0])
     score, overlap = _refine.score(
-        fixed_levels[0], moving_levels[0], size, moving_size, angle, t, max_points, min_overlap, noise
+        pf.levels[0], pm.levels[0], size, moving_size, angle, t, max_points, min_overlap, (pf.noise, pm.noise)
     )
     return angle, t, score, overlap
+
+
+def _search_from(
+    fixed: _Prepared,
+    moving: _Prepared,
+    *,
+    iterations: int = 20,
+    min_overlap: float = 0.1,
+    max_points: int = 8192,
+    fine_points: int | None = None,
+    fine_iterations: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(angle, translation, score, overlap) of :func:`register`'s rigid path on prepared images."""
+    b = max(fixed.levels[0].image.shape[0], moving.levels[0].image.shape[0])
+    pf, pm = fixed.expand(b), moving.expand(b)
+    angle, t = _search_rigid(pf, pm, None, 0.0, iterations, min_overlap, max_points)
+    return _finish(pf, pm, angle, t, iterations, min_overlap, max_points, False, fine_points, fine_iterations)
+
+
+def _refine_from(
+    fixed: _Prepared,
+    moving: _Prepared,
+    angle: Tensor,
+    translation: Tensor,
+    *,
+    iterations: int = 20,
+    min_overlap: float = 0.1,
+    max_points: int = 8192,
+    fine_points: int | None = None,
+    fine_iterations: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(angle, translation, score, overlap) refined from a start, without the global search.
+
+    ``fixed`` and ``moving`` come from ``_prepare`` (batch 1 or B each). The start goes through
+    every pyramid level, the search level included, then the same full-resolution refinement
+    and score as :func:`register`: a start near the answer ends where :func:`register` ends, a
+    start too far from it ends with a low score.
+    """
+    b = max(fixed.levels[0].image.shape[0], moving.levels[0].image.shape[0], angle.shape[0])
+    angle = angle.to(fixed.levels[0].image).expand(b).clone()
+    translation = translation.to(fixed.levels[0].image).expand(b, 2).clone()
+    # A fixed side of batch 1 (a stack's reference) is refined once for all: its points and gradients
+    # are taken once, not once per pair.
+    return _finish(
+        fixed,
+        moving.expand(b),
+        angle,
+        translation,
+        iterations,
+        min_overlap,
+        max_points,
+        coarsest=True,
+        fine_points=fine_points,
+        fine_iterations=fine_iterations,
+    )
 
 
 def _hypotheses(
