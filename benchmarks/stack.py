@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/stack.py [--quick] [--threads 2] [--memory-mb 200]
     PYTHONPATH=. python benchmarks/stack.py --figure docs/img/stack_walk.png   # the figure only
+    PYTHONPATH=. python benchmarks/stack.py --tuning   # rotstn's options: polish, anchor_every, fine_points
 
 Stacks are cut by scipy (``ndimage.affine_transform``, cubic, independent of
 rotstn) from bundled scikit-image pictures, so every frame's true map is known:
@@ -171,6 +172,42 @@ def memory_table(megabytes: int, batch_size: int) -> list[str]:
     ]
 
 
+def tuning_tables(stacks: dict, batch_size: int) -> list[str]:
+    """rotstn alone: drift of ``previous`` with and without the polish, and ``fine_points`` on 512²."""
+    rows = [
+        "| stack | reference | options | success (< 1 px) | median displacement (px) | max (px) | "
+        "frames on frame 0 | frames/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    (n192, s192), (n512, s512) = stacks.items()
+    runs = [
+        (n192, s192, "previous", {"polish": False}),
+        (n192, s192, "previous", {"polish": False, "anchor_every": 50}),
+        (n192, s192, "previous", {"polish": False, "anchor_every": 20}),
+        (n192, s192, "previous", {}),
+        (n192, s192, "first", {"track": False}),
+        (n512, s512, "first", {"fine_points": 8192}),
+        (n512, s512, "first", {"fine_points": 16384}),
+        (n512, s512, "first", {}),
+        (n512, s512, "first", {"fine_points": 65536}),
+        (n512, s512, "first", {"track": False}),
+    ]
+    for name, (frames, truth), reference, options in runs:
+        start = time.perf_counter()
+        result = rotstn.register_stack(
+            torch.from_numpy(frames), reference=reference, batch_size=batch_size, **options
+        )
+        seconds = time.perf_counter() - start
+        d = displacement(result.matrix.numpy(), truth, frames.shape[-1])
+        text = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+        rows.append(
+            f"| {name} | {reference} | {text} | {100 * np.mean(d < 1):.1f} % | {np.median(d):.3f} | "
+            f"{d.max():.3f} | {int(result.anchored.sum())} | {len(frames) / seconds:.1f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
 def figure(path: str, stack: tuple[np.ndarray, np.ndarray], batch_size: int) -> None:
     """A few frames before/after and the recovered angle and translation against the truth."""
     import matplotlib
@@ -222,6 +259,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--figure", metavar="PNG", help="draw the walk-192 figure here and stop")
     parser.add_argument("--memory-mb", type=int, default=200, help="size of the streamed TIFF (0: skip)")
+    parser.add_argument(
+        "--tuning",
+        action="store_true",
+        help="rotstn only: drift of previous with and without the polish, fine_points on 512², and stop",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n192, n512 = (12, 4) if args.quick else (300, 40)
@@ -238,6 +280,10 @@ def main() -> None:
         f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, rotstn batch size "
         f"{args.batch_size}\n"
     )
+    if args.tuning:
+        rows = tuning_tables(stacks, args.batch_size)
+        print("\n" + "\n".join(rows))
+        return
     rows = accuracy_table(stacks, ["first", "previous"], args.batch_size)
     print("\n" + "\n".join(rows))
     if args.memory_mb and not args.quick:

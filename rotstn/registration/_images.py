@@ -101,14 +101,18 @@ def noise_variance(image: Tensor, mask: Tensor | None, sigma: float) -> Tensor:
     step = max(1, image.shape[-2] // 256)
     h = image.shape[-2]
 
-    def dxx(first: int) -> Tensor:
-        # Along the row only, on the kept rows only (a strided view, no copy): a large image is never
-        # differenced whole.
-        line = image[..., first : h - 2 + first : step, :]
+    def dxx(line: Tensor) -> Tensor:
         return line[..., :-2] - 2 * line[..., 1:-1] + line[..., 2:]
 
-    # rows 1, 1 + step, ... < h - 1, each with the rows above (first 0) and below (first 2)
-    response = (dxx(0) - 2 * dxx(1) + dxx(2)).abs()
+    # rows 1, 1 + step, ... < h - 1, each with the rows above and below (strided views, no copies)
+    if step <= 2:
+        # every row takes part (or every other): difference them all once
+        d = dxx(image)
+        rows = [d[..., first : h - 2 + first : step, :] for first in range(3)]
+    else:
+        # on the kept rows only: a large image is never differenced whole
+        rows = [dxx(image[..., first : h - 2 + first : step, :]) for first in range(3)]
+    response = (rows[0] - 2 * rows[1] + rows[2]).abs()
     if mask is None:
         mean = response.mean((1, 2, 3))
     else:
