@@ -87,11 +87,16 @@ def test_previous_composes_pairwise_maps(stack):
     # a frame that does not match its predecessor (replaced by noise) forces a re-anchor on frame 0
     broken = frames.clone()
     broken[4] = torch.rand_like(broken[4])
-    result = register_stack(broken, reference="previous", batch_size=4)
-    assert bool(result.anchored[5]) and not bool(result.anchored[2])
     good = np.array([i for i in range(len(frames)) if i != 4])
-    assert _displacement(result.matrix[good], truth[good]).max() < 0.2
-    assert float(result.score[4]) < 0.9
+    for polish in (False, True):
+        result = register_stack(broken, reference="previous", batch_size=4, polish=polish)
+        assert _displacement(result.matrix[good], truth[good]).max() < 0.2
+        assert float(result.score[4]) < 0.9
+    # the plain chain: frame 5 follows a frame it does not match and is re-anchored; with the
+    # polish every frame that shares frame 0's content ends up registered on frame 0 directly
+    assert bool(result.anchored[good].all())
+    result = register_stack(broken, reference="previous", batch_size=4, polish=False)
+    assert bool(result.anchored[5]) and not bool(result.anchored[2])
 
 
 def test_mean_and_given_reference(stack):
@@ -243,6 +248,89 @@ def test_cli_parts_and_folders(stack, tmp_path, capsys):
     assert np.asarray(Image.open(tmp_path / "out" / "frame0.png")).dtype == np.uint8
     assert main(["register-stack", str(folder), "--frames", "5:2", "-q"]) == 1
     assert "selects no frames" in capsys.readouterr().err
+
+
+def _walk(n, turn_at, seed=3):
+    """A random walk (σ 2° and 0.7 px a frame) with a sudden turn of 150° at frame ``turn_at``."""
+    rng = np.random.default_rng(seed)
+    angles = np.cumsum(np.radians(rng.normal(0, 2, n)))
+    angles[turn_at:] += math.radians(150)
+    shifts = np.clip(np.cumsum(rng.normal(0, 0.7, (n, 2)), 0), -8, 8)
+    angles[0], shifts[0] = 0.0, 0.0
+    return angles, shifts
+
+
+@pytest.fixture(scope="module")
+def walk():
+    return _scipy_frames(*_walk(24, 11), noise=0.02, seed=1)
+
+
+@pytest.fixture
+def searched(monkeypatch):
+    """Frames that went through the global search (rotstn.registration._search_from)."""
+    from rotstn import registration
+
+    count = []
+    original = registration._search_from
+
+    def spy(fixed, moving, **kw):
+        count.append(moving.levels[0].image.shape[0])
+        return original(fixed, moving, **kw)
+
+    monkeypatch.setattr(registration, "_search_from", spy)
+    return count
+
+
+@pytest.mark.parametrize("reference", ["first", "previous"])
+def test_tracking_catches_a_sudden_turn(walk, searched, reference):
+    frames, truth = walk
+    # the turn (frame 11) lies inside a batch: the frames after it are predicted through it
+    result = register_stack(frames, reference=reference, batch_size=8)
+    d = _displacement(result.matrix, truth)
+    assert d.max() < 0.2, d
+    assert bool((result.score > 0.9).all())
+    # tracked, not searched: only the turn needs the global search (a pair and a frame with "previous")
+    assert 1 <= sum(searched) <= 2
+
+
+def test_tracked_equals_searched(walk, searched):
+    frames, _ = walk
+    tracked = register_stack(frames, batch_size=8)
+    assert sum(searched) == 1
+    full = register_stack(frames, batch_size=8, track=False)
+    assert sum(searched) == 1 + len(frames)
+    # the same full-resolution refinement from different starts: the same answer
+    assert _displacement(tracked.matrix, full.matrix.numpy()).max() < 0.01
+    assert torch.allclose(tracked.score, full.score, atol=1e-3)
+
+
+def test_polish_bounds_the_drift_of_previous():
+    frames, truth = _scipy_frames(*_walk(40, 19), noise=0.05, seed=1)
+    chain = _displacement(register_stack(frames, reference="previous", polish=False).matrix, truth)
+    polished = register_stack(frames, reference="previous")
+    d = _displacement(polished.matrix, truth)
+    first = _displacement(register_stack(frames, reference="first").matrix, truth)
+    # the chain adds up every pair's error; polished on frame 0, every frame is as good as "first"
+    assert np.median(d) < 0.7 * np.median(chain) and d.max() < chain.max()
+    assert np.allclose(d, first, atol=0.01)
+    assert bool(polished.anchored.all())
+
+
+def test_tracking_options_and_fallback(walk):
+    frames, truth = walk
+    # more points at full resolution, a smaller batch, one channel of two: the same frames
+    two = torch.cat([frames, frames.flip(-1)], 1)
+    result = register_stack(two, batch_size=5, channel=0, fine_points=4096, smooth=1.5)
+    assert _displacement(result.matrix, truth).max() < 0.2
+    # options tracking does not handle go to register() batch by batch
+    result = register_stack(frames[:6], batch_size=4, init_window=0.5)
+    assert _displacement(result.matrix, truth[:6]).max() < 0.2
+    with pytest.raises(ValueError, match="fine_points"):
+        register_stack(frames, fine_points=10)
+    bad = frames.clone()
+    bad[9, 0, 3, 3] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        register_stack(bad, batch_size=4)
 
 
 def test_agrees_with_pystackreg_on_small_turns():

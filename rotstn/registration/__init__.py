@@ -228,6 +228,72 @@ def register(
     return Registration(angle, t, matrix, score, overlap, aligned)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """One side of a rigid registration, ready to compare: its pyramid and noise (``_prepare``)."""
+
+    levels: list[Level]  # finest first, down to the search level
+    noise: Tensor  # (B,) variance of its noise after the blur
+    size: tuple[int, int]
+
+    def expand(self, b: int) -> _Prepared:
+        """The same image for a batch of ``b`` (views, no copies)."""
+        if self.levels[0].image.shape[0] == b:
+            return self
+        levels = [
+            Level(
+                lv.image.expand(b, *lv.image.shape[1:]),
+                None if lv.mask is None else lv.mask.expand(b, *lv.mask.shape[1:]),
+                lv.scale,
+                lv.margin,
+            )
+            for lv in self.levels
+        ]
+        return _Prepared(levels, self.noise.expand(b), self.size)
+
+    def select(self, rows: Tensor, levels: slice = slice(None)) -> _Prepared:
+        """A subset of the batch (an index tensor) on some of the levels (all by default)."""
+        n = self.levels[0].image.shape[0]
+        if rows.numel() == n and bool((rows == torch.arange(n, device=rows.device)).all()):
+            return _Prepared(self.levels[levels], self.noise, self.size)  # all of it: no copies
+        return _Prepared([lv.select(rows) for lv in self.levels[levels]], self.noise[rows], self.size)
+
+    def cat(self, other: _Prepared) -> _Prepared:
+        """This batch followed by ``other``'s (same size and levels)."""
+        levels = [
+            Level(
+                torch.cat((a.image, b.image)),
+                None if a.mask is None else torch.cat((a.mask, b.mask)),
+                a.scale,
+                a.margin,
+            )
+            for a, b in zip(self.levels, other.levels, strict=True)
+        ]
+        return _Prepared(levels, torch.cat((self.noise, other.noise)), self.size)
+
+
+def _n_levels(size: tuple[int, int], moving_size: tuple[int, int], search_size: int) -> int:
+    """Halvings from full resolution to the search level.
+
+    Both pyramids go down to one scale, the search level: the larger image's geometric-mean side about
+    ``search_size`` (a long thin image keeps enough rows), never a side under 40 (fewer pixels leave the
+    spectrum and the correlations too little).
+    """
+    side = math.sqrt(max(size[0] * size[1], moving_size[0] * moving_size[1]))
+    smallest = min(*size, *moving_size)
+    n_levels = 0
+    while side / 2**n_levels > search_size * 1.5 and smallest >> (n_levels + 1) >= 40:
+        n_levels += 1
+    return n_levels
+
+
+def _prepare(image: Tensor, mask: Tensor | None, smooth: float, n_levels: int) -> _Prepared:
+    """Noise estimate, masked blur and pyramid of a (B, 1, H, W) grey image."""
+    noise = noise_variance(image, mask, smooth)
+    blurred, mask, margin = masked_blur(image, mask, smooth)
+    return _Prepared(pyramid(blurred, mask, n_levels, margin), noise, tuple(image.shape[-2:]))
+
+
 def _rigid(
     fixed: Tensor,
     fixed_mask: Tensor | None,
@@ -241,43 +307,45 @@ def _rigid(
     search_size: int,
     max_points: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    size, moving_size = tuple(fixed.shape[-2:]), tuple(moving.shape[-2:])
-    noise = (noise_variance(fixed, fixed_mask, smooth), noise_variance(moving, moving_mask, smooth))
-    fixed, fixed_mask, margin = masked_blur(fixed, fixed_mask, smooth)
-    moving, moving_mask, _ = masked_blur(moving, moving_mask, smooth)
-    # Both pyramids go down to one scale, the search level: the larger image's geometric-mean side about
-    # ``search_size`` (a long thin image keeps enough rows), never a side under 40 (fewer pixels leave the
-    # spectrum and the correlations too little).
-    side = math.sqrt(max(size[0] * size[1], moving_size[0] * moving_size[1]))
-    smallest = min(*size, *moving_size)
-    n_levels = 0
-    while side / 2**n_levels > search_size * 1.5 and smallest >> (n_levels + 1) >= 40:
-        n_levels += 1
-    fixed_levels = pyramid(fixed, fixed_mask, n_levels, margin)
-    moving_levels = pyramid(moving, moving_mask, n_levels, margin)
-    options = (size, moving_size, window, iterations, min_overlap, max_points)
-    angle, t, score, overlap = _estimate(fixed_levels, moving_levels, guess, noise, *options)
-    # A result the score does not trust gets a second search one level finer, where fine structure (thin
-    # vessels, text) that vanished on the search level and left one dominant edge to match is still there.
-    retry = score < TRUST
-    if n_levels > 0 and bool(retry.any()):
-        sub_f = [level.select(retry) for level in fixed_levels[:-1]]
-        sub_m = [level.select(retry) for level in moving_levels[:-1]]
-        a2, t2, s2, o2 = _estimate(
-            sub_f,
-            sub_m,
-            None if guess is None else guess[retry],
-            (noise[0][retry], noise[1][retry]),
-            *options,
-        )
-        # The more significant agreement over the whole overlap wins (as between hypotheses): the trust
-        # score of a wrong result that lines up one edge in many blocks can exceed that of a right
-        # result on a faint texture.
+    n_levels = _n_levels(tuple(fixed.shape[-2:]), tuple(moving.shape[-2:]), search_size)
+    pf = _prepare(fixed, fixed_mask, smooth, n_levels)
+    pm = _prepare(moving, moving_mask, smooth, n_levels)
+    return _register_prepared(pf, pm, guess, window, iterations, min_overlap, max_points)
+
+
+def _register_prepared(
+    pf: _Prepared,
+    pm: _Prepared,
+    guess: Tensor | None,
+    window: float,
+    iterations: int,
+    min_overlap: float,
+    max_points: int,
+    fine_points: int | None = None,
+    fine_iterations: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Search, refine from the search level down (hypotheses take only a few steps there), score.
+
+    A result the score does not trust gets a second search one level finer, where fine structure
+    (thin vessels, text) that vanished on the search level and left one dominant edge to match is
+    still there; the more significant agreement over the whole overlap wins (as between hypotheses:
+    the trust score of a wrong result that lines up one edge in many blocks can exceed that of a right
+    result on a faint texture).
+    """
+    options = (iterations, min_overlap, max_points)
+    fine = {"fine_points": fine_points, "fine_iterations": fine_iterations}
+    angle, t = _search_rigid(pf, pm, guess, window, *options)
+    angle, t, score, overlap = _finish(pf, pm, angle, t, *options, coarsest=True, **fine)
+    retry = (score < TRUST).nonzero()[:, 0]
+    if len(pf.levels) > 1 and retry.numel() > 0:
+        sf, sm = pf.select(retry, slice(0, -1)), pm.select(retry, slice(0, -1))
+        a2, t2 = _search_rigid(sf, sm, None if guess is None else guess[retry], window, *options)
+        a2, t2, s2, o2 = _finish(sf, sm, a2, t2, *options, coarsest=True, **fine)
         z = _refine.significance(
-            sub_f[0],
-            sub_m[0],
-            size,
-            moving_size,
+            sf.levels[0],
+            sm.levels[0],
+            pf.size,
+            pm.size,
             torch.stack((angle[retry], a2), 1),
             torch.stack((t[retry], t2), 1),
             max_points,
@@ -289,25 +357,24 @@ def _rigid(
     return angle, t, score, overlap
 
 
-def _estimate(
-    fixed_levels: list[Level],
-    moving_levels: list[Level],
+def _search_rigid(
+    pf: _Prepared,
+    pm: _Prepared,
     guess: Tensor | None,
-    noise: tuple[Tensor, Tensor],
-    size: tuple[int, int],
-    moving_size: tuple[int, int],
     window: float,
     iterations: int,
     min_overlap: float,
     max_points: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Search on the coarsest of the levels, refine down to the first, score there."""
-    coarse_f, coarse_m = fixed_levels[-1], moving_levels[-1]
+) -> tuple[Tensor, Tensor]:
+    """The global search: the best (angle, translation) on the search level, over the circle or the window."""
+    size, moving_size = pf.size, pm.size
+    coarse_f, coarse_m = pf.levels[-1], pm.levels[-1]
+    dtype, device = coarse_f.image.dtype, coarse_f.image.device
     if guess is None:
         angles = _search.spectral_angles(coarse_f, coarse_m, peaks=2)
     else:
         steps = max(2 * math.ceil(window / _search.SWEEP_STEP), 1)
-        offsets = torch.linspace(-window, window, steps + 1, dtype=guess.dtype, device=guess.device)
+        offsets = torch.linspace(-window, window, steps + 1, dtype=dtype, device=device)
         angles = guess.view(-1, 1) + offsets
     angle, t, z = _hypotheses(
         coarse_f, coarse_m, size, moving_size, angles, min_overlap, max_points, iterations, guess is None
@@ -315,9 +382,9 @@ def _estimate(
     weak = z < _search.SWEEP_BELOW
     if guess is None and bool(weak.any()):
         # No convincing candidate: try the whole circle on those pairs, one level coarser where the
-        # images keep 32 pixels a side (a quarter of the work), then check on the search level.
+        # images keep 24 pixels a side (a quarter of the work), then check on the search level.
         sub_f, sub_m = coarse_f.select(weak), coarse_m.select(weak)
-        sweep = _search.sweep_angles(int(weak.sum()), sub_f.image.dtype, sub_f.image.device)
+        sweep = _search.sweep_angles(int(weak.sum()), dtype, device)
         coarser = min(*sub_f.image.shape[-2:], *sub_m.image.shape[-2:]) >= 48
         level_f, level_m = (sub_f.halve(), sub_m.halve()) if coarser else (sub_f, sub_m)
         a2, t2, z2 = _hypotheses(
@@ -333,14 +400,111 @@ def _estimate(
         better = z2 > z[weak]
         angle[weak] = torch.where(better, a2, angle[weak])
         t[weak] = torch.where(better.unsqueeze(1), t2, t[weak])
-    # From the search level (where the hypotheses took a few steps only) down to the first.
-    angle, t = _refine.refine(
-        fixed_levels, moving_levels, size, moving_size, angle, t, iterations, max_points
-    )
+    return angle, t
+
+
+def _finish(
+    pf: _Prepared,
+    pm: _Prepared,
+    angle: Tensor,
+    t: Tensor,
+    iterations: int,
+    min_overlap: float,
+    max_points: int,
+    coarsest: bool,
+    fine_points: int | None = None,
+    fine_iterations: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gauss–Newton coarse to fine from (angle, t), then the score at full resolution.
+
+    The search level itself takes part when ``coarsest`` (a start that no search has checked there).
+    ``fine_points`` (default ``max_points``) is the number of fixed pixels compared at full
+    resolution: more pins the answer down more precisely on large images. ``fine_iterations``
+    (default ``iterations``) caps the steps at full resolution after a coarser level.
+    """
+    size, moving_size = pf.size, pm.size
+    stop = len(pf.levels) if coarsest else len(pf.levels) - 1
+    if stop == 1 or (fine_points is None and fine_iterations is None):
+        fine = max_points if fine_points is None else fine_points
+        angle, t = _refine.refine(
+            pf.levels[:stop], pm.levels[:stop], size, moving_size, angle, t, iterations, fine
+        )
+    else:
+        angle, t = _refine.refine(
+            pf.levels[1:stop], pm.levels[1:stop], size, moving_size, angle, t, iterations, max_points
+        )
+        angle, t = _refine.refine(
+            pf.levels[:1],
+            pm.levels[:1],
+            size,
+            moving_size,
+            angle,
+            t,
+            iterations if fine_iterations is None else fine_iterations,
+            max_points if fine_points is None else fine_points,
+        )
+    # The score compares block by block per pair: it needs the fixed side per pair.
+    pf = pf.expand(angle.shape[0])
     score, overlap = _refine.score(
-        fixed_levels[0], moving_levels[0], size, moving_size, angle, t, max_points, min_overlap, noise
+        pf.levels[0], pm.levels[0], size, moving_size, angle, t, max_points, min_overlap, (pf.noise, pm.noise)
     )
     return angle, t, score, overlap
+
+
+def _search_from(
+    fixed: _Prepared,
+    moving: _Prepared,
+    *,
+    iterations: int = 20,
+    min_overlap: float = 0.1,
+    max_points: int = 8192,
+    fine_points: int | None = None,
+    fine_iterations: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(angle, translation, score, overlap) of :func:`register`'s rigid path on prepared images."""
+    b = max(fixed.levels[0].image.shape[0], moving.levels[0].image.shape[0])
+    pf, pm = fixed.expand(b), moving.expand(b)
+    return _register_prepared(
+        pf, pm, None, 0.0, iterations, min_overlap, max_points, fine_points, fine_iterations
+    )
+
+
+def _refine_from(
+    fixed: _Prepared,
+    moving: _Prepared,
+    angle: Tensor,
+    translation: Tensor,
+    *,
+    iterations: int = 20,
+    min_overlap: float = 0.1,
+    max_points: int = 8192,
+    fine_points: int | None = None,
+    fine_iterations: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(angle, translation, score, overlap) refined from a start, without the global search.
+
+    ``fixed`` and ``moving`` come from ``_prepare`` (batch 1 or B each). The start goes through
+    every pyramid level, the search level included, then the same full-resolution refinement
+    and score as :func:`register`: a start near the answer ends where :func:`register` ends, a
+    start too far from it ends with a low score.
+    """
+    b = max(fixed.levels[0].image.shape[0], moving.levels[0].image.shape[0], angle.shape[0])
+    angle = angle.to(fixed.levels[0].image).expand(b).clone()
+    translation = translation.to(fixed.levels[0].image).expand(b, 2).clone()
+    # A fixed side of batch 1 (a stack's reference) is refined once for all: its points and gradients
+    # are taken once, not once per pair.
+    return _finish(
+        fixed,
+        moving.expand(b),
+        angle,
+        translation,
+        iterations,
+        min_overlap,
+        max_points,
+        coarsest=True,
+        fine_points=fine_points,
+        fine_iterations=fine_iterations,
+    )
 
 
 def _hypotheses(

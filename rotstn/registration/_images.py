@@ -99,18 +99,24 @@ def noise_variance(image: Tensor, mask: Tensor | None, sigma: float) -> Tensor:
     # The operator is the second difference [1, -2, 1] along rows times the same along columns.
     # A statistic: the rows around every few rows of a large image are plenty.
     step = max(1, image.shape[-2] // 256)
-    centre = torch.arange(1, image.shape[-2] - 1, step, device=image.device)
+    h = image.shape[-2]
 
-    def dxx(rows: Tensor) -> Tensor:
-        # Along the row only, on the kept rows only: a large image is never differenced whole.
-        line = image[..., rows, :]
+    def dxx(line: Tensor) -> Tensor:
         return line[..., :-2] - 2 * line[..., 1:-1] + line[..., 2:]
 
-    response = (dxx(centre - 1) - 2 * dxx(centre) + dxx(centre + 1)).abs()
+    # rows 1, 1 + step, ... < h - 1, each with the rows above and below (strided views, no copies)
+    if step <= 2:
+        # every row takes part (or every other): difference them all once
+        d = dxx(image)
+        rows = [d[..., first : h - 2 + first : step, :] for first in range(3)]
+    else:
+        # on the kept rows only: a large image is never differenced whole
+        rows = [dxx(image[..., first : h - 2 + first : step, :]) for first in range(3)]
+    response = (rows[0] - 2 * rows[1] + rows[2]).abs()
     if mask is None:
         mean = response.mean((1, 2, 3))
     else:
-        inner = (F.avg_pool2d(mask, 3, stride=1) > 0.999).to(image.dtype)[..., centre - 1, :]
+        inner = (F.avg_pool2d(mask, 3, stride=1) > 0.999).to(image.dtype)[..., 0 : h - 2 : step, :]
         mean = (response * inner).sum((1, 2, 3)) / inner.sum((1, 2, 3)).clamp_min(1)
     variance = (math.sqrt(math.pi / 2) / 6 * mean).square()
     if sigma > 0:

@@ -83,11 +83,12 @@ class _Points:
             self.gy = (take(padded, dr=1) - take(padded, dr=-1)) / 2
 
     def select(self, rows: Tensor) -> _Points:
-        """The points of a subset of the batch (an index tensor)."""
+        """The points of a subset of the batch (an index tensor); a batch of one is shared by all."""
         out = copy.copy(self)
         for name in ("values", "weight", "gx", "gy"):
-            if hasattr(self, name):
-                setattr(out, name, getattr(self, name)[rows])
+            value = getattr(self, name, None)
+            if value is not None and value.shape[0] > 1:
+                setattr(out, name, value[rows])
         return out
 
 
@@ -239,7 +240,7 @@ def refine(
             if 2 * int(live.sum()) <= live.numel():
                 keep = live.nonzero()[:, 0]
                 rows, previous, live = rows[keep], previous[keep], live[keep]
-                jac = jac[keep]
+                jac = jac[keep] if jac.shape[0] > 1 else jac
                 pts, lm = pts.select(keep), lm.select(keep)
     return angle, t
 

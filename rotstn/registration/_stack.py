@@ -19,15 +19,44 @@ References
   (``benchmarks/stack.py`` measures it); a frame whose pair score is below
   ``anchor_below`` (the content changed, the pair failed) is registered on
   frame 0 directly and the chain restarts from it when that is better, and
-  ``anchor_every`` re-anchors periodically to bound the drift.
+  ``anchor_every`` re-anchors periodically to bound the drift. With the polish
+  (default), each composed map is refined directly on frame 0 and kept where
+  that scores at least TRUST (the content is still shared): the chain only
+  carries the frames that no longer match frame 0, and the drift does not add
+  up over the others.
 * ``"mean"``: register on frame 0, average the aligned frames (each pixel over
   the frames that cover it), then register again on that mean
   (``mean_passes`` passes in all).
 * a tensor ``(C, H, W)`` or ``(H, W)``: that image (any size).
+
+Tracking
+--------
+Consecutive frames move little, except for sudden turns. With ``track=True``
+(default) a batch is registered in three batched steps instead of a global
+search per frame:
+
+1. the pairwise maps ``P_k`` (frame ``k-1`` to frame ``k``) by Gauss–Newton
+   from the identity on the two coarsest pyramid levels; a pair that still
+   does not match (a sudden turn) predicts nothing;
+2. the prediction ``P_k · H_{k-1}``, chained from the last known map, refined
+   on the reference through every level, then the same full-resolution
+   refinement and score as :func:`register`; kept where it scores at least
+   :data:`rotstn.registration.TRUST` and moved less than ``REACH`` pixels of
+   the search level (further, Gauss–Newton may have stopped on its way);
+3. the first failure after a known map (its own: a turn, changed content)
+   goes through the global search (with ``"previous"``, the chain), and the
+   frames after it are predicted again from that result; after ``WAVES``
+   rounds every frame left is searched.
+
+The reference is blurred and its pyramid built once per pass, not per batch.
+A frame that tracks gets the answer the global search would give (the same
+refinement from a start in the same basin; ``tests/test_stack.py`` checks
+both), at a fraction of the cost.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -181,6 +210,9 @@ def register_stack(
     anchor_below: float | None = None,
     anchor_every: int = 0,
     mean_passes: int = 2,
+    track: bool = True,
+    polish: bool = True,
+    fine_points: int | None = None,
     write: Callable[[Tensor], object] | None = None,
     progress: bool = False,
     **options: Any,
@@ -211,6 +243,17 @@ def register_stack(
             direct result replaces the chained one when its score is above ``anchor_below``.
             Smaller bounds the drift better and costs one more registration per anchor.
         mean_passes: with ``"mean"``, registrations in all (the first on frame 0).
+        track: follow the stack (module docstring, "Tracking"): each frame is refined from
+            the map predicted by its predecessor and only frames whose refined map scores
+            below :data:`rotstn.registration.TRUST`, or that have no prediction, go through
+            the global search of :func:`register`. ``False``: every frame is searched (slower,
+            same answers on frames that track).
+        polish: with ``"previous"`` and ``track``, refine each frame's composed map directly
+            on frame 0 and keep that where it scores at least ``TRUST`` (the content is still
+            shared): the chain's drift does not add up there. ``False``: the plain chain.
+        fine_points: reference pixels compared at full resolution (default an eighth of them, at
+            least ``max_points``; ``max_points`` on the coarser levels). More is more precise on
+            large frames and slower (docs/stack.md).
         write: called with each batch of aligned frames ``(n, C, H_ref, W_ref)`` float32 CPU,
             in frame order, as soon as it is done (on the last pass).
         progress: show a tqdm progress bar (frames/s) if tqdm is installed.
@@ -273,12 +316,30 @@ def register_stack(
     mask_d = None if mask is None else torch.as_tensor(mask).to(device)
     mode = reference if isinstance(reference, str) else "image"
     passes = mean_passes if mode == "mean" else 1
+    settings = _settings(options, fine_points, tuple(ref.shape[-2:]))
     bar = _bar(progress, passes * (stop - start))
     job = _Job(src, device, batch_size, mask_d, options, bar)
+    result: StackRegistration | None = None
     try:
         for p in range(passes):
             last = p == passes - 1
-            if mode == "previous":
+            if settings is not None:
+                # a later pass of "mean" starts every frame from its map on the earlier mean
+                prior = None if result is None else result.matrix
+                tracker = _Tracker(
+                    job,
+                    settings,
+                    ref,
+                    mode,
+                    anchor_below,
+                    anchor_every,
+                    track,
+                    polish and track and mode == "previous",
+                    prior,
+                )
+                result, mean = tracker.run(start, stop, write if last else None, average=not last)
+                ref = mean if mean is not None else ref
+            elif mode == "previous":
                 result = job.chain(ref, start, stop, anchor_below, anchor_every, write)
             else:
                 result, mean = job.against(ref, start, stop, write if last else None, average=not last)
@@ -416,3 +477,402 @@ class _Job:
         angle, t = matrix_parameters(matrix, size, tuple(self.src.frame_shape[-2:]))
         frame = torch.arange(start, start + matrix.shape[0])
         return StackRegistration(frame, angle, t, matrix, score, anchored, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracking: refine from a predicted map, search only where that fails.
+
+# Default share of the reference's pixels compared at full resolution in a stack (every third row and
+# column): 0.033 px instead of 0.059 px median on the 512² benchmark stack (docs/stack.md).
+FINE_SHARE = 8
+WAVES = 3  # rounds of predict-and-refine per batch before every frame left is searched
+# A refinement that ends further than this from its prediction (pixels of the search level, at the
+# reference's corners) is not trusted, whatever its score: the prediction was far off and Gauss–Newton
+# (steps of at most a pixel of each level, ``iterations`` per level) may have stopped on its way.
+REACH = 4.0
+# Gauss–Newton steps at full resolution after the coarser levels (which hand over a start within a
+# few hundredths of a pixel): more changes the answers by far less than the noise (docs/stack.md).
+FINE_ITERATIONS = 3
+PAIR_ITERATIONS = 6  # Gauss–Newton steps per level for a pair's prediction (a turn never converges)
+_TRACKED = ("channel", "smooth", "iterations", "min_overlap", "search_size", "max_points")
+
+
+def _settings(
+    options: dict[str, Any], fine_points: int | None, size: tuple[int, int]
+) -> dict[str, Any] | None:
+    """The rigid options tracking honours, validated as :func:`register` does; None for any other option."""
+    from . import _check_int, _check_number, register
+
+    if not set(options) <= {*_TRACKED, "model"} or options.get("model", "rigid") != "rigid":
+        return None  # init, model="rotation", unknown names: register() itself, batch by batch
+    params = inspect.signature(register).parameters
+    s = {name: options.get(name, params[name].default) for name in _TRACKED}
+    s["smooth"] = _check_number(s["smooth"], "smooth")
+    s["min_overlap"] = _check_number(s["min_overlap"], "min_overlap")
+    if not 0 < s["min_overlap"] < 1:
+        raise ValueError(f"min_overlap must be between 0 and 1 (exclusive), got {s['min_overlap']!r}")
+    s["iterations"] = _check_int(s["iterations"], "iterations", 0)
+    s["search_size"] = _check_int(s["search_size"], "search_size", 16)
+    s["max_points"] = _check_int(s["max_points"], "max_points", 256)
+    if fine_points is None:
+        s["fine_points"] = max(size[0] * size[1] // FINE_SHARE, s["max_points"])
+    else:
+        s["fine_points"] = _check_int(fine_points, "fine_points", 256)
+    return s
+
+
+class _Tracker:
+    """One pass over ``start:stop`` against one reference, with tracking (module docstring).
+
+    Per batch: the pairwise maps ``P_k`` (frame ``k-1`` pixels to frame ``k`` pixels) by
+    Gauss–Newton from the identity on the coarse levels (consecutive frames move little);
+    predictions ``P_k · H_{k-1}`` chained from the last known map; every predicted frame
+    refined on the reference at once and kept where it scores at least TRUST; the first
+    failure of each run (its predecessor is known, so the failure is its own: a sudden turn,
+    changed content) goes to the fallback (the global search, or with ``"previous"`` the
+    chain), and the frames after it are predicted again from its result, ``WAVES`` rounds at
+    most; then every frame left goes to the fallback.
+    """
+
+    def __init__(
+        self,
+        job: _Job,
+        settings: dict[str, Any],
+        ref: Tensor,
+        mode: str,
+        anchor_below: float,
+        anchor_every: int,
+        track: bool,
+        polish: bool,
+        prior: Tensor | None = None,
+    ) -> None:
+        from . import _check_image, _check_mask, _grey, _n_levels, _prepare
+        from ._images import check_not_flat
+
+        self.job, self.s = job, settings
+        self.mode, self.anchor_below, self.anchor_every = mode, anchor_below, anchor_every
+        self.track, self.polish, self.prior = track, polish, prior
+        self.size = tuple(ref.shape[-2:])
+        self.frame_size = tuple(job.src.frame_shape[-2:])
+        self.levels = _n_levels(self.size, self.frame_size, settings["search_size"])
+        r = _check_image(ref[None].to(job.device, torch.float32), "reference")
+        grey = _grey(r, settings["channel"], torch.float32, 1, "reference")
+        # a reference of another size has no mask: the mask describes the frames
+        rmask = job.mask if self.size == self.frame_size else None
+        rmask = _check_mask(rmask, "mask", r, 1, torch.float32)
+        check_not_flat(grey.flatten(1), None if rmask is None else rmask.flatten(1) > 0, "reference")
+        self.ref = _prepare(grey, rmask, settings["smooth"], self.levels)
+        self._prepare_fn = _prepare
+        self.checked = False  # the frames' size and dtype, checked on the first batch
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _opts(self) -> dict[str, Any]:
+        s = self.s
+        return {
+            "iterations": s["iterations"],
+            "min_overlap": s["min_overlap"],
+            "max_points": s["max_points"],
+            "fine_points": s["fine_points"],
+            "fine_iterations": min(s["iterations"], FINE_ITERATIONS),
+        }
+
+    def _prepare(self, batch: Tensor) -> Any:
+        from . import _check_image, _check_mask, _grey
+        from ._images import check_not_flat
+
+        x = batch.to(self.job.device)
+        if not self.checked or not bool(torch.isfinite(x.sum()).item()):
+            # the sum is finite when every pixel is (short of overflow): the full check names the frames
+            x = _check_image(x, "frames")
+            self.checked = True
+        b = x.shape[0]
+        grey = _grey(x, self.s["channel"], torch.float32, b, "frames")
+        mask = _check_mask(self.job.mask, "mask", x, b, torch.float32)
+        check_not_flat(grey.flatten(1), None if mask is None else mask.flatten(1) > 0, "frames")
+        return self._prepare_fn(grey, mask, self.s["smooth"], self.levels)
+
+    def _maps(self, angle: Tensor, t: Tensor, size: tuple[int, int]) -> Tensor:
+        """(n, 3, 3) float64 CPU maps from ``size`` pixels to frame pixels."""
+        from ..functional import rigid_matrix
+
+        return _homogeneous(rigid_matrix(angle.double().cpu(), t.double().cpu(), size, self.frame_size))
+
+    def _params(self, maps: list[Tensor], size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        angle, t = matrix_parameters(torch.stack(maps)[:, :2], size, self.frame_size)
+        return angle.to(self.job.device, torch.float32), t.to(self.job.device, torch.float32)
+
+    def _refine(self, fixed: Any, moving: Any, maps: list[Tensor], size: tuple[int, int]) -> tuple:
+        from . import _refine_from
+
+        angle, t = self._params(maps, size)
+        a, t, score, _ = _refine_from(fixed, moving, angle, t, **self._opts())
+        return self._maps(a, t, size), score.double().cpu()
+
+    def _search(self, fixed: Any, moving: Any, size: tuple[int, int]) -> tuple:
+        from . import _search_from
+
+        a, t, score, _ = _search_from(fixed, moving, **self._opts())
+        return self._maps(a, t, size), score.double().cpu()
+
+    @staticmethod
+    def _rows(ks: list[int], like: Tensor) -> Tensor:
+        return torch.tensor(ks, dtype=torch.long, device=like.device)
+
+    # -- one pass ----------------------------------------------------------------------------
+
+    def run(
+        self, start: int, stop: int, write: Callable[[Tensor], object] | None, average: bool
+    ) -> tuple[StackRegistration, Tensor | None]:
+        matrices, scores, anchors = [], [], []
+        total = count = None
+        prev = None  # the prepared frame before the batch
+        base = None  # its 3×3 map from the reference
+        # frame 0 of the stack is the reference (or was, for a mean): the identity predicts it
+        from_first = start == 0 and self.mode in ("first", "previous", "mean")
+        for i0, batch in self.job._batches(start, stop):
+            n = batch.shape[0]
+            frames = self._prepare(batch)
+            like = frames.levels[0].image
+            chain_fixed = _Before(prev, frames)
+            has_prev = [prev is not None or k > 0 for k in range(n)]
+            pairs = self._pairs(frames, chain_fixed, has_prev, i0 == 0 and from_first)
+            h0 = torch.eye(3, dtype=torch.float64) if i0 == 0 and from_first else base
+            state = _BatchState(n, h0)
+            if self.prior is not None and self.track:
+                rows = list(range(n))
+                prior = [_homogeneous(self.prior[i0 - start + k : i0 - start + k + 1])[0] for k in rows]
+                self._try(state, frames, rows, prior)
+            elif self.track and not (self.mode == "previous" and not self.polish):
+                self._waves(state, frames, pairs, chain_fixed, has_prev, i0)
+            left = [k for k in range(n) if not state.resolved[k]]
+            if left:
+                self._fallback(state, frames, left, pairs, chain_fixed, has_prev, i0)
+            m = torch.stack(state.h)[:, :2]
+            matrices.append(m)
+            scores.append(torch.stack(state.score))
+            anchors.append(torch.tensor(state.anchored))
+            if write is not None or average:
+                aligned = warp(batch, matrix=m.float(), size=self.size)
+                if write is not None:
+                    write(aligned)
+                if average:
+                    cover = warp(torch.ones_like(batch[:, :1]), matrix=m.float(), size=self.size)
+                    total = aligned.sum(0) if total is None else total + aligned.sum(0)
+                    count = cover.sum(0) if count is None else count + cover.sum(0)
+            prev = frames.select(self._rows([n - 1], like))
+            base = state.h[-1]
+        mean = None if total is None else torch.where(count > 0.5, total / count.clamp_min(1e-6), 0.0)
+        result = self.job._result(
+            torch.cat(matrices), torch.cat(scores), torch.cat(anchors), start, self.size
+        )
+        return result, mean
+
+    def _pairs(self, frames: Any, chain_fixed: Any, has_prev: list[bool], first: bool) -> list[Tensor | None]:
+        """Coarse pairwise maps ``P_k`` from the identity (None: no predecessor, no match, no tracking)."""
+        from . import _refine, _search
+
+        pairs: list[Tensor | None] = [None] * len(has_prev)
+        if first:
+            pairs[0] = torch.eye(3, dtype=torch.float64)  # frame 0 is the reference itself
+        ks = [k for k, p in enumerate(has_prev) if p]
+        if not self.track or self.prior is not None or not ks:
+            return pairs
+        like = frames.levels[0].image
+        # the two coarsest levels (not full resolution) are plenty for a prediction
+        coarse = slice(max(1, len(frames.levels) - 2), None) if len(frames.levels) > 1 else slice(None)
+        rows = self._rows(ks, like)
+        fixed, moving = chain_fixed.select(rows, coarse), frames.select(rows, coarse)
+        angle, t = _refine.refine(
+            fixed.levels,
+            moving.levels,
+            self.frame_size,
+            self.frame_size,
+            like.new_zeros(len(ks)),
+            like.new_zeros(len(ks), 2),
+            min(self.s["iterations"], PAIR_ITERATIONS),
+            self.s["max_points"],
+        )
+        # A pair that does not match after those steps (a sudden turn) predicts nothing: its frame goes
+        # to the fallback at once instead of being refined from a wrong start.
+        z = _refine.significance(
+            fixed.levels[-1],
+            moving.levels[-1],
+            self.frame_size,
+            self.frame_size,
+            angle[:, None],
+            t[:, None],
+            self.s["max_points"],
+            self.s["min_overlap"],
+        )[:, 0].cpu()
+        maps = self._maps(angle, t, self.frame_size)
+        for j, k in enumerate(ks):
+            if float(z[j]) >= _search.SWEEP_BELOW:
+                pairs[k] = maps[j]
+        return pairs
+
+    def _accept(
+        self, maps: Tensor, score: Tensor, predictions: list[Tensor], size: tuple[int, int] | None = None
+    ) -> Tensor:
+        """(n,) bool: refined ``maps`` scoring TRUST that stayed within ``REACH`` of their predictions.
+
+        ``size``: of the fixed side (default the reference's).
+        """
+        from . import TRUST
+
+        h, w = self.size if size is None else size
+        corners = torch.tensor(
+            [[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], dtype=torch.float64
+        ).T
+        moved = (maps @ corners - torch.stack(predictions) @ corners)[:, :2].norm(dim=1).amax(1)
+        return (score >= TRUST) & (moved <= REACH * 2**self.levels)
+
+    def _try(self, state: _BatchState, frames: Any, ks: list[int], predictions: list[Tensor]) -> None:
+        """Refine frames ``ks`` on the reference from ``predictions``; keep those :meth:`_accept` takes."""
+        like = frames.levels[0].image
+        maps, score = self._refine(self.ref, frames.select(self._rows(ks, like)), predictions, self.size)
+        ok = self._accept(maps, score, predictions)
+        for j, k in enumerate(ks):
+            if bool(ok[j]):
+                state.set(k, maps[j], score[j], True)
+
+    def _waves(
+        self,
+        state: _BatchState,
+        frames: Any,
+        pairs: list[Tensor | None],
+        chain_fixed: Any,
+        has_prev: list[bool],
+        i0: int,
+    ) -> None:
+        n = state.n
+        for wave in range(WAVES):
+            predictions: dict[int, Tensor] = {}
+            cur = state.h0
+            for k in range(n):
+                if state.resolved[k]:
+                    cur = state.h[k]
+                    continue
+                cur = None if cur is None or pairs[k] is None else pairs[k] @ cur
+                if cur is not None:
+                    predictions[k] = cur
+            if predictions:
+                self._try(state, frames, list(predictions), list(predictions.values()))
+            left = [k for k in range(n) if not state.resolved[k]]
+            if not left or wave == WAVES - 1:
+                return
+            # A failure right after a known map is the frame's own; the ones after it were predicted
+            # through it and get another try from what the fallback finds.
+            own = [k for k in left if k == 0 or state.resolved[k - 1]]
+            self._fallback(state, frames, own, pairs, chain_fixed, has_prev, i0)
+
+    def _fallback(
+        self,
+        state: _BatchState,
+        frames: Any,
+        ks: list[int],
+        pairs: list[Tensor | None],
+        chain_fixed: Any,
+        has_prev: list[bool],
+        i0: int,
+    ) -> None:
+        """Frames ``ks`` (in order) that tracking did not settle: the global search, or the chain."""
+        like = frames.levels[0].image
+        if self.mode != "previous":
+            maps, score = self._search(self.ref, frames.select(self._rows(ks, like)), self.size)
+            for j, k in enumerate(ks):
+                state.set(k, maps[j], score[j], True)
+            return
+        self._chain(state, frames, ks, pairs, chain_fixed, has_prev, i0)
+
+    def _chain(
+        self,
+        state: _BatchState,
+        frames: Any,
+        ks: list[int],
+        pairs: list[Tensor | None],
+        chain_fixed: Any,
+        has_prev: list[bool],
+        i0: int,
+    ) -> None:
+        """``"previous"``: each frame on the one before, composed; re-anchored on frame 0 where weak."""
+        like = frames.levels[0].image
+        fs = self.frame_size
+        pair_m: dict[int, Tensor] = {}
+        pair_s: dict[int, float] = {}
+        with_prev = [k for k in ks if has_prev[k]]
+        tracked = [k for k in with_prev if pairs[k] is not None]
+        if tracked:
+            rows = self._rows(tracked, like)
+            start = [pairs[k] for k in tracked]
+            maps, score = self._refine(chain_fixed.select(rows), frames.select(rows), start, fs)
+            # a pair that moved far from its coarse start is searched (below) like a weak one
+            score = torch.where(self._accept(maps, score.clamp_min(1.0), start, fs), score, -1.0)
+            for j, k in enumerate(tracked):
+                pair_m[k], pair_s[k] = maps[j], float(score[j])
+        weak = [k for k in with_prev if pair_s.get(k, -1.0) < self.anchor_below]
+        if weak:
+            rows = self._rows(weak, like)
+            maps, score = self._search(chain_fixed.select(rows), frames.select(rows), fs)
+            for j, k in enumerate(weak):
+                if float(score[j]) > pair_s.get(k, -1.0):
+                    pair_m[k], pair_s[k] = maps[j], float(score[j])
+        want = [
+            k
+            for k in ks
+            if not has_prev[k]
+            or pair_s[k] < self.anchor_below
+            or (self.anchor_every and (i0 + k) % self.anchor_every == 0 and i0 + k > 0)
+        ]
+        direct: dict[int, tuple[Tensor, Tensor]] = {}
+        if want:
+            maps, score = self._search(self.ref, frames.select(self._rows(want, like)), self.size)
+            direct = {k: (maps[j], score[j]) for j, k in enumerate(want)}
+        chained = []
+        for k in ks:
+            h_prev = state.h[k - 1] if k > 0 else state.h0
+            use = k in direct and (
+                not has_prev[k]
+                or float(direct[k][1]) >= self.anchor_below
+                or (pair_s[k] < self.anchor_below and float(direct[k][1]) > pair_s[k])
+            )
+            if use:
+                state.set(k, direct[k][0], direct[k][1], True)
+            else:
+                state.set(k, pair_m[k] @ h_prev, torch.tensor(pair_s[k], dtype=torch.float64), False)
+                chained.append(k)
+        if self.polish and chained:
+            start = [state.h[k] for k in chained]
+            maps, score = self._refine(self.ref, frames.select(self._rows(chained, like)), start, self.size)
+            ok = self._accept(maps, score, start)
+            for j, k in enumerate(chained):
+                if bool(ok[j]):
+                    state.set(k, maps[j], score[j], True)
+
+
+class _Before:
+    """The frame before each frame of a batch: ``prev`` (the batch's predecessor) for frame 0."""
+
+    def __init__(self, prev: Any, frames: Any) -> None:
+        self.prev, self.frames = prev, frames
+
+    def select(self, rows: Tensor, levels: slice = slice(None)) -> Any:
+        """The predecessors of frames ``rows`` (ascending, frame 0 only when ``prev`` is known)."""
+        if int(rows[0]) > 0:
+            return self.frames.select(rows - 1, levels)
+        prev = self.prev.select(rows[:1] * 0, levels)
+        return prev if rows.numel() == 1 else prev.cat(self.frames.select(rows[1:] - 1, levels))
+
+
+class _BatchState:
+    """The maps (3×3 from the reference, float64), scores and anchors found so far in one batch."""
+
+    def __init__(self, n: int, h0: Tensor | None) -> None:
+        self.n, self.h0 = n, h0
+        self.h: list[Tensor] = [torch.eye(3, dtype=torch.float64)] * n
+        self.score: list[Tensor] = [torch.zeros((), dtype=torch.float64)] * n
+        self.anchored = [False] * n
+        self.resolved = [False] * n
+
+    def set(self, k: int, h: Tensor, score: Tensor, anchored: bool) -> None:
+        self.h[k], self.score[k], self.anchored[k], self.resolved[k] = h, score.reshape(()), anchored, True
