@@ -104,8 +104,9 @@ def _overlap(pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tenso
     planes = moving.image if moving.mask is None else torch.cat((moving.image, moving.mask), 1)
     out = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     # Level pixel q is inside [m, side - 1 - m] when its normalised coordinate is within ±(1 - (2m + 1)/side).
-    reach = grid.new_tensor([1 - (2 * moving.margin + 1) / w, 1 - (2 * moving.margin + 1) / h])
-    inside = (grid.abs() <= reach).all(-1)
+    inside = (grid[..., 0].abs() <= 1 - (2 * moving.margin + 1) / w) & (
+        grid[..., 1].abs() <= 1 - (2 * moving.margin + 1) / h
+    )
     if moving.mask is not None:
         inside = inside & (out[:, 1] > 0.999)
     return out[:, 0], pts.weight.unsqueeze(1) * inside
