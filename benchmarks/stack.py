@@ -34,7 +34,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import math
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,20 +42,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import machine_line
 from scipy import ndimage
 
 import rotstn
 from rotstn.data import bundled_image
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def to_picture(angle: float, t: np.ndarray, size: int, source: tuple[int, int]) -> np.ndarray:
@@ -283,10 +273,7 @@ def main() -> None:
         f"walk-192 ({n192} frames)": make_stack(walk, n192, 192, {100: 97.0, 200: -143.0}, 0, 0.02),
         f"walk-512 ({n512} frames)": make_stack(retina, n512, 512, {20: 71.0}, 1, 0.02),
     }
-    print(
-        f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, rotstn batch size "
-        f"{args.batch_size}\n"
-    )
+    print(f"{machine_line()}; {torch.get_num_threads()} threads, rotstn batch size {args.batch_size}\n")
     if args.tuning:
         rows = tuning_tables(stacks, args.batch_size)
         print("\n" + "\n".join(rows))
