@@ -130,8 +130,10 @@ def kernel_serves(
     )
 
 
-def _kernel_args(image: Tensor, angle: Tensor, center: Tensor, source: Tensor) -> tuple[Tensor, int, Tensor]:
-    """(samples, batch stride, (B, 6) cos, sin, cx, cy, sx, sy in float64) as the C kernel reads them."""
+def _kernel_args(
+    image: Tensor, angle: Tensor, center: Tensor, source: Tensor, with_par: bool = True
+) -> tuple[Tensor, int, Tensor | None]:
+    """(samples, batch stride, (B, 6) cos, sin, cx, cy, sx, sy in float64, or None) for the C kernel."""
     src = image if image.dtype == angle.dtype else image.to(angle.dtype)
     # A broadcast image (stride 0 over the batch) is read in place; anything else non-contiguous is copied.
     if src.shape[0] > 1 and src.stride(0) == 0 and src[0].is_contiguous():
@@ -139,13 +141,16 @@ def _kernel_args(image: Tensor, angle: Tensor, center: Tensor, source: Tensor) -
     else:
         src = src.contiguous()
         stride = src.shape[1] * src.shape[2] * src.shape[3]
+    if not with_par:
+        return src, stride, None
     a = angle.detach().to(torch.float64)
     points = (center.detach().to(torch.float64), source.detach().to(torch.float64))
     par = torch.cat((torch.cos(a)[:, None], torch.sin(a)[:, None], *points), 1)
     return src, stride, par.contiguous()
 
 
-def _kernel_forward(image: Tensor, angle: Tensor, center: Tensor, source: Tensor) -> Tensor:
+def _kernel_forward(image: Tensor, angle: Tensor, center: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
+    """The output and the kernel's (B, 6) parameters (kept for the backward, which needs the same)."""
     src, stride, par = _kernel_args(image, angle, center, source)
     b, c, h, w = src.shape
     out = torch.empty((b, c, h, w), dtype=src.dtype)
@@ -153,7 +158,7 @@ def _kernel_forward(image: Tensor, angle: Tensor, center: Tensor, source: Tensor
     fn = lib.rotstn_forward_f32 if src.dtype == torch.float32 else lib.rotstn_forward_f64
     if fn(src.data_ptr(), stride, out.data_ptr(), par.data_ptr(), b, c, h, w, torch.get_num_threads()):
         raise MemoryError("rotstn's compiled CPU kernel could not allocate its row buffers")
-    return out.to(image.dtype)
+    return out.to(image.dtype), par
 
 
 def _kernel_backward(
@@ -164,9 +169,14 @@ def _kernel_backward(
     source: Tensor,
     need_image: bool,
     need_geo: bool,
+    par: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Image gradient, dθ (B,) and S = Σ (∂L/∂x_src, ∂L/∂y_src) (B, 2), each None when not asked for."""
-    src, stride, par = _kernel_args(image, angle, center, source)
+    """Image gradient, dθ (B,) and S = Σ (∂L/∂x_src, ∂L/∂y_src) (B, 2), each None when not asked for.
+
+    ``par``: the forward's (B, 6) kernel parameters, else computed again.
+    """
+    src, stride, computed = _kernel_args(image, angle, center, source, par is None)
+    par = computed if par is None else par
     b, c, h, w = src.shape
     grad = grad_out.to(src.dtype).contiguous()
     grad_image = torch.empty((b, c, h, w), dtype=src.dtype) if need_image else None
@@ -227,7 +237,8 @@ class _Warp(torch.autograd.Function):
         if kernel_serves(image, angle, center, source, mode, padding_mode, align_corners):
             ctx.kernel = True
             ctx.save_for_backward(image, angle, center, None if ctx.rotation else source, None)
-            return _kernel_forward(image, angle, center, source)
+            out, ctx.par = _kernel_forward(image, angle, center, source)
+            return out
         ctx.kernel = False
         _, _, h, w = image.shape
         dtype = angle.dtype
@@ -248,7 +259,7 @@ class _Warp(torch.autograd.Function):
         need_geo = need_angle or need_center or need_source
         if ctx.kernel:
             grad_image, grad_angle, total = _kernel_backward(
-                grad_out, image, angle, center, source, need_image, need_geo
+                grad_out, image, angle, center, source, need_image, need_geo, ctx.par
             )
         else:
             dtype = angle.dtype
@@ -267,7 +278,7 @@ class _Warp(torch.autograd.Function):
             if need_geo:
                 grad_angle, total = _reduce_grid_grad(grad_grid, angle, center, align_corners)
         grad_center = grad_source = None
-        if total is not None:
+        if total is not None and (need_center or need_source):
             grad_center, grad_source = _center_and_source_grads(angle, total)
             if ctx.rotation:  # one tensor in both roles: (I - R(θ)ᵀ) S
                 grad_center = grad_center + grad_source

@@ -337,10 +337,9 @@ static inline __m512i pack4_z(__m128i a, __m128i b, __m128i c, __m128i d) {
 }
 /* All four corners of 16 interior pixels: the row pairs (x0, x0+1) come in as 8-byte elements of
  * 64-bit gathers (half the elements of four 32-bit gathers), then split into left and right. */
-static inline void corners4_zf(const float *p, I_zf o, int32_t w, V_zf *a, V_zf *b, V_zf *c, V_zf *d) {
-    int32_t off[16];
-    _mm512_storeu_si512((void *)off, o);
-    COMPILER_BARRIER(); /* read the offsets back as scalars, not lane by lane out of the vector */
+static inline void corners4_zf(const float *p, I_zf o, const int32_t *off, int32_t w, V_zf *a, V_zf *b, V_zf *c,
+                               V_zf *d) {
+    (void)o; /* the offsets come in stored (off), once for every channel */
     const float *pw = p + w;
     __m128i t[8], u[8];
     for (int k = 0; k < 8; k++) {
@@ -406,7 +405,9 @@ static inline void zip_zd(V_zd a, V_zd b, double *dst) {
     _mm512_storeu_pd(dst, _mm512_permutex2var_pd(a, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), b));
     _mm512_storeu_pd(dst + 8, _mm512_permutex2var_pd(a, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), b));
 }
-static inline void corners4_zd(const double *p, I_zd o, int32_t w, V_zd *a, V_zd *b, V_zd *c, V_zd *d) {
+static inline void corners4_zd(const double *p, I_zd o, const int32_t *off, int32_t w, V_zd *a, V_zd *b, V_zd *c,
+                               V_zd *d) {
+    (void)off; /* gathers: the offsets in a vector */
     *a = _mm512_i32gather_pd(o, p, 8);
     *b = _mm512_i32gather_pd(_mm256_add_epi32(o, _mm256_set1_epi32(1)), p, 8);
     *c = _mm512_i32gather_pd(_mm256_add_epi32(o, _mm256_set1_epi32(w)), p, 8);
@@ -474,10 +475,9 @@ static inline void zip_yf(V_yf a, V_yf b, float *dst) {
     _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 /* As corners4_zf, for 8 pixels: four 64-bit gathers of 4 row pairs. */
-static inline void corners4_yf(const float *p, I_yf o, int32_t w, V_yf *a, V_yf *b, V_yf *c, V_yf *d) {
-    int32_t off[8];
-    _mm256_storeu_si256((__m256i *)off, o);
-    COMPILER_BARRIER(); /* read the offsets back as scalars, not lane by lane out of the vector */
+static inline void corners4_yf(const float *p, I_yf o, const int32_t *off, int32_t w, V_yf *a, V_yf *b, V_yf *c,
+                               V_yf *d) {
+    (void)o; /* the offsets come in stored (off), once for every channel */
     const float *pw = p + w;
     __m128i t[4], u[4];
     for (int k = 0; k < 4; k++) {
@@ -544,7 +544,9 @@ static inline void zip_yd(V_yd a, V_yd b, double *dst) {
     _mm256_storeu_pd(dst, _mm256_permute2f128_pd(lo, hi, 0x20));
     _mm256_storeu_pd(dst + 4, _mm256_permute2f128_pd(lo, hi, 0x31));
 }
-static inline void corners4_yd(const double *p, I_yd o, int32_t w, V_yd *a, V_yd *b, V_yd *c, V_yd *d) {
+static inline void corners4_yd(const double *p, I_yd o, const int32_t *off, int32_t w, V_yd *a, V_yd *b, V_yd *c,
+                               V_yd *d) {
+    (void)off; /* gathers: the offsets in a vector */
     *a = _mm256_i32gather_pd(p, o, 8);
     *b = _mm256_i32gather_pd(p, _mm_add_epi32(o, _mm_set1_epi32(1)), 8);
     *c = _mm256_i32gather_pd(p, _mm_add_epi32(o, _mm_set1_epi32(w)), 8);
@@ -596,12 +598,20 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
  * channel plane p; corners outside the image read as 0. */
 #define CORNERS(S)                                                                                      \
     if (interior) {                                                                                     \
-        corners4_##S(p, o00, w32, &a, &b, &c, &d);                                                      \
+        corners4_##S(p, o00, offs, w32, &a, &b, &c, &d);                                                \
     } else {                                                                                            \
         a = gather_##S(p, o00, k00);                                                                    \
         b = gather_##S(p, o01, k01);                                                                    \
         c = gather_##S(p, o10, k10);                                                                    \
         d = gather_##S(p, o11, k11);                                                                    \
+    }
+
+/* An interior step's corner offsets, stored once for every channel's loads (corners4: the float
+ * builds read them back as scalars; the double builds gather from the vector and ignore them). */
+#define STORE_OFFSETS(S)                                                                                \
+    if (interior) {                                                                                     \
+        istore_##S(offs, o00);                                                                          \
+        COMPILER_BARRIER();                                                                             \
     }
 
 #define ROW_SETUP(T, S)                                                                                 \
@@ -627,6 +637,7 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
         const int64_t HW = H * W;                                                                       \
         const int32_t w32 = (int32_t)W, h32 = (int32_t)H;                                               \
         ROW_SETUP(T, S)                                                                                 \
+        int32_t offs[N_##S];                                                                            \
         int64_t j = 0;                                                                                  \
         for (; j + N_##S <= W; j += N_##S) {                                                            \
             STEP_COORDS(T, S)                                                                           \
@@ -637,6 +648,7 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
             const I_##S o00 = imad_##S(y0, w32, x0), o01 = iaddc_##S(o00, 1);                           \
             const I_##S o10 = iaddc_##S(o00, w32), o11 = iaddc_##S(o00, w32 + 1);                       \
             const int interior = kall_##S(kand_##S(k00, k11));                                         \
+            STORE_OFFSETS(S)                                                                            \
             for (int64_t ch = 0; ch < C; ch++) {                                                        \
                 const T *p = img + ch * HW;                                                             \
                 V_##S a, b, c, d;                                                                       \
@@ -667,6 +679,7 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
         int32_t off[4][N_##S];                                                                          \
         T add[2][2 * N_##S]; /* interleaved corner pairs: (x0, x0+1) of row y0 in add[0], y0+1 in add[1] */ \
         const V_##S one = set1_##S((T)1);                                                               \
+        int32_t *const offs = off[0];                                                                   \
         int64_t j = 0;                                                                                  \
         for (; j + N_##S <= W; j += N_##S) {                                                            \
             STEP_COORDS(T, S)                                                                           \
@@ -697,6 +710,10 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
                 }                                                                                       \
             }                                                                                           \
             V_##S gx = zero_##S(), gy = zero_##S();                                                     \
+            if (do_geo && !do_img) /* else off[0] holds them already (the scatter's) */               \
+                STORE_OFFSETS(S)                                                                        \
+            else if (do_geo)                                                                            \
+                COMPILER_BARRIER();                                                                     \
             for (int64_t ch = 0; ch < C; ch++) {                                                        \
                 const V_##S g = load_##S(gout + ch * HW + i * W + j);                                   \
                 if (do_geo) {                                                                           \
