@@ -285,6 +285,14 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
 DEFINE_PIXEL(float, f32)
 DEFINE_PIXEL(double, f64)
 
+/* Double builds keep the masked gathers for steps across the border (BORDER_LOADS 0): never called. */
+#define DEFINE_BORDER_STUB(S, T, I)                                                                     \
+    static inline void corners_border_##S(const T *p, I x0, I y0, int32_t w, int32_t h, int32_t *off,  \
+                                          V_##S *a, V_##S *b, V_##S *c, V_##S *d) {                    \
+        (void)p, (void)x0, (void)y0, (void)w, (void)h, (void)off;                                       \
+        *a = *b = *c = *d = zero_##S();                                                                 \
+    }
+
 /* Vector helpers, one set per (instruction set, dtype), named by suffix:
  *   V a vector of T, I the matching int32 indices, K a lane mask in the form the index
  *   arithmetic gives (a k-register on AVX-512, an all-ones/zeros integer vector on AVX2),
@@ -359,6 +367,49 @@ static inline void corners4_zf(const float *p, I_zf o, const int32_t *off, int32
     *c = _mm512_permutex2var_ps(u0, even, u1);
     *d = _mm512_permutex2var_ps(u0, odd, u1);
 }
+/* The four corners of 16 pixels of a step across the border, with the same 8-byte loads: each
+ * lane reads the row pair at x = clamp(x0, 0, W-2) of rows clamp(y0) and clamp(y0+1), always
+ * inside the image, then keeps what is inside: (a, b) is the pair itself when 0 <= x0 <= W-2,
+ * (0, first) when x0 = -1, (second, 0) when x0 = W-1, else 0; a row outside the image gives 0.
+ * Exactly the values the masked gathers gave (zero padding), at the cost of an interior step.
+ * Needs W >= 2 (the callers use the gathers otherwise). */
+static inline void corners_border_zf(const float *p, I_zf x0, I_zf y0, int32_t w, int32_t h, int32_t *off,
+                                     V_zf *a, V_zf *b, V_zf *c, V_zf *d) {
+    const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1);
+    const __m512i xc = _mm512_min_epi32(_mm512_max_epi32(x0, zero), _mm512_set1_epi32(w - 2));
+    const __m512i hmax = _mm512_set1_epi32(h - 1), y1 = _mm512_add_epi32(y0, one);
+    const __m512i yc0 = _mm512_min_epi32(_mm512_max_epi32(y0, zero), hmax);
+    const __m512i yc1 = _mm512_min_epi32(_mm512_max_epi32(y1, zero), hmax);
+    const __m512i wv = _mm512_set1_epi32(w);
+    _mm512_storeu_si512((void *)off, _mm512_add_epi32(_mm512_mullo_epi32(yc0, wv), xc));
+    _mm512_storeu_si512((void *)(off + 16), _mm512_add_epi32(_mm512_mullo_epi32(yc1, wv), xc));
+    COMPILER_BARRIER();
+    __m128i t[8], u[8];
+    for (int k = 0; k < 8; k++) {
+        const float *e = p + off[2 * k], *f = p + off[2 * k + 1];
+        const float *g = p + off[16 + 2 * k], *q = p + off[16 + 2 * k + 1];
+        t[k] = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(_mm_loadl_epi64((const __m128i *)e)), (const double *)f));
+        u[k] = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(_mm_loadl_epi64((const __m128i *)g)), (const double *)q));
+    }
+    const __m512 t0 = _mm512_castsi512_ps(pack4_z(t[0], t[1], t[2], t[3]));
+    const __m512 t1 = _mm512_castsi512_ps(pack4_z(t[4], t[5], t[6], t[7]));
+    const __m512 u0 = _mm512_castsi512_ps(pack4_z(u[0], u[1], u[2], u[3]));
+    const __m512 u1 = _mm512_castsi512_ps(pack4_z(u[4], u[5], u[6], u[7]));
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    const __m512 ta = _mm512_permutex2var_ps(t0, even, t1), tb = _mm512_permutex2var_ps(t0, odd, t1);
+    const __m512 ua = _mm512_permutex2var_ps(u0, even, u1), ub = _mm512_permutex2var_ps(u0, odd, u1);
+    const __mmask16 in = _mm512_cmplt_epu32_mask(x0, _mm512_set1_epi32(w - 1)); /* 0 <= x0 <= W-2 */
+    const __mmask16 lo = _mm512_cmpeq_epi32_mask(x0, _mm512_set1_epi32(-1));
+    const __mmask16 hi = _mm512_cmpeq_epi32_mask(x0, _mm512_set1_epi32(w - 1));
+    const __mmask16 r0 = _mm512_cmplt_epu32_mask(y0, _mm512_set1_epi32(h));
+    const __mmask16 r1 = _mm512_cmplt_epu32_mask(y1, _mm512_set1_epi32(h));
+    *a = _mm512_maskz_mov_ps(r0, _mm512_mask_mov_ps(_mm512_maskz_mov_ps(in, ta), hi, tb));
+    *b = _mm512_maskz_mov_ps(r0, _mm512_mask_mov_ps(_mm512_maskz_mov_ps(in, tb), lo, ta));
+    *c = _mm512_maskz_mov_ps(r1, _mm512_mask_mov_ps(_mm512_maskz_mov_ps(in, ua), hi, ub));
+    *d = _mm512_maskz_mov_ps(r1, _mm512_mask_mov_ps(_mm512_maskz_mov_ps(in, ub), lo, ua));
+}
+#define BORDER_LOADS_zf 1
 static inline K_zf kor_zf(K_zf a, K_zf b) { return a | b; }
 static inline unsigned kbits_zf(K_zf k) { return (unsigned)k; }
 static const int lane_order_zf[N_zf] = {0, 3, 6, 9, 12, 15, 1, 4, 7, 10, 13, 2, 5, 8, 11, 14};
@@ -413,6 +464,8 @@ static inline void corners4_zd(const double *p, I_zd o, const int32_t *off, int3
     *c = _mm512_i32gather_pd(_mm256_add_epi32(o, _mm256_set1_epi32(w)), p, 8);
     *d = _mm512_i32gather_pd(_mm256_add_epi32(o, _mm256_set1_epi32(w + 1)), p, 8);
 }
+DEFINE_BORDER_STUB(zd, double, I_zd)
+#define BORDER_LOADS_zd 0
 static inline K_zd kor_zd(K_zd a, K_zd b) { return a | b; }
 static inline unsigned kbits_zd(K_zd k) { return (unsigned)k; }
 static const int lane_order_zd[N_zd] = {0, 3, 6, 1, 4, 7, 2, 5};
@@ -496,6 +549,44 @@ static inline void corners4_yf(const float *p, I_yf o, const int32_t *off, int32
     *c = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(u0, u1, 0x88)), 0xD8));
     *d = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(u0, u1, 0xDD)), 0xD8));
 }
+/* As corners_border_zf, for 8 pixels. */
+static inline void corners_border_yf(const float *p, I_yf x0, I_yf y0, int32_t w, int32_t h, int32_t *off,
+                                     V_yf *a, V_yf *b, V_yf *c, V_yf *d) {
+    const __m256i zero = _mm256_setzero_si256(), one = _mm256_set1_epi32(1);
+    const __m256i xc = _mm256_min_epi32(_mm256_max_epi32(x0, zero), _mm256_set1_epi32(w - 2));
+    const __m256i hmax = _mm256_set1_epi32(h - 1), y1 = _mm256_add_epi32(y0, one);
+    const __m256i yc0 = _mm256_min_epi32(_mm256_max_epi32(y0, zero), hmax);
+    const __m256i yc1 = _mm256_min_epi32(_mm256_max_epi32(y1, zero), hmax);
+    const __m256i wv = _mm256_set1_epi32(w);
+    _mm256_storeu_si256((__m256i *)off, _mm256_add_epi32(_mm256_mullo_epi32(yc0, wv), xc));
+    _mm256_storeu_si256((__m256i *)(off + 8), _mm256_add_epi32(_mm256_mullo_epi32(yc1, wv), xc));
+    COMPILER_BARRIER();
+    __m128i t[4], u[4];
+    for (int k = 0; k < 4; k++) {
+        const float *e = p + off[2 * k], *f = p + off[2 * k + 1];
+        const float *g = p + off[8 + 2 * k], *q = p + off[8 + 2 * k + 1];
+        t[k] = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(_mm_loadl_epi64((const __m128i *)e)), (const double *)f));
+        u[k] = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(_mm_loadl_epi64((const __m128i *)g)), (const double *)q));
+    }
+    const __m256 t0 = _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(t[0]), t[1], 1));
+    const __m256 t1 = _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(t[2]), t[3], 1));
+    const __m256 u0 = _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(u[0]), u[1], 1));
+    const __m256 u1 = _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(u[2]), u[3], 1));
+    const __m256 ta = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(t0, t1, 0x88)), 0xD8));
+    const __m256 tb = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(t0, t1, 0xDD)), 0xD8));
+    const __m256 ua = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(u0, u1, 0x88)), 0xD8));
+    const __m256 ub = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(u0, u1, 0xDD)), 0xD8));
+    const __m256 in = _mm256_castsi256_ps(inrange_yf(x0, w - 1)); /* 0 <= x0 <= W-2 */
+    const __m256 lo = _mm256_castsi256_ps(_mm256_cmpeq_epi32(x0, _mm256_set1_epi32(-1)));
+    const __m256 hi = _mm256_castsi256_ps(_mm256_cmpeq_epi32(x0, _mm256_set1_epi32(w - 1)));
+    const __m256 r0 = _mm256_castsi256_ps(inrange_yf(y0, h)), r1 = _mm256_castsi256_ps(inrange_yf(y1, h));
+    /* in, lo and hi exclude each other: or-ing the and-ed values selects */
+    *a = _mm256_and_ps(r0, _mm256_or_ps(_mm256_and_ps(in, ta), _mm256_and_ps(hi, tb)));
+    *b = _mm256_and_ps(r0, _mm256_or_ps(_mm256_and_ps(in, tb), _mm256_and_ps(lo, ta)));
+    *c = _mm256_and_ps(r1, _mm256_or_ps(_mm256_and_ps(in, ua), _mm256_and_ps(hi, ub)));
+    *d = _mm256_and_ps(r1, _mm256_or_ps(_mm256_and_ps(in, ub), _mm256_and_ps(lo, ua)));
+}
+#define BORDER_LOADS_yf 1
 static inline K_yf kor_yf(K_yf a, K_yf b) { return _mm256_or_si256(a, b); }
 static inline unsigned kbits_yf(K_yf k) { return (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(k)); }
 static const int lane_order_yf[N_yf] = {0, 3, 6, 1, 4, 7, 2, 5};
@@ -552,6 +643,8 @@ static inline void corners4_yd(const double *p, I_yd o, const int32_t *off, int3
     *c = _mm256_i32gather_pd(p, _mm_add_epi32(o, _mm_set1_epi32(w)), 8);
     *d = _mm256_i32gather_pd(p, _mm_add_epi32(o, _mm_set1_epi32(w + 1)), 8);
 }
+DEFINE_BORDER_STUB(yd, double, I_yd)
+#define BORDER_LOADS_yd 0
 static inline K_yd kor_yd(K_yd a, K_yd b) { return _mm_or_si128(a, b); }
 static inline unsigned kbits_yd(K_yd k) { return (unsigned)_mm_movemask_ps(_mm_castsi128_ps(k)); }
 static const int lane_order_yd[N_yd] = {0, 2, 1, 3};
@@ -598,7 +691,10 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
  * channel plane p; corners outside the image read as 0. */
 #define CORNERS(S)                                                                                      \
     if (interior) {                                                                                     \
+        COMPILER_BARRIER();                                                                             \
         corners4_##S(p, o00, offs, w32, &a, &b, &c, &d);                                                \
+    } else if (BORDER_LOADS_##S && w32 >= 2) {                                                          \
+        corners_border_##S(p, x0, y0, w32, h32, border_off, &a, &b, &c, &d);                            \
     } else {                                                                                            \
         a = gather_##S(p, o00, k00);                                                                    \
         b = gather_##S(p, o01, k01);                                                                    \
@@ -637,7 +733,7 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
         const int64_t HW = H * W;                                                                       \
         const int32_t w32 = (int32_t)W, h32 = (int32_t)H;                                               \
         ROW_SETUP(T, S)                                                                                 \
-        int32_t offs[N_##S];                                                                            \
+        int32_t offs[N_##S], border_off[2 * N_##S];                                                     \
         int64_t j = 0;                                                                                  \
         for (; j + N_##S <= W; j += N_##S) {                                                            \
             STEP_COORDS(T, S)                                                                           \
@@ -679,7 +775,7 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
         int32_t off[4][N_##S];                                                                          \
         T add[2][2 * N_##S]; /* interleaved corner pairs: (x0, x0+1) of row y0 in add[0], y0+1 in add[1] */ \
         const V_##S one = set1_##S((T)1);                                                               \
-        int32_t *const offs = off[0];                                                                   \
+        int32_t *const offs = off[0], border_off[2 * N_##S];                                            \
         int64_t j = 0;                                                                                  \
         for (; j + N_##S <= W; j += N_##S) {                                                            \
             STEP_COORDS(T, S)                                                                           \
