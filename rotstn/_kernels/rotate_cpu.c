@@ -109,6 +109,7 @@ typedef struct {
     char *scratch;        /* per thread: x0, y0 (int32) and wx, wy of one row */
     size_t scratch_bytes; /* per thread */
     int nthreads, tid, by_rows;
+    int64_t *next_sample; /* shared by the shares: the next sample to take (split over samples) */
 } job_t;
 
 /* The row functions' scratch: x0, y0, wx, wy of one row (the generic build's coordinate pass). */
@@ -940,6 +941,23 @@ static inline void prefetch_image(const void *img, size_t bytes) {
         __builtin_prefetch(p + o, 0, 3);
 }
 
+/* The next sample for this share, or 0 when none is left. Split over rows, every share walks all
+ * samples. Split over samples, each share takes the next one not yet taken (an atomic counter):
+ * a share whose thread loses its core to another process for a while (a shared machine) leaves
+ * its samples to the others instead of holding up the call. Which thread computes a sample does
+ * not change its result, so results stay independent of the thread count and of the timing. */
+static int next_b(const job_t *jb, int64_t *b) {
+    if (jb->by_rows)
+        *b += 1;
+    else
+#if defined(__GNUC__)
+        *b = __atomic_fetch_add(jb->next_sample, 1, __ATOMIC_RELAXED);
+#else /* no atomics: fixed shares (t, t + n, t + 2n, ...) */
+        *b = *b < 0 ? jb->tid : *b + jb->nthreads;
+#endif
+    return *b < jb->B;
+}
+
 #define WORKER_SETUP(T)                                                                                 \
     const job_t *jb = (const job_t *)arg;                                                               \
     const int64_t C = jb->C, H = jb->H, W = jb->W, HW = H * W;                                          \
@@ -947,12 +965,12 @@ static inline void prefetch_image(const void *img, size_t bytes) {
     int32_t *rx0 = (int32_t *)(rwy + W), *ry0 = rx0 + W;                                                \
     int64_t r0, r1;                                                                                     \
     row_range(jb, &r0, &r1);                                                                            \
-    const int64_t b0 = jb->by_rows ? 0 : jb->tid, bstep = jb->by_rows ? 1 : jb->nthreads;
+    int64_t b = -1; /* the sample in hand (next_b) */
 
 #define DEFINE_WORKERS(T, SUFFIX)                                                                       \
     static void *forward_worker_##SUFFIX(void *arg) {                                                   \
         WORKER_SETUP(T)                                                                                 \
-        for (int64_t b = b0; b < jb->B; b += bstep) {                                                   \
+        while (next_b(jb, &b)) {                                                                        \
             const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
             T *out = (T *)jb->out + b * C * HW;                                                         \
             const double *par = jb->par + 6 * b;                                                        \
@@ -971,7 +989,7 @@ static inline void prefetch_image(const void *img, size_t bytes) {
         WORKER_SETUP(T)                                                                                 \
         const int want_geo = jb->rows != NULL;                                                          \
         double scrap[4];                                                                                \
-        for (int64_t b = b0; b < jb->B; b += bstep) {                                                   \
+        while (next_b(jb, &b)) {                                                                        \
             const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
             const T *gout = (const T *)jb->gout + b * C * HW;                                           \
             T *gimg = jb->gimg ? (T *)jb->gimg + b * C * HW : NULL;                                     \
@@ -1101,7 +1119,9 @@ static size_t scratch_bytes(int64_t W, size_t elem) {
         char *scratch = (char *)malloc(bytes * (size_t)n);                                              \
         if (!scratch)                                                                                   \
             return -1;                                                                                  \
-        job_t job = {img, img_bstride, out, NULL, NULL, NULL, par, B, C, H, W, scratch, bytes, 1, 0, 0}; \
+        int64_t next_sample = 0; /* next_b's counter */                                                 \
+        job_t job = {img, img_bstride, out, NULL, NULL, NULL, par, B, C, H, W,                          \
+                     scratch, bytes, 1, 0, 0, &next_sample};                                            \
         run(forward_worker_##SUFFIX, &job, n, by_rows);                                                 \
         free(scratch);                                                                                  \
         return 0;                                                                                       \
@@ -1135,7 +1155,9 @@ static size_t scratch_bytes(int64_t W, size_t elem) {
             free(rows);                                                                                 \
             return -1;                                                                                  \
         }                                                                                               \
-        job_t job = {img, img_bstride, NULL, gout, gimg, rows, par, B, C, H, W, scratch, bytes, 1, 0, 0}; \
+        int64_t next_sample = 0; /* next_b's counter */                                                 \
+        job_t job = {img, img_bstride, NULL, gout, gimg, rows, par, B, C, H, W,                         \
+                     scratch, bytes, 1, 0, 0, &next_sample};                                            \
         run(backward_worker_##SUFFIX, &job, n, by_rows);                                                \
         free(scratch);                                                                                  \
         if (geo) {                                                                                      \
