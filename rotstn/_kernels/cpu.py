@@ -23,8 +23,9 @@ Here:
 
 Bilinear with zero padding on real CPU tensors goes one step further when the
 compiled kernel (``compiled.py``, ``rotate_cpu.c``) could be built: forward and
-backward are each one fused pass in C over the pixels, vectorised with masked
-gathers on AVX2 and AVX-512 (the variant is picked at run time), with no grid
+backward are each one fused pass in C over the pixels, vectorised on AVX2 and
+AVX-512 (the variant is picked at run time; corners come in as 8-byte loads of
+row pairs in float32, masked gathers in float64), with no grid
 at all and dθ and S accumulated per sample. Other modes and paddings, traced
 calls (``torch.compile``, export, ``torch.jit``), and machines without a C
 compiler use aten's sampler as above.

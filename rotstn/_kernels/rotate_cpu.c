@@ -9,8 +9,9 @@
  * ("avx512"), -mavx2 -mfma ("avx2") or the compiler's baseline ("generic"), and
  * loads the one the CPU can run (rotstn_cpu_features of the generic build
  * says which). The compiler's predefined macros (__AVX512F__, __AVX2__) pick
- * the code below: the sampling loops in intrinsics with masked gathers
- * (16 float or 8 double pixels a step on AVX-512, 8 or 4 on AVX2), or scalar
+ * the code below: the sampling loops in intrinsics (16 float or 8 double
+ * pixels a step on AVX-512, 8 or 4 on AVX2; a pixel's corners come in as
+ * 8-byte loads of row pairs for float, masked gathers for double), or scalar
  * code that the compiler may vectorise where it can (the coordinate pass, on
  * NEON for aarch64 too).
  *
@@ -24,8 +25,9 @@
  *
  * par holds (cos, sin, cx, cy, sx, sy) per sample in double. Images are
  * (C, H, W) contiguous per sample, sample b at img + b·img_bstride (0 for a
- * broadcast image). Work is split over samples (each thread owns whole
- * samples, so the image-gradient scatter is race-free) or, with fewer samples
+ * broadcast image). Work is split over samples (each sample is computed
+ * whole by one thread, which takes the next one free, so the image-gradient
+ * scatter is race-free) or, with fewer samples
  * than threads and no image gradient, over rows. The backward's per-row sums
  * go to a (B, H, 4) buffer that is reduced in a fixed order, so results do not
  * depend on the thread count.
