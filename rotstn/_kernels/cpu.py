@@ -36,6 +36,7 @@ reference path, which is made of differentiable ops.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -150,16 +151,32 @@ def _kernel_args(
     return src, stride, par.contiguous()
 
 
-def _kernel_forward(image: Tensor, angle: Tensor, center: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
-    """The output and the kernel's (B, 6) parameters (kept for the backward, which needs the same)."""
+def _kernel_forward(
+    image: Tensor, angle: Tensor, center: Tensor, source: Tensor, derivatives: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The output, the kernel's (B, 6) parameters and, when asked, the (B, 2, C, H, W) derivatives.
+
+    The derivatives (∂out/∂x, ∂out/∂y per channel, in the sampling dtype) let the backward's θ and
+    point sums skip reading the image's corners again; both are kept for the backward.
+    """
     src, stride, par = _kernel_args(image, angle, center, source)
     b, c, h, w = src.shape
     out = torch.empty((b, c, h, w), dtype=src.dtype)
+    deriv = torch.empty((b, 2, c, h, w), dtype=src.dtype) if derivatives else None
     lib = compiled.library()
     fn = lib.rotstn_forward_f32 if src.dtype == torch.float32 else lib.rotstn_forward_f64
-    if fn(src.data_ptr(), stride, out.data_ptr(), par.data_ptr(), b, c, h, w, torch.get_num_threads()):
+    status = fn(
+        src.data_ptr(),
+        stride,
+        out.data_ptr(),
+        deriv.data_ptr() if deriv is not None else None,
+        par.data_ptr(),
+        *(b, c, h, w),
+        torch.get_num_threads(),
+    )
+    if status:
         raise MemoryError("rotstn's compiled CPU kernel could not allocate its row buffers")
-    return out.to(image.dtype), par
+    return out.to(image.dtype), par, deriv
 
 
 def _kernel_backward(
@@ -171,10 +188,12 @@ def _kernel_backward(
     need_image: bool,
     need_geo: bool,
     par: Tensor | None = None,
+    deriv: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Image gradient, dθ (B,) and S = Σ (∂L/∂x_src, ∂L/∂y_src) (B, 2), each None when not asked for.
 
-    ``par``: the forward's (B, 6) kernel parameters, else computed again.
+    ``par``: the forward's (B, 6) kernel parameters, else computed again; ``deriv``: the forward's
+    derivatives (``_kernel_forward``), which the θ and point sums then read instead of the image.
     """
     src, stride, computed = _kernel_args(image, angle, center, source, par is None)
     par = computed if par is None else par
@@ -189,6 +208,7 @@ def _kernel_backward(
         stride,
         grad.data_ptr(),
         grad_image.data_ptr() if grad_image is not None else None,
+        deriv.data_ptr() if deriv is not None and need_geo else None,
         geo.data_ptr() if geo is not None else None,
         par.data_ptr(),
         b,
@@ -238,7 +258,12 @@ class _Warp(torch.autograd.Function):
         if kernel_serves(image, angle, center, source, mode, padding_mode, align_corners):
             ctx.kernel = True
             ctx.save_for_backward(image, angle, center, None if ctx.rotation else source, None)
-            out, ctx.par = _kernel_forward(image, angle, center, source)
+            # With a gradient to the angle or a point, the forward also writes ∂out/∂x, ∂out/∂y
+            # (2 values per output value, freed after the backward) so that the backward's sums
+            # need not read the image's corners again; ROTSTN_CPU_LOW_MEMORY=1 turns that off.
+            geo = any(ctx.needs_input_grad[1:4])
+            keep = geo and os.environ.get("ROTSTN_CPU_LOW_MEMORY") != "1"
+            out, ctx.par, ctx.deriv = _kernel_forward(image, angle, center, source, keep)
             return out
         ctx.kernel = False
         _, _, h, w = image.shape
@@ -260,8 +285,9 @@ class _Warp(torch.autograd.Function):
         need_geo = need_angle or need_center or need_source
         if ctx.kernel:
             grad_image, grad_angle, total = _kernel_backward(
-                grad_out, image, angle, center, source, need_image, need_geo, ctx.par
+                grad_out, image, angle, center, source, need_image, need_geo, ctx.par, ctx.deriv
             )
+            ctx.deriv = None  # the derivatives' memory goes now, not with the graph
         else:
             dtype = angle.dtype
             src = image if image.dtype == dtype else image.to(dtype)

@@ -112,6 +112,7 @@ typedef struct {
     size_t scratch_bytes; /* per thread */
     int nthreads, tid, by_rows;
     int64_t *next_sample; /* shared by the shares: the next sample to take (split over samples) */
+    void *deriv; /* (B, 2, C, H, W) ∂out/∂x then ∂out/∂y per channel: forward writes, backward reads; or NULL */
 } job_t;
 
 /* The row functions' scratch: x0, y0, wx, wy of one row (the generic build's coordinate pass). */
@@ -228,7 +229,7 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
     }                                                                                                   \
                                                                                                         \
     /* Adds this pixel's dL/dx, dL/dy (over channels) to *gx, *gy and scatters into gimg. */           \
-    ALWAYS_INLINE void backward_px_##SUFFIX(const T *img, const T *g, T *gimg, const int64_t C,         \
+    ALWAYS_INLINE void backward_px_core_##SUFFIX(const T *img, const T *g, T *gimg, const int64_t C,         \
                                             const int64_t H, const int64_t W, const int32_t x0,         \
                                             const int32_t y0, const T wx, const T wy, const int do_img, \
                                             const int do_geo, T *gx_out, T *gy_out) {                   \
@@ -281,6 +282,56 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
+        *gx_out = gx;                                                                                   \
+        *gy_out = gy;                                                                                   \
+    }                                                                                                   \
+                                                                                                        \
+    /* ∂out/∂x, ∂out/∂y of one pixel, per channel, as backward_px_core computes them: d[ch·HW] and      \
+     * d[(C + ch)·HW] (the forward's saved derivatives, which spare the backward the corners). */       \
+    ALWAYS_INLINE void deriv_px_##SUFFIX(const T *img, T *dv, const int64_t C, const int64_t H,         \
+                                         const int64_t W, const int32_t x0, const int32_t y0, const T wx,\
+                                         const T wy) {                                                  \
+        const int64_t HW = H * W;                                                                       \
+        if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {                     \
+            for (int64_t ch = 0; ch < C; ch++) {                                                        \
+                const T *p = img + ch * HW + (int64_t)y0 * W + x0;                                      \
+                const T i00 = p[0], i01 = p[1], i10 = p[W], i11 = p[W + 1];                             \
+                const T dx0 = i01 - i00, dy0 = i10 - i00;                                               \
+                dv[ch * HW] = dx0 + wy * (i11 - i10 - dx0);                                             \
+                dv[(C + ch) * HW] = dy0 + wx * (i11 - i01 - dy0);                                       \
+            }                                                                                           \
+            return;                                                                                     \
+        }                                                                                               \
+        double w[4];                                                                                    \
+        int64_t off[4];                                                                                 \
+        int valid[4];                                                                                   \
+        corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                                   \
+        for (int64_t ch = 0; ch < C; ch++) {                                                            \
+            const T *p = img + ch * HW;                                                                 \
+            const T i00 = valid[0] ? p[off[0]] : 0, i01 = valid[1] ? p[off[1]] : 0;                     \
+            const T i10 = valid[2] ? p[off[2]] : 0, i11 = valid[3] ? p[off[3]] : 0;                     \
+            dv[ch * HW] = (1 - wy) * (i01 - i00) + wy * (i11 - i10);                                    \
+            dv[(C + ch) * HW] = (1 - wx) * (i10 - i00) + wx * (i11 - i01);                              \
+        }                                                                                               \
+    }                                                                                                   \
+                                                                                                        \
+    /* backward_px_core, with dL/dx, dL/dy from the forward's derivatives dv when there are some. */    \
+    ALWAYS_INLINE void backward_px_##SUFFIX(const T *img, const T *g, T *gimg, const T *dv,             \
+                                            const int64_t C, const int64_t H, const int64_t W,          \
+                                            const int32_t x0, const int32_t y0, const T wx, const T wy, \
+                                            const int do_img, const int do_geo, T *gx_out, T *gy_out) { \
+        if (!(dv && do_geo)) {                                                                          \
+            backward_px_core_##SUFFIX(img, g, gimg, C, H, W, x0, y0, wx, wy, do_img, do_geo, gx_out, gy_out);\
+            return;                                                                                     \
+        }                                                                                               \
+        const int64_t HW = H * W;                                                                       \
+        T gx = 0, gy = 0, unused_x, unused_y;                                                           \
+        for (int64_t ch = 0; ch < C; ch++) {                                                            \
+            gx += g[ch * HW] * dv[ch * HW];                                                             \
+            gy += g[ch * HW] * dv[(C + ch) * HW];                                                       \
+        }                                                                                               \
+        if (do_img)                                                                                     \
+            backward_px_core_##SUFFIX(img, g, gimg, C, H, W, x0, y0, wx, wy, 1, 0, &unused_x, &unused_y);\
         *gx_out = gx;                                                                                   \
         *gy_out = gy;                                                                                   \
     }
@@ -711,6 +762,7 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
     if (interior) {                                                                                     \
         istore_##S(offs, o00);                                                                          \
         COMPILER_BARRIER();                                                                             \
+    } else {                                                                                            \
     }
 
 #define ROW_SETUP(T, S)                                                                                 \
@@ -730,7 +782,7 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
  * Corners outside the image are masked out of the gathers (read as 0, never touched), which is
  * the zero padding; in the scatter their contribution is 0 at offset 0. */
 #define DEFINE_VECTOR_ROWS_(T, S, SS)                                                                   \
-    ALWAYS_INLINE void forward_row_##SS(const T *img, T *out, const int64_t C, const int64_t H,         \
+    ALWAYS_INLINE void forward_row_##SS(const T *img, T *out, T *deriv, const int64_t C, const int64_t H, \
                                         const int64_t W, const int64_t i, const double *par,             \
                                         ROW_BUFFERS(T)) {                                               \
         const int64_t HW = H * W;                                                                       \
@@ -752,6 +804,12 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
                 const T *p = img + ch * HW;                                                             \
                 V_##S a, b, c, d;                                                                       \
                 CORNERS(S)                                                                              \
+                if (deriv) { /* ∂out/∂x, ∂out/∂y for the backward, as it computes them */               \
+                    const V_##S dx0 = sub_##S(b, a), dy0 = sub_##S(c, a);                               \
+                    store_##S(deriv + ch * HW + i * W + j, fma_##S(wy, sub_##S(sub_##S(d, c), dx0), dx0)); \
+                    store_##S(deriv + (C + ch) * HW + i * W + j,                                        \
+                              fma_##S(wx, sub_##S(sub_##S(d, b), dy0), dy0));                           \
+                }                                                                                       \
                 const V_##S top = fma_##S(wx, sub_##S(b, a), a);                                        \
                 const V_##S bottom = fma_##S(wx, sub_##S(d, c), c);                                     \
                 store_##S(out + ch * HW + i * W + j, fma_##S(wy, sub_##S(bottom, top), top));           \
@@ -762,11 +820,14 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
             double wx, wy;                                                                              \
             pixel_coords(W, H, par, i, j, &x0, &y0, &wx, &wy);                                          \
             forward_px_##SS(img, out + i * W + j, C, H, W, x0, y0, (T)wx, (T)wy);                       \
+            if (deriv)                                                                                  \
+                deriv_px_##SS(img, deriv + i * W + j, C, H, W, x0, y0, (T)wx, (T)wy);                   \
         }                                                                                               \
     }                                                                                                   \
                                                                                                         \
     /* r = Σ_j gx, Σ_j gy, Σ_j gx·u, Σ_j gy·u over row i, with (gx, gy) = dL/d(x, y) of a pixel. */    \
-    ALWAYS_INLINE void backward_row_##SS(const T *img, const T *gout, T *gimg, const int64_t C,         \
+    ALWAYS_INLINE void backward_row_##SS(const T *img, const T *gout, T *gimg, const T *deriv,          \
+                                         const int64_t C,                                               \
                                          const int64_t H, const int64_t W, const int64_t i,             \
                                          const double *par, ROW_BUFFERS(T), const int do_img,           \
                                          const int do_geo, double r[4]) {                               \
@@ -809,13 +870,15 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
                 }                                                                                       \
             }                                                                                           \
             V_##S gx = zero_##S(), gy = zero_##S();                                                     \
-            if (do_geo && !do_img) /* else off[0] holds them already (the scatter's) */               \
+            if (do_geo && !deriv && !do_img) { /* else off[0] holds them already (the scatter's) */   \
                 STORE_OFFSETS(S)                                                                        \
-            else if (do_geo)                                                                            \
-                COMPILER_BARRIER();                                                                     \
+            }                                                                                           \
             for (int64_t ch = 0; ch < C; ch++) {                                                        \
                 const V_##S g = load_##S(gout + ch * HW + i * W + j);                                   \
-                if (do_geo) {                                                                           \
+                if (do_geo && deriv) { /* the forward's ∂out/∂x, ∂out/∂y: no corners needed */          \
+                    gx = fma_##S(g, load_##S(deriv + ch * HW + i * W + j), gx);                         \
+                    gy = fma_##S(g, load_##S(deriv + (C + ch) * HW + i * W + j), gy);                   \
+                } else if (do_geo) {                                                                    \
                     const T *p = img + ch * HW;                                                         \
                     V_##S a, b, c, d;                                                                   \
                     CORNERS(S)                                                                          \
@@ -870,7 +933,8 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
             int32_t x0, y0;                                                                             \
             double wx, wy;                                                                              \
             pixel_coords(W, H, par, i, j, &x0, &y0, &wx, &wy);                                          \
-            backward_px_##SS(img, gout + i * W + j, gimg, C, H, W, x0, y0, (T)wx, (T)wy, do_img, do_geo, \
+            backward_px_##SS(img, gout + i * W + j, gimg, deriv ? deriv + i * W + j : NULL, C, H, W, x0, y0, \
+                             (T)wx, (T)wy, do_img, do_geo,                                              \
                              &gx, &gy);                                                                 \
             const double u = (double)j - cx;                                                            \
             rx += gx;                                                                                   \
@@ -892,15 +956,19 @@ DEFINE_VECTOR_ROWS(double, SUFFIX_F64, f64)
 #else
 /* Generic build: the scalar pixel code, one pixel at a time. */
 #define DEFINE_SCALAR_ROWS(T, SS)                                                                       \
-    ALWAYS_INLINE void forward_row_##SS(const T *img, T *out, const int64_t C, const int64_t H,         \
+    ALWAYS_INLINE void forward_row_##SS(const T *img, T *out, T *deriv, const int64_t C, const int64_t H, \
                                         const int64_t W, const int64_t i, const double *par,             \
                                         ROW_BUFFERS(T)) {                                               \
         row_coords_##SS(W, H, par, i, rx0, ry0, rwx, rwy);                                              \
-        for (int64_t j = 0; j < W; j++)                                                                 \
+        for (int64_t j = 0; j < W; j++) {                                                               \
             forward_px_##SS(img, out + i * W + j, C, H, W, rx0[j], ry0[j], rwx[j], rwy[j]);             \
+            if (deriv)                                                                                  \
+                deriv_px_##SS(img, deriv + i * W + j, C, H, W, rx0[j], ry0[j], rwx[j], rwy[j]);         \
+        }                                                                                               \
     }                                                                                                   \
                                                                                                         \
-    ALWAYS_INLINE void backward_row_##SS(const T *img, const T *gout, T *gimg, const int64_t C,         \
+    ALWAYS_INLINE void backward_row_##SS(const T *img, const T *gout, T *gimg, const T *deriv,          \
+                                         const int64_t C,                                               \
                                          const int64_t H, const int64_t W, const int64_t i,             \
                                          const double *par, ROW_BUFFERS(T), const int do_img,           \
                                          const int do_geo, double r[4]) {                               \
@@ -909,7 +977,8 @@ DEFINE_VECTOR_ROWS(double, SUFFIX_F64, f64)
         row_coords_##SS(W, H, par, i, rx0, ry0, rwx, rwy);                                              \
         for (int64_t j = 0; j < W; j++) {                                                               \
             T gx, gy;                                                                                   \
-            backward_px_##SS(img, gout + i * W + j, gimg, C, H, W, rx0[j], ry0[j], rwx[j], rwy[j],      \
+            backward_px_##SS(img, gout + i * W + j, gimg, deriv ? deriv + i * W + j : NULL, C, H, W,   \
+                             rx0[j], ry0[j], rwx[j], rwy[j],                                           \
                              do_img, do_geo, &gx, &gy);                                                 \
             const double u = (double)j - cx;                                                            \
             rx += gx;                                                                                   \
@@ -975,13 +1044,14 @@ static int next_b(const job_t *jb, int64_t *b) {
         while (next_b(jb, &b)) {                                                                        \
             const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
             T *out = (T *)jb->out + b * C * HW;                                                         \
+            T *dv = jb->deriv ? (T *)jb->deriv + b * 2 * C * HW : NULL;                                 \
             const double *par = jb->par + 6 * b;                                                        \
             prefetch_image(img, (size_t)(C * HW) * sizeof(T));                                         \
             for (int64_t i = r0; i < r1; i++) {                                                         \
                 if (C == 1)                                                                             \
-                    forward_row_##SUFFIX(img, out, 1, H, W, i, par, rx0, ry0, rwx, rwy);                \
+                    forward_row_##SUFFIX(img, out, dv, 1, H, W, i, par, rx0, ry0, rwx, rwy);            \
                 else                                                                                    \
-                    forward_row_##SUFFIX(img, out, C, H, W, i, par, rx0, ry0, rwx, rwy);                \
+                    forward_row_##SUFFIX(img, out, dv, C, H, W, i, par, rx0, ry0, rwx, rwy);            \
             }                                                                                           \
         }                                                                                               \
         return NULL;                                                                                    \
@@ -995,26 +1065,28 @@ static int next_b(const job_t *jb, int64_t *b) {
             const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
             const T *gout = (const T *)jb->gout + b * C * HW;                                           \
             T *gimg = jb->gimg ? (T *)jb->gimg + b * C * HW : NULL;                                     \
+            const T *dv = jb->deriv && want_geo ? (const T *)jb->deriv + b * 2 * C * HW : NULL;         \
             const double *par = jb->par + 6 * b;                                                        \
             if (gimg)                                                                                   \
                 memset(gimg, 0, (size_t)(C * HW) * sizeof(T));                                          \
-            prefetch_image(img, (size_t)(C * HW) * sizeof(T));                                         \
+            if (!dv) /* the sums read the forward's derivatives, the scatter no image */                \
+                prefetch_image(img, (size_t)(C * HW) * sizeof(T));                                         \
             for (int64_t i = r0; i < r1; i++) {                                                         \
                 double *r = want_geo ? jb->rows + 4 * (b * H + i) : scrap;                              \
                 /* Constant flags and channel count let the compiler specialise the common calls. */   \
                 if (C == 1 && gimg && want_geo)                                                         \
-                    backward_row_##SUFFIX(img, gout, gimg, 1, H, W, i, par, rx0, ry0, rwx, rwy, 1, 1, r); \
+                    backward_row_##SUFFIX(img, gout, gimg, dv, 1, H, W, i, par, rx0, ry0, rwx, rwy, 1, 1, r); \
                 else if (C == 1 && want_geo)                                                            \
-                    backward_row_##SUFFIX(img, gout, NULL, 1, H, W, i, par, rx0, ry0, rwx, rwy, 0, 1, r); \
+                    backward_row_##SUFFIX(img, gout, NULL, dv, 1, H, W, i, par, rx0, ry0, rwx, rwy, 0, 1, r); \
                 else if (gimg && want_geo) {                                                            \
                     /* Several channels: the sums, then the scatter, each over the row (the fused       \
                      * pass thrashes L1 with the corners of every channel of image and gradient). */    \
-                    backward_row_##SUFFIX(img, gout, NULL, C, H, W, i, par, rx0, ry0, rwx, rwy, 0, 1, r); \
-                    backward_row_##SUFFIX(img, gout, gimg, C, H, W, i, par, rx0, ry0, rwx, rwy, 1, 0, scrap); \
+                    backward_row_##SUFFIX(img, gout, NULL, dv, C, H, W, i, par, rx0, ry0, rwx, rwy, 0, 1, r); \
+                    backward_row_##SUFFIX(img, gout, gimg, dv, C, H, W, i, par, rx0, ry0, rwx, rwy, 1, 0, scrap); \
                 } else if (want_geo)                                                                    \
-                    backward_row_##SUFFIX(img, gout, NULL, C, H, W, i, par, rx0, ry0, rwx, rwy, 0, 1, r); \
+                    backward_row_##SUFFIX(img, gout, NULL, dv, C, H, W, i, par, rx0, ry0, rwx, rwy, 0, 1, r); \
                 else                                                                                    \
-                    backward_row_##SUFFIX(img, gout, gimg, C, H, W, i, par, rx0, ry0, rwx, rwy, 1, 0, r); \
+                    backward_row_##SUFFIX(img, gout, gimg, dv, C, H, W, i, par, rx0, ry0, rwx, rwy, 1, 0, r); \
             }                                                                                           \
         }                                                                                               \
         return NULL;                                                                                    \
@@ -1109,7 +1181,7 @@ static size_t scratch_bytes(int64_t W, size_t elem) {
 }
 
 #define DEFINE_ENTRY(T, SUFFIX)                                                                         \
-    int rotstn_forward_##SUFFIX(const T *img, int64_t img_bstride, T *out, const double *par,           \
+    int rotstn_forward_##SUFFIX(const T *img, int64_t img_bstride, T *out, T *deriv, const double *par, \
                                 int64_t B, int64_t C, int64_t H, int64_t W, int nthreads) {             \
         if (B <= 0 || C <= 0 || H <= 0 || W <= 0)                                                       \
             return 0; /* nothing to do (and no job for run() to hand out) */                            \
@@ -1123,7 +1195,7 @@ static size_t scratch_bytes(int64_t W, size_t elem) {
             return -1;                                                                                  \
         int64_t next_sample = 0; /* next_b's counter */                                                 \
         job_t job = {img, img_bstride, out, NULL, NULL, NULL, par, B, C, H, W,                          \
-                     scratch, bytes, 1, 0, 0, &next_sample};                                            \
+                     scratch, bytes, 1, 0, 0, &next_sample, (void *)deriv};                             \
         run(forward_worker_##SUFFIX, &job, n, by_rows);                                                 \
         free(scratch);                                                                                  \
         return 0;                                                                                       \
@@ -1132,6 +1204,7 @@ static size_t scratch_bytes(int64_t W, size_t elem) {
     /* geo (B × 3: dθ, Σ dL/dx, Σ dL/dy) or NULL; gimg (B, C, H, W) or NULL. 0, or -1 out of memory.    \
      * Σ dL/dx, Σ dL/dy is the gradient of the source point; the caller derives the centre's. */       \
     int rotstn_backward_##SUFFIX(const T *img, int64_t img_bstride, const T *gout, T *gimg,             \
+                                 const T *deriv,                                                        \
                                  double *geo, const double *par, int64_t B, int64_t C, int64_t H,       \
                                  int64_t W, int nthreads) {                                             \
         if (B <= 0 || C <= 0 || H <= 0 || W <= 0) {                                                     \
@@ -1159,7 +1232,7 @@ static size_t scratch_bytes(int64_t W, size_t elem) {
         }                                                                                               \
         int64_t next_sample = 0; /* next_b's counter */                                                 \
         job_t job = {img, img_bstride, NULL, gout, gimg, rows, par, B, C, H, W,                         \
-                     scratch, bytes, 1, 0, 0, &next_sample};                                            \
+                     scratch, bytes, 1, 0, 0, &next_sample, (void *)deriv};                             \
         run(backward_worker_##SUFFIX, &job, n, by_rows);                                                \
         free(scratch);                                                                                  \
         if (geo) {                                                                                      \
