@@ -447,6 +447,22 @@ def test_every_variant_is_independent_of_the_thread_count(isa):
                 assert torch.equal(g, r)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_every_variant_saved_derivatives_change_no_bit(isa, dtype, monkeypatch):
+    # With a gradient to the angle or a point the forward keeps ∂out/∂x, ∂out/∂y for the backward;
+    # ROTSTN_CPU_LOW_MEMORY=1 makes the backward load the image's corners instead. Same bits either
+    # way: rotations and rigid warps, one and several channels, steps inside and across the border.
+    for (h, w), batch, channels in [((40, 37), 3, 1), ((33, 64), 2, 3)]:
+        image, angle, center, source, grad_out = rigid_inputs(h, w, batch, channels, dtype, seed=h)
+        for src in (None, source):
+            results = []
+            for low in ("0", "1"):
+                monkeypatch.setenv("ROTSTN_CPU_LOW_MEMORY", low)
+                results.append(run_warp("cpu", image, angle, center, src, grad_out))
+            for kept, loaded in zip(*results, strict=True):
+                assert (kept is None and loaded is None) or torch.equal(kept, loaded)
+
+
 def test_rotstn_cpu_isa_is_validated(monkeypatch):
     monkeypatch.setenv("ROTSTN_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="ROTSTN_CPU_ISA must be one of avx512, avx2, generic"):

@@ -88,11 +88,24 @@ def _openmp_flags() -> tuple[str, ...] | None:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for suffix in ("f32", "f64"):
         fwd = getattr(lib, f"rotstn_forward_{suffix}")
-        fwd.argtypes = [_c_dptr, _c_int64, _c_dptr, _c_dptr, _c_int64, _c_int64, _c_int64, _c_int64, _c_int]
+        # image, batch stride, output, derivatives or None, parameters, B, C, H, W, threads
+        fwd.argtypes = [
+            _c_dptr,
+            _c_int64,
+            _c_dptr,
+            _c_dptr,
+            _c_dptr,
+            _c_int64,
+            _c_int64,
+            _c_int64,
+            _c_int64,
+            _c_int,
+        ]
         fwd.restype = _c_int
         bwd = getattr(lib, f"rotstn_backward_{suffix}")
+        # image, batch stride, output gradient, image gradient, derivatives, geo, parameters, ...
         bwd.argtypes = [
-            *(_c_dptr, _c_int64, _c_dptr, _c_dptr, _c_dptr, _c_dptr),
+            *(_c_dptr, _c_int64, _c_dptr, _c_dptr, _c_dptr, _c_dptr, _c_dptr),
             *(_c_int64, _c_int64, _c_int64, _c_int64, _c_int),
         ]
         bwd.restype = _c_int
