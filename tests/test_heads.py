@@ -212,17 +212,20 @@ def _features(t, n=1):
 @pytest.mark.usefixtures("one_thread")
 class TestTraining:
     @pytest.mark.parametrize(
-        "head",
+        "make",
         [
-            heads.UnitVectorHead(16),
-            heads.VonMisesHead(16),
-            heads.BinnedHead(16, bins=64),
-            heads.BinnedHead(16, bins=64, residual=True),
+            lambda: heads.UnitVectorHead(16),
+            lambda: heads.VonMisesHead(16),
+            lambda: heads.BinnedHead(16, bins=64),
+            lambda: heads.BinnedHead(16, bins=64, residual=True),
         ],
         ids=["unit_vector", "von_mises", "binned", "binned_residual"],
     )
-    def test_converges_across_the_seam(self, head):
-        assert _train(head, _features) < 3.0
+    def test_converges_across_the_seam(self, make):
+        # Built here under a fixed seed: a head built at collection would start from whatever the
+        # global generator held then, which depends on the other test files collected first.
+        torch.manual_seed(0)
+        assert _train(make(), _features) < 3.0
 
     def test_symmetry_order_makes_a_symmetric_object_learnable(self):
         # Features that only see 2θ (a '0' or an '8'): θ itself cannot be learnt, θ mod π can.
