@@ -44,13 +44,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _machine import machine_line
 
 import rotstn
 from rotstn import _kernels
@@ -201,26 +201,6 @@ def breakdown(budget: float, clock: Callable[[], float]) -> None:
     print("|---|---|---|")
     for name in meds[0]:
         print(f"| {name} | {ms(*meds[0][name])} | {ms(*meds[1][name])} |")
-
-
-def cpu_model() -> str:
-    """The CPU's model name as the OS reports it (Linux /proc/cpuinfo, else platform)."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_line() -> str:
-    """CPU model, the compiled kernel's variant in use, and torch's build: what every number depends on."""
-    from rotstn._kernels import compiled
-
-    return (
-        f"CPU: {cpu_model()} ({os.cpu_count()} threads); rotstn CPU kernel variant: {compiled.active_isa()} "
-        f"(supported here: {', '.join(compiled.supported())}); torch {torch.__version__} "
-        f"(aten CPU capability {torch.backends.cpu.get_cpu_capability()})"
-    )
 
 
 def ms(seconds: float, clean: bool) -> str:
