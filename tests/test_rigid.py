@@ -219,13 +219,10 @@ def test_fine_structure_found_one_level_finer():
 
 def test_phase_correlation_of_twin_angles_equals_turning_by_them():
     # θ + π comes from θ's canvas flipped (a conjugate spectrum times a ramp), not a second resampling.
-    from rotstn.registration import _images, _search
+    from rotstn.registration import _prepare, _search
 
     pairs = rigid_pairs(3, (96, 160), seed=1)
-    levels = []
-    for image in (pairs.fixed, pairs.moving):
-        blurred, mask, margin = _images.masked_blur(image, None, 1.0)
-        levels.append(_images.pyramid(blurred, mask, 1, margin)[-1])
+    levels = [_prepare(image, None, 1.0, 1).levels[-1] for image in (pairs.fixed, pairs.moving)]
     angles = _search.spectral_angles(*levels, peaks=2)
     plain = _search.phase_correlation(*levels, (96, 160), (96, 160), angles, peaks=2)
     twins = _search.phase_correlation(*levels, (96, 160), (96, 160), angles, peaks=2, twins=True)

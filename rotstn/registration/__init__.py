@@ -335,12 +335,12 @@ def _register_prepared(
     options = (iterations, min_overlap, max_points)
     fine = {"fine_points": fine_points, "fine_iterations": fine_iterations}
     angle, t = _search_rigid(pf, pm, guess, window, *options)
-    angle, t, score, overlap = _finish(pf, pm, angle, t, *options, coarsest=True, **fine)
+    angle, t, score, overlap = _finish(pf, pm, angle, t, *options, **fine)
     retry = (score < TRUST).nonzero()[:, 0]
     if len(pf.levels) > 1 and retry.numel() > 0:
         sf, sm = pf.select(retry, slice(0, -1)), pm.select(retry, slice(0, -1))
         a2, t2 = _search_rigid(sf, sm, None if guess is None else guess[retry], window, *options)
-        a2, t2, s2, o2 = _finish(sf, sm, a2, t2, *options, coarsest=True, **fine)
+        a2, t2, s2, o2 = _finish(sf, sm, a2, t2, *options, **fine)
         z = _refine.significance(
             sf.levels[0],
             sm.levels[0],
@@ -411,38 +411,31 @@ def _finish(
     iterations: int,
     min_overlap: float,
     max_points: int,
-    coarsest: bool,
     fine_points: int | None = None,
     fine_iterations: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gauss–Newton coarse to fine from (angle, t), then the score at full resolution.
+    """Gauss–Newton coarse to fine from (angle, t), the search level included, then the score.
 
-    The search level itself takes part when ``coarsest`` (a start that no search has checked there).
     ``fine_points`` (default ``max_points``) is the number of fixed pixels compared at full
     resolution: more pins the answer down more precisely on large images. ``fine_iterations``
-    (default ``iterations``) caps the steps at full resolution after a coarser level.
+    (default ``iterations``) caps the steps at full resolution after the coarser levels.
     """
     size, moving_size = pf.size, pm.size
-    stop = len(pf.levels) if coarsest else len(pf.levels) - 1
-    if stop == 1 or (fine_points is None and fine_iterations is None):
-        fine = max_points if fine_points is None else fine_points
-        angle, t = _refine.refine(
-            pf.levels[:stop], pm.levels[:stop], size, moving_size, angle, t, iterations, fine
-        )
-    else:
-        angle, t = _refine.refine(
-            pf.levels[1:stop], pm.levels[1:stop], size, moving_size, angle, t, iterations, max_points
-        )
-        angle, t = _refine.refine(
-            pf.levels[:1],
-            pm.levels[:1],
-            size,
-            moving_size,
-            angle,
-            t,
-            iterations if fine_iterations is None else fine_iterations,
-            max_points if fine_points is None else fine_points,
-        )
+    # Levels are refined one after the other: the coarser ones, then full resolution with its own settings.
+    coarser = len(pf.levels) > 1
+    angle, t = _refine.refine(
+        pf.levels[1:], pm.levels[1:], size, moving_size, angle, t, iterations, max_points
+    )
+    angle, t = _refine.refine(
+        pf.levels[:1],
+        pm.levels[:1],
+        size,
+        moving_size,
+        angle,
+        t,
+        iterations if fine_iterations is None or not coarser else fine_iterations,
+        max_points if fine_points is None else fine_points,
+    )
     # The score compares block by block per pair: it needs the fixed side per pair.
     pf = pf.expand(angle.shape[0])
     score, overlap = _refine.score(
@@ -501,7 +494,6 @@ def _refine_from(
         iterations,
         min_overlap,
         max_points,
-        coarsest=True,
         fine_points=fine_points,
         fine_iterations=fine_iterations,
     )

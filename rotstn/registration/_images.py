@@ -169,6 +169,15 @@ class Level:
         m = self.margin
         return (x >= m) & (x <= w - 1 - m) & (y >= m) & (y <= h - 1 - m)
 
+    def inside_grid(self, grid: Tensor) -> Tensor:
+        """:meth:`inside` for grid_sample coordinates (``align_corners=False``) in this level, (..., 2).
+
+        Level pixel q is in [m, side - 1 - m] when ``(2q + 1)/side - 1`` is within ±(1 - (2m + 1)/side).
+        """
+        h, w = self.image.shape[-2:]
+        m = self.margin
+        return (grid[..., 0].abs() <= 1 - (2 * m + 1) / w) & (grid[..., 1].abs() <= 1 - (2 * m + 1) / h)
+
     def area(self) -> Tensor:
         """(B or 1,) pixels compared: :meth:`content` summed, without building it when there is no mask."""
         if self.mask is not None:

@@ -65,7 +65,7 @@ class _Points:
         r0, c0, nr, nc, s = int(rows[0]), int(cols[0]), rows.numel(), cols.numel(), self.stride
 
         def take(plane: Tensor, dr: int = 0, dc: int = 0) -> Tensor:
-            # ``plane`` is padded by one pixel (edge values repeated): the points are a strided slice.
+            # ``plane`` is padded by one pixel on every side: the points are a strided slice.
             r, c = r0 + 1 + dr, c0 + 1 + dc
             return plane[:, r : r + (nr - 1) * s + 1 : s, c : c + (nc - 1) * s + 1 : s].reshape(
                 plane.shape[0], -1
@@ -103,10 +103,7 @@ def _overlap(pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tenso
     grid = frame.grid(pts, angle, t, (h, w))
     planes = moving.image if moving.mask is None else torch.cat((moving.image, moving.mask), 1)
     out = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    # Level pixel q is inside [m, side - 1 - m] when its normalised coordinate is within ±(1 - (2m + 1)/side).
-    inside = (grid[..., 0].abs() <= 1 - (2 * moving.margin + 1) / w) & (
-        grid[..., 1].abs() <= 1 - (2 * moving.margin + 1) / h
-    )
+    inside = moving.inside_grid(grid)
     if moving.mask is not None:
         inside = inside & (out[:, 1] > 0.999)
     return out[:, 0], pts.weight.unsqueeze(1) * inside
@@ -193,8 +190,9 @@ def refine(
         live = torch.ones_like(rows, dtype=torch.bool)  # a finished pair stays where it is
         previous = torch.zeros_like(t[:, :1].expand(-1, 3))
         for _ in range(iterations):
-            a, tl = angle[rows], t[rows] / lf.scale
-            g, w = (x[:, 0] for x in _overlap(pts, lm, frame, a.unsqueeze(1), t[rows].unsqueeze(1)))
+            a, tr = angle[rows], t[rows]
+            tl = tr / lf.scale
+            g, w = (x[:, 0] for x in _overlap(pts, lm, frame, a.unsqueeze(1), tr.unsqueeze(1)))
             jw = jac * w.unsqueeze(1)
             hess = jw @ jac.transpose(1, 2)
             rhs = (jw @ g.unsqueeze(-1)).squeeze(-1)
@@ -208,8 +206,9 @@ def refine(
             # Where noise or a weakly constrained direction shortens every step by the same ratio r, the
             # steps form a geometric series: take its sum, δ/(1 - r) (Aitken's extrapolation).
             moves = delta * delta.new_tensor([radius, 1.0, 1.0])
-            ratio = (moves * previous).sum(1) / previous.square().sum(1).clamp_min(1e-30)
-            aligned = (moves * previous).sum(1) > 0.9 * moves.norm(dim=1) * previous.norm(dim=1)
+            dot = (moves * previous).sum(1)
+            ratio = dot / previous.square().sum(1).clamp_min(1e-30)
+            aligned = dot > 0.9 * moves.norm(dim=1) * previous.norm(dim=1)
             boost = torch.where(
                 aligned & (ratio > 0.3) & (ratio < 0.9), 1 / (1 - ratio), torch.ones_like(ratio)
             )
