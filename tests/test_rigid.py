@@ -342,3 +342,86 @@ def test_noise_estimate_recovers_added_noise():
         estimate = noise_variance(noisy, None, 0.0).sqrt().item()
         # The picture's own fine texture adds a little: within 25 % of the noise added.
         assert abs(estimate - sigma) < 0.25 * sigma, (sigma, estimate)
+
+
+# The compiled overlap sums and Gauss–Newton loop (rotstn/_kernels/register_cpu.c) against the same
+# computation in torch ops, which other devices and machines without a C compiler run.
+needs_kernel = pytest.mark.skipif(
+    rotstn._kernels.compiled.library() is None, reason="no C compiler here (or ROTSTN_NO_COMPILE=1)"
+)
+
+
+def _levels(dtype: torch.dtype, masked: bool, b: int = 3):
+    from rotstn.registration._images import Level
+
+    g = torch.Generator().manual_seed(7)
+    fixed = torch.nn.functional.avg_pool2d(torch.rand(b, 1, 50, 66, generator=g, dtype=dtype), 3, 1, 1)
+    moving = torch.nn.functional.avg_pool2d(torch.rand(b, 1, 48, 60, generator=g, dtype=dtype), 3, 1, 1)
+    mask = None
+    if masked:
+        mask = torch.ones_like(moving)
+        mask[:, :, 10:20, 5:40] = 0
+        mask[1, :, 30:, :] = 0.5  # not counted (> 0.999 counts)
+    return Level(fixed, None, 2, 1.0), Level(moving, mask, 2, 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("gradient", [False, True])
+def test_overlap_sums_kernel_matches_torch(dtype, masked, gradient):
+    from rotstn.registration import _refine
+
+    fixed, moving = _levels(dtype, masked)
+    pts = _refine._Points(fixed, 600, gradient=True)
+    frame = _refine._Frame((100, 132), (96, 120), 2, fixed.image)
+    pts.jt = (pts.x - 30) * pts.gy - (pts.y - 20) * pts.gx
+    terms = (pts.jt, pts.gx, pts.gy) if gradient else None
+    # (B, M) hypotheses: small and large turns, shifts that leave part of fixed outside moving (none with
+    # a point exactly on moving's frame, where the two round the normalised and pixel coordinates apart).
+    angle = torch.tensor([[0.0, 0.3, -2.0, 3.1], [1.0, -0.2, 0.05, 2.5], [0.4, 0.4, -1.5, 0.0]], dtype=dtype)
+    t = torch.tensor([[3.3, -4.1], [40.0, 10.0], [-7.5, 22.0], [0.3, -0.3]], dtype=dtype).expand(3, 4, 2)
+    got = _refine._overlap_sums_kernel(pts, moving, frame, angle, t, terms)
+    want = _refine._overlap_sums_torch(pts, moving, frame, angle, t, terms)
+    assert got.shape == want.shape == (3, 4, 21 if gradient else 6)
+    scale = want.abs().amax(-1, keepdim=True)  # sums of one row share its scale
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(got / scale, want / scale, atol=tol, rtol=0)
+    # One fixed for the whole batch (a stack's reference), and one moving for it: the same sums.
+    one = _refine._overlap_sums_kernel(
+        pts.select(torch.tensor([1])), moving.select(torch.tensor([1])), frame, angle[1:2], t[1:2], None
+    )
+    torch.testing.assert_close(one[0], _refine._overlap_sums_kernel(pts, moving, frame, angle, t, None)[1])
+
+
+@needs_kernel
+def test_overlap_sums_kernel_survives_nan_and_far_points():
+    from rotstn.registration import _refine
+
+    fixed, moving = _levels(torch.float32, masked=True)
+    pts = _refine._Points(fixed, 600)
+    frame = _refine._Frame((100, 132), (96, 120), 2, fixed.image)
+    angle = torch.tensor([[math.nan, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    t = torch.tensor([[[0.0, 0.0], [math.inf, 0.0]], [[1e9, -1e9], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    sums = _refine._overlap_sums_kernel(pts, moving, frame, angle, t, None)
+    assert bool((sums[0, 0] == 0).all()) and bool((sums[0, 1] == 0).all()) and bool((sums[1, 0] == 0).all())
+    assert sums[2, 0, 2] > 100  # the plain hypothesis keeps its points
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_gauss_newton_matches_torch_loop(monkeypatch, dtype):
+    # The whole registration with the C loop and with the torch loop (CUDA's and the fallback's path).
+    from rotstn.registration import _refine
+
+    pairs = rigid_pairs(6, (96, 112), noise=0.02, seed=5, dtype=dtype)
+    masks = torch.ones(6, 96, 112, dtype=torch.bool)
+    masks[:, 70:, :30] = False  # a label in the corner of moving
+    with_kernel = rotstn.register(pairs.fixed, pairs.moving, moving_mask=masks)
+    monkeypatch.setattr(_refine, "_kernel_serves", lambda *args: False)
+    with_torch = rotstn.register(pairs.fixed, pairs.moving, moving_mask=masks)
+    d = max_displacement(with_kernel.matrix, with_torch.matrix, (96, 112))
+    assert d.max().item() < (2e-3 if dtype == torch.float32 else 1e-6), d
+    torch.testing.assert_close(with_kernel.score, with_torch.score, atol=2e-3, rtol=0)
+    truth = max_displacement(with_kernel.matrix, pairs.matrix, (96, 112))
+    assert_right_or_flagged(with_kernel, truth, at_least=5)

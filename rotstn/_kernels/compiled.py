@@ -1,6 +1,10 @@
-"""The compiled CPU kernel: ``rotate_cpu.c`` built at first use and called through ctypes.
+"""The compiled CPU kernels: ``rotate_cpu.c`` and ``register_cpu.c``, built at first use, called by ctypes.
 
-The C source ships as package data, so installing rotstn never needs a
+``rotate_cpu.c`` is the warp (forward and backward, :mod:`rotstn._kernels.cpu`);
+``register_cpu.c`` the overlap sums of the rigid registration
+(:mod:`rotstn.registration._refine`). Both go into one shared library.
+
+The C sources ship as package data, so installing rotstn never needs a
 compiler. The first call that can use the kernel compiles it with the system C
 compiler into a per-user cache (``$ROTSTN_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/rotstn``, else ``~/.cache/rotstn``) under a name keyed by a
@@ -36,10 +40,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("rotate_cpu.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("rotate_cpu.c", "register_cpu.c"))
 # No -march=native: the cache may be shared between machines, so each variant names its ISA;
-# -fno-math-errno lets floor() inline, without -ffast-math's reassociation.
-FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno", "-pthread")
+# -fno-math-errno lets floor() inline, without -ffast-math's reassociation; -fopenmp-simd lets the sums
+# of register_cpu.c vectorise (its ``omp simd`` reductions), with or without OpenMP threads.
+FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno", "-fopenmp-simd", "-pthread")
 ISAS = ("avx512", "avx2", "generic")  # best first
 ISA_FLAGS = {
     "avx512": ("-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma"),
@@ -109,6 +114,24 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
             *(_c_int64, _c_int64, _c_int64, _c_int64, _c_int),
         ]
         bwd.restype = _c_int
+        sums = getattr(lib, f"rotstn_overlap_sums_{suffix}")
+        # x, y, n, f, pw, jt, gx, gy, fixed batch stride, image, mask, moving batch stride, H, W, margin,
+        # affine, rows, rows per pair, out, threads
+        sums.argtypes = [
+            *(_c_dptr, _c_dptr, _c_int64, _c_dptr, _c_dptr, _c_dptr, _c_dptr, _c_dptr, _c_int64),
+            *(_c_dptr, _c_dptr, _c_int64, _c_int64, _c_int64, ctypes.c_double),
+            *(_c_dptr, _c_int64, _c_int64, _c_dptr, _c_int),
+        ]
+        sums.restype = _c_int
+        refine = getattr(lib, f"rotstn_refine_{suffix}")
+        # x, y, n, f, pw, jt, gx, gy, fixed batch stride, image, mask, moving batch stride, H, W, margin,
+        # frame, radius, tolerance, iterations, angle, t, B, threads
+        refine.argtypes = [
+            *(_c_dptr, _c_dptr, _c_int64, _c_dptr, _c_dptr, _c_dptr, _c_dptr, _c_dptr, _c_int64),
+            *(_c_dptr, _c_dptr, _c_int64, _c_int64, _c_int64, ctypes.c_double),
+            *(_c_dptr, ctypes.c_double, ctypes.c_double, _c_int64, _c_dptr, _c_dptr, _c_int64, _c_int),
+        ]
+        refine.restype = _c_int
     lib.rotstn_isa.restype = ctypes.c_char_p
     lib.rotstn_cpu_features.restype = _c_int
     lib.rotstn_openmp.restype = _c_int
@@ -182,7 +205,12 @@ def requested_isa() -> str | None:
 
 def _target(folder: Path, cc: list[str], flags: tuple[str, ...], isa: str) -> Path:
     """The cached library's path: keyed by source, flags, compiler and machine."""
-    parts = [SOURCE.read_bytes(), " ".join(flags).encode(), cc[0].encode(), platform.machine().encode()]
+    parts = [
+        *(source.read_bytes() for source in SOURCES),
+        " ".join(flags).encode(),
+        cc[0].encode(),
+        platform.machine().encode(),
+    ]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     return folder / f"rotate_cpu-{platform.machine()}-{isa}-{key}.so"
 
@@ -194,7 +222,7 @@ def _compile(cc: list[str], flags: tuple[str, ...], target: Path) -> None:
     os.close(fd)
     try:
         done = subprocess.run(
-            [*cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=60
+            [*cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True, timeout=60
         )
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[-2000:]}")

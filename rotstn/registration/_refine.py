@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._kernels import compiled
+from .._kernels.cpu import _real_cpu
 from ._images import Level, centre
 
 # Localisation (smallest over largest eigenvalue) under which a result is not pinned down: 1 % of the
@@ -85,7 +87,7 @@ class _Points:
     def select(self, rows: Tensor) -> _Points:
         """The points of a subset of the batch (an index tensor); a batch of one is shared by all."""
         out = copy.copy(self)
-        for name in ("values", "weight", "gx", "gy"):
+        for name in ("values", "weight", "gx", "gy", "jt"):
             value = getattr(self, name, None)
             if value is not None and value.shape[0] > 1:
                 setattr(out, name, value[rows])
@@ -123,6 +125,164 @@ def _moments(f: Tensor, g: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     return n, (w * df * dg).sum(-1), (w * df.square()).sum(-1), (w * dg.square()).sum(-1)
 
 
+# The sums of _overlap_sums for k point terms J: Σ w·J_i·J_j (i <= j, row-major), Σ w·J_i·g, Σ w·g².
+def _upper(k: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(k) for j in range(i, k)]
+
+
+# Where each entry of the 5×5 normal matrix sits among the 21 sums of a Gauss–Newton step.
+_NORMAL = torch.tensor(
+    [[_upper(5).index((min(i, j), max(i, j))) for j in range(5)] for i in range(5)]
+).flatten()
+
+
+def _overlap_sums(
+    pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tensor, terms: tuple[Tensor, ...] | None
+) -> Tensor:
+    """(B, M, K) float64 sums over the overlap for (B, M) angles and (B, M, 2) translations.
+
+    With the point terms J = (jθ, gx, gy, f, 1) (``terms`` the first three, each (B or 1, N)) the
+    K = 21 sums of a Gauss–Newton step; without, J = (f, 1) and K = 6 moments (Σwf², Σwf, Σw,
+    Σwfg, Σwg, Σwg²). Layout and meaning: ``rotstn/_kernels/register_cpu.c``, which computes
+    them on real CPU tensors when the compiled library is there; torch ops otherwise.
+    """
+    if _kernel_serves(pts, moving, angle, terms):
+        return _overlap_sums_kernel(pts, moving, frame, angle, t, terms)
+    return _overlap_sums_torch(pts, moving, frame, angle, t, terms)
+
+
+def _kernel_serves(pts: _Points, moving: Level, angle: Tensor, terms: tuple[Tensor, ...] | None) -> bool:
+    tensors = [pts.x, pts.values, pts.weight, moving.image, angle, *(terms or ())]
+    tensors += [] if moving.mask is None else [moving.mask]
+    return (
+        angle.dtype in (torch.float32, torch.float64)
+        and all(_real_cpu(x) and x.dtype == angle.dtype for x in tensors)
+        and min(moving.image.shape[-2:]) >= 2
+        and compiled.library() is not None
+    )
+
+
+def _batch(arrays: list[Tensor], b: int) -> tuple[list[Tensor], int]:
+    """Arrays of one batch layout for the kernel, and their batch stride in elements.
+
+    One row each (stride 0) when every array holds one sample for the whole batch; else all of
+    them expanded to ``b`` contiguous rows (a no-op for arrays that already are).
+    """
+    if all(x.shape[0] == 1 or x.stride(0) == 0 for x in arrays):
+        return [x[:1].contiguous() for x in arrays], 0
+    arrays = [x.expand(b, *x.shape[1:]).contiguous() for x in arrays]
+    return arrays, arrays[0][0].numel()
+
+
+def _overlap_sums_kernel(
+    pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tensor, terms: tuple[Tensor, ...] | None
+) -> Tensor:
+    b, m = angle.shape
+    fixed, f_stride = _batch([pts.values, pts.weight, *(terms or ())], b)
+    planes, m_stride = _batch([moving.image] + ([] if moving.mask is None else [moving.mask]), b)
+    h, w = moving.image.shape[-2:]
+    affine = frame.affine(angle.double(), t.double()).reshape(b * m, 6).contiguous()
+    k = 6 if terms is None else 21
+    out = torch.empty(b * m, k, dtype=torch.float64)
+    lib = compiled.library()
+    fn = lib.rotstn_overlap_sums_f32 if angle.dtype == torch.float32 else lib.rotstn_overlap_sums_f64
+    x, y = pts.x.contiguous(), pts.y.contiguous()
+    ptr = [a.data_ptr() for a in fixed] + [None] * (5 - len(fixed))
+    rc = fn(
+        x.data_ptr(),
+        y.data_ptr(),
+        x.numel(),
+        *ptr,
+        f_stride,
+        planes[0].data_ptr(),
+        planes[1].data_ptr() if len(planes) > 1 else None,
+        m_stride,
+        h,
+        w,
+        float(moving.margin),
+        affine.data_ptr(),
+        b * m,
+        m,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"rotstn_overlap_sums failed ({rc}) on a moving level of {h}×{w}")
+    return out.view(b, m, k)
+
+
+def _refine_kernel(
+    pts: _Points,
+    moving: Level,
+    frame: _Frame,
+    angle: Tensor,
+    t: Tensor,
+    radius: float,
+    tolerance: float,
+    iterations: int,
+) -> tuple[Tensor, Tensor]:
+    """One level of :func:`refine` in C (``rotstn_refine`` in ``register_cpu.c``): every pair's whole loop."""
+    b = angle.shape[0]
+    fixed, f_stride = _batch([pts.values, pts.weight, pts.jt, pts.gx, pts.gy], b)
+    planes, m_stride = _batch([moving.image] + ([] if moving.mask is None else [moving.mask]), b)
+    h, w = moving.image.shape[-2:]
+    a, tr = angle.to(torch.float64).contiguous(), t.to(torch.float64).contiguous()
+    consts = torch.tensor(
+        [
+            float(frame.c_f[0, 0]),
+            float(frame.c_f[0, 1]),
+            float(frame.c_m[0, 0]),
+            float(frame.c_m[0, 1]),
+            frame.scale,
+        ],
+        dtype=torch.float64,
+    )
+    lib = compiled.library()
+    fn = lib.rotstn_refine_f32 if angle.dtype == torch.float32 else lib.rotstn_refine_f64
+    x, y = pts.x.contiguous(), pts.y.contiguous()
+    rc = fn(
+        x.data_ptr(),
+        y.data_ptr(),
+        x.numel(),
+        *(array.data_ptr() for array in fixed),
+        f_stride,
+        planes[0].data_ptr(),
+        planes[1].data_ptr() if len(planes) > 1 else None,
+        m_stride,
+        h,
+        w,
+        float(moving.margin),
+        consts.data_ptr(),
+        radius,
+        tolerance,
+        iterations,
+        a.data_ptr(),
+        tr.data_ptr(),
+        b,
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"rotstn_refine failed ({rc}) on a moving level of {h}×{w}")
+    return a.to(angle.dtype), tr.to(t.dtype)
+
+
+def _overlap_sums_torch(
+    pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tensor, terms: tuple[Tensor, ...] | None
+) -> Tensor:
+    g, w = (x.double() for x in _overlap(pts, moving, frame, angle, t))  # (B, M, N)
+    f = pts.values.double().unsqueeze(1)
+    parts = [f, torch.ones_like(f)]
+    if terms is not None:
+        parts = [*(x.double().unsqueeze(1) for x in terms), *parts]
+    jac = torch.stack(parts, 2)  # (B or 1, 1, k, N)
+    jw = jac * w.unsqueeze(2)
+    normal = jw @ jac.transpose(-1, -2)
+    k = jac.shape[2]
+    i, j = zip(*_upper(k), strict=True)
+    rhs = (jw @ g.unsqueeze(-1))[..., 0]
+    return torch.cat((normal[..., list(i), list(j)], rhs, (w * g.square()).sum(-1, keepdim=True)), -1)
+
+
 class _Frame:
     """Where fixed points land in moving on one level, for given (θ, t)."""
 
@@ -131,27 +291,28 @@ class _Frame:
         self.c_m = centre(*moving_size, scale, like)
         self.scale = scale
 
-    def grid(self, pts: _Points, angle: Tensor, t: Tensor, shape: tuple[int, int]) -> Tensor:
-        """(B, M, N, 2) grid_sample coordinates in a moving level of ``shape`` of the points.
+    def affine(self, angle: Tensor, t: Tensor) -> Tensor:
+        """(B, M, 6) map into the moving level: level pixel ``q = (a0·x + a1·y + a2, a3·x + a4·y + a5)``.
 
-        For (B, M) angles and (B, M, 2) translations in level-0 pixels: level pixel
-        ``q = c_m + A(p - c_f - t/scale)``, normalised as ``(2q + 1)/side - 1``, is
-        affine in ``p = (x, y, 1)``: one matrix product for all points.
+        For (B, M) angles and (B, M, 2) translations in level-0 pixels:
+        ``q = c_m + A(p - c_f - t/scale)`` for fixed level pixel ``p = (x, y)``.
         """
-        h, w = shape
         cos, sin = torch.cos(angle), torch.sin(angle)
         ox = self.c_f[0, 0] + t[..., 0] / self.scale
         oy = self.c_f[0, 1] + t[..., 1] / self.scale
         qx0 = self.c_m[0, 0] - cos * ox + sin * oy
         qy0 = self.c_m[0, 1] - sin * ox - cos * oy
-        # (B, M, 2, 3): rows (normalised x, normalised y), columns (x, y, 1).
-        affine = torch.stack(
-            (
-                torch.stack((cos, -sin, qx0 + 0.5), -1) * (2 / w),
-                torch.stack((sin, cos, qy0 + 0.5), -1) * (2 / h),
-            ),
-            -2,
-        ) - angle.new_tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+        return torch.stack((cos, -sin, qx0, sin, cos, qy0), -1)
+
+    def grid(self, pts: _Points, angle: Tensor, t: Tensor, shape: tuple[int, int]) -> Tensor:
+        """(B, M, N, 2) grid_sample coordinates in a moving level of ``shape`` of the points.
+
+        :meth:`affine`, normalised as ``(2q + 1)/side - 1``: one matrix product for all points.
+        """
+        h, w = shape
+        scale = angle.new_tensor([[2 / w], [2 / h]])
+        offset = angle.new_tensor([[0.0, 0.0, 1 / w - 1], [0.0, 0.0, 1 / h - 1]])
+        affine = self.affine(angle, t).unflatten(-1, (2, 3)) * scale + offset  # (B, M, 2, 3)
         return (affine @ pts.homogeneous).transpose(-1, -2).contiguous()
 
 
@@ -183,25 +344,26 @@ def refine(
         # ∂F(R_δ(p))/∂(δθ, δtx, δty) at δ = 0, with δt in level pixels: rotation about c_f is (-v, u);
         # then the gain and offset of the intensity model.
         u, v = pts.x - frame.c_f[0, 0], pts.y - frame.c_f[0, 1]
-        jac = torch.stack(
-            (-v * pts.gx + u * pts.gy, pts.gx, pts.gy, pts.values, torch.ones_like(pts.values)), 1
-        )
+        pts.jt = -v * pts.gx + u * pts.gy
+        if _kernel_serves(pts, lm, angle, (pts.jt,)):
+            angle, t = _refine_kernel(pts, lm, frame, angle, t, radius, tolerance, iterations)
+            continue
         rows = torch.arange(angle.shape[0], device=angle.device)
         live = torch.ones_like(rows, dtype=torch.bool)  # a finished pair stays where it is
         previous = torch.zeros_like(t[:, :1].expand(-1, 3))
         for _ in range(iterations):
             a, tr = angle[rows], t[rows]
             tl = tr / lf.scale
-            g, w = (x[:, 0] for x in _overlap(pts, lm, frame, a.unsqueeze(1), tr.unsqueeze(1)))
-            jw = jac * w.unsqueeze(1)
-            hess = jw @ jac.transpose(1, 2)
-            rhs = (jw @ g.unsqueeze(-1)).squeeze(-1)
+            sums = _overlap_sums(pts, lm, frame, a.unsqueeze(1), tr.unsqueeze(1), (pts.jt, pts.gx, pts.gy))[
+                :, 0
+            ]
+            hess = sums[:, _NORMAL.to(sums.device)].view(-1, 5, 5)
             hess = hess + torch.diag_embed(hess.diagonal(dim1=1, dim2=2) * 1e-6 + 1e-12)
-            x = torch.linalg.solve(hess, rhs)
+            x = torch.linalg.solve(hess, sums[:, 15:20]).to(angle.dtype)
             # x = (a·δθ, a·δtx, a·δty, a, b): the model a·F + b ≈ G(W) is linear in it.
             gain = x[:, 3:4]
             delta = x[:, :3] / torch.where(gain.abs() > 1e-12, gain, torch.ones_like(gain))
-            usable = (w.sum(1) >= 16) & torch.isfinite(delta).all(1) & (gain[:, 0] > 0) & live
+            usable = (sums[:, 14] >= 16) & torch.isfinite(delta).all(1) & (gain[:, 0] > 0) & live
             delta = torch.where(usable.unsqueeze(1), delta, torch.zeros_like(delta))
             # Where noise or a weakly constrained direction shortens every step by the same ratio r, the
             # steps form a geometric series: take its sum, δ/(1 - r) (Aitken's extrapolation).
@@ -240,7 +402,6 @@ def refine(
             if 2 * int(live.sum()) <= live.numel():
                 keep = live.nonzero()[:, 0]
                 rows, previous, live = rows[keep], previous[keep], live[keep]
-                jac = jac[keep] if jac.shape[0] > 1 else jac
                 pts, lm = pts.select(keep), lm.select(keep)
     return angle, t
 
@@ -249,11 +410,12 @@ def _ncc_over_overlap(
     pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """NCC over the overlap, overlap and smaller image size (points), each (B, M), for (B, M) hypotheses."""
-    g, w = _overlap(pts, moving, frame, angle, t)
-    n, cov, var_f, var_g = _moments(pts.values.unsqueeze(1), g, w)
+    sff, sf, n, sfg, sg, sgg = _overlap_sums(pts, moving, frame, angle, t, None).unbind(-1)
+    mean_f, mean_g = sf / n.clamp_min(1), sg / n.clamp_min(1)
+    cov, var_f, var_g = sfg - mean_f * sg, sff - mean_f * sf, sgg - mean_g * sg
     var = var_f * var_g
     ncc = torch.where((var > 0) & (n >= 16), cov / var.clamp_min(1e-30).sqrt(), torch.zeros_like(cov))
-    return ncc, n, _smaller_area(pts, moving)
+    return ncc.to(angle.dtype), n.to(angle.dtype), _smaller_area(pts, moving)
 
 
 def significance(
