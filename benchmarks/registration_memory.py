@@ -6,15 +6,14 @@ The pair (rotstn.data.rigid_pairs, seed 0) is made in a child process and
 handed over through a temporary file, so that this process's peak resident
 memory (``ru_maxrss``) is reached by ``register`` alone; the table gives it
 above the resident memory just before the call.
+
+torch's OpenMP threads keep their default wait policy (``benchmarks/registration.py`` says why).
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
+import os
 import resource
 import subprocess
 import sys

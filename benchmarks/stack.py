@@ -24,13 +24,11 @@ Memory: a ``--memory-mb`` (default 200 MB, not the issue's 2 GB, to keep the
 run short on a shared machine) uint16 TIFF of 1024² frames is written in /tmp
 and registered through ``rotstn register-stack`` in a child process; the table
 gives the child's peak resident memory (``ru_maxrss``) next to the file's size.
+
+torch's OpenMP threads keep their default wait policy (``benchmarks/registration.py`` says why).
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import math

@@ -261,12 +261,13 @@ def phase_correlation(
     conj_f = ff.conj() * torch.polar(torch.ones_like(ky * kx), 2 * math.pi * (first[0] * ky + first[1] * kx))
     # Each half written in place: no concatenated copy of the spectra.
     cross = torch.empty((b, k, *fg.shape[-2:]), dtype=fg.dtype, device=device)
-    torch.mul(conj_f.unsqueeze(1) * weight, fg, out=cross[:, :kt])
+    weighted = fg * weight
+    torch.mul(conj_f.unsqueeze(1), weighted, out=cross[:, :kt])
     if twins:
         # x flipped on the canvas, x'[n] = x[d - 1 - n], padded to p: X'(k) = e^{-2πik(d-1)/p}·conj(X(k)),
-        # so its cross-power spectrum has the same magnitude.
+        # so its cross-power spectrum has the same magnitude (the weight is real).
         ramp = torch.polar(torch.ones_like(ky * kx), -2 * math.pi * (d - 1) * (ky + kx))
-        torch.mul((conj_f * ramp).unsqueeze(1) * weight, fg.conj(), out=cross[:, kt:])
+        torch.mul((conj_f * ramp).unsqueeze(1), weighted.conj(), out=cross[:, kt:])
     corr = torch.fft.irfft2(cross, s=p)[:, :, : length[0], : length[1]].reshape(b * k, -1)
     # The highest peaks, each at least 3 pixels from the ones before.
     window = torch.arange(-3, 4, device=device)
