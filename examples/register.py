@@ -23,13 +23,6 @@ A few minutes on a laptop CPU.
 
 from __future__ import annotations
 
-import os
-
-# torch's OpenMP threads spin while waiting for each other; on a CPU shared with
-# other jobs that makes every small op wait for a time slice. Passive waiting
-# costs nothing on an idle machine.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import math
 import time

@@ -339,7 +339,7 @@ def _register_prepared(
     retry = (score < TRUST).nonzero()[:, 0]
     if len(pf.levels) > 1 and retry.numel() > 0:
         sf, sm = pf.select(retry, slice(0, -1)), pm.select(retry, slice(0, -1))
-        a2, t2 = _search_rigid(sf, sm, None if guess is None else guess[retry], window, *options, canvas=1.0)
+        a2, t2 = _search_rigid(sf, sm, None if guess is None else guess[retry], window, *options)
         a2, t2, s2, o2 = _finish(sf, sm, a2, t2, *options, **fine)
         z = _refine.significance(
             sf.levels[0],
@@ -365,13 +365,8 @@ def _search_rigid(
     iterations: int,
     min_overlap: float,
     max_points: int,
-    canvas: float = _search.CANVAS,
 ) -> tuple[Tensor, Tensor]:
-    """The global search: the best (angle, translation) on the search level, over the circle or the window.
-
-    ``canvas``: the phase correlation's (:func:`_search.phase_correlation`); the second search of an
-    untrusted result passes 1 (moving's whole diagonal).
-    """
+    """The global search: the best (angle, translation) on the search level, over the circle or the window."""
     size, moving_size = pf.size, pm.size
     coarse_f, coarse_m = pf.levels[-1], pm.levels[-1]
     dtype, device = coarse_f.image.dtype, coarse_f.image.device
@@ -382,16 +377,7 @@ def _search_rigid(
         offsets = torch.linspace(-window, window, steps + 1, dtype=dtype, device=device)
         angles = guess.view(-1, 1) + offsets
     angle, t, z = _hypotheses(
-        coarse_f,
-        coarse_m,
-        size,
-        moving_size,
-        angles,
-        min_overlap,
-        max_points,
-        iterations,
-        guess is None,
-        canvas,
+        coarse_f, coarse_m, size, moving_size, angles, min_overlap, max_points, iterations, guess is None
     )
     weak = z < _search.SWEEP_BELOW
     if guess is None and bool(weak.any()):
@@ -402,7 +388,7 @@ def _search_rigid(
         coarser = min(*sub_f.image.shape[-2:], *sub_m.image.shape[-2:]) >= 48
         level_f, level_m = (sub_f.halve(), sub_m.halve()) if coarser else (sub_f, sub_m)
         a2, t2, z2 = _hypotheses(
-            level_f, level_m, size, moving_size, sweep, min_overlap, max_points, iterations, True, canvas
+            level_f, level_m, size, moving_size, sweep, min_overlap, max_points, iterations, True
         )
         if coarser:
             a2, t2 = _refine.refine(
@@ -523,7 +509,6 @@ def _hypotheses(
     max_points: int,
     iterations: int,
     twins: bool,
-    canvas: float = _search.CANVAS,
     keep: int = 2,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The best (angle, translation) on the search level for candidate angles (B, K), and its significance.
@@ -533,9 +518,7 @@ def _hypotheses(
     most significant after refinement wins (a near miss of the right angle
     refines to a clear winner; a chance match does not).
     """
-    angle, shifts = _search.phase_correlation(
-        fixed, moving, size, moving_size, angles, peaks=2, twins=twins, canvas=canvas
-    )
+    angle, shifts = _search.phase_correlation(fixed, moving, size, moving_size, angles, peaks=2, twins=twins)
     # A first ranking on a quarter of the points is enough to pick which hypotheses to refine.
     z = _refine.significance(fixed, moving, size, moving_size, angle, shifts, max_points // 4, min_overlap)
     b = angle.shape[0]

@@ -50,10 +50,6 @@ N_ANGLES = 256  # samples of [0, π) on each ring of the spectrum: 0.7° apart
 SWEEP_BELOW = 1.2  # best refined significance (Fisher z·√overlap) under which the circle is swept
 SWEEP_STEP = math.radians(4)
 LOWPASS = 0.2  # cycles per pixel: the Gaussian weight of the phase correlation
-# Canvas side of the first search's phase correlation, as a fraction of moving's diagonal: 0.85 cuts the
-# corners of a 64² level turned by 45° about 5 pixels deep and takes its FFTs from 96² to 80² (a third
-# less time). The second search of an untrusted result (a finer level) uses the whole diagonal.
-CANVAS = 0.85
 
 
 def _windows(level: Level) -> Tensor:
@@ -186,7 +182,6 @@ def phase_correlation(
     angles: Tensor,
     peaks: int,
     twins: bool = False,
-    canvas: float = CANVAS,
 ) -> tuple[Tensor, Tensor]:
     """Translations for each candidate angle from the peaks of a phase correlation.
 
@@ -200,9 +195,6 @@ def phase_correlation(
         size, moving_size: level-0 (H, W) of fixed and moving.
         angles: (B, K) candidate angles.
         peaks: shifts kept per angle.
-        canvas: side of the canvas as a fraction of moving's diagonal (at least moving's
-            longer side): 1 holds moving turned by any angle; less cuts its corners at
-            angles near 45° (tapered content, a few per cent of it) for a smaller FFT.
         twins: the second half of ``angles`` is the first half plus π. Moving turned by
             θ + π about the canvas centre is the canvas turned by θ, flipped: its
             transform is the conjugate of θ's times a phase ramp, so only half of the
@@ -217,7 +209,7 @@ def phase_correlation(
     h, w = f.shape[-2:]
     hm, wm = g.shape[-2:]
     scale = fixed.scale
-    d = math.ceil(max(hm, wm, canvas * math.hypot(hm, wm))) + 2
+    d = math.ceil(math.hypot(hm, wm)) + 2
     c_d = (d - 1) / 2
     c_f = centre(*size, scale, f)
     c_m = centre(*moving_size, scale, f)
