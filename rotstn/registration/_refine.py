@@ -23,6 +23,13 @@ cost no more than moderate ones).
 The score of a result is the NCC over the overlap at full resolution,
 scaled down when the overlap is small (:func:`score`).
 
+Where it runs: on real CPU tensors, when the compiled library could be
+built (:mod:`rotstn._kernels.compiled`), a level's whole loop, every pair's
+steps until it stops, is one call into ``rotstn/_kernels/register_cpu.c``
+(``rotstn_refine``), and the overlap NCC of any number of hypotheses another
+(``rotstn_overlap_sums``). Elsewhere (CUDA, no C compiler) the same steps run
+as torch ops on the whole batch; tests hold the two to the same answers.
+
 References:
     S. Baker, I. Matthews, "Lucas-Kanade 20 years on: a unifying framework",
     International Journal of Computer Vision 56(3), 2004.
