@@ -217,6 +217,31 @@ def test_fine_structure_found_one_level_finer():
     assert result.score.item() > rotstn.registration.TRUST
 
 
+def test_texture_limited_result_is_not_searched_again(monkeypatch):
+    # A right noisy pair whose agreement rests on one textured block scores 1/3 of its agreement (the
+    # three-block rule); a finer level has no more texture, so it is not searched again. The retina pair
+    # above, whose blocks disagree, is.
+    import rotstn.registration as registration
+
+    searches = []
+    search = registration._search_rigid
+
+    def counting(pf, *args, **kwargs):
+        searches.append(pf.levels[0].image.shape[0])
+        return search(pf, *args, **kwargs)
+
+    monkeypatch.setattr(registration, "_search_rigid", counting)
+    pairs = rigid_pairs(24, (128, 128), noise=0.05, photometric=True, seed=0)
+    result = rotstn.register(pairs.fixed[10:11], pairs.moving[10:11])
+    assert result.score.item() < registration.TRUST
+    assert max_displacement(result.matrix, pairs.matrix[10:11], (128, 128)).item() < 1
+    assert searches == [1]
+    searches.clear()
+    retina = rigid_pairs(24, (256, 256), min_shift=0.2, max_shift=0.25, seed=0)
+    rotstn.register(retina.fixed[14:15], retina.moving[14:15])
+    assert searches == [1, 1]
+
+
 def test_phase_correlation_of_twin_angles_equals_turning_by_them():
     # θ + π comes from θ's canvas flipped (a conjugate spectrum times a ramp), not a second resampling.
     from rotstn.registration import _prepare, _search

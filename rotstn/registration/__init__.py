@@ -335,12 +335,16 @@ def _register_prepared(
     options = (iterations, min_overlap, max_points)
     fine = {"fine_points": fine_points, "fine_iterations": fine_iterations}
     angle, t = _search_rigid(pf, pm, guess, window, *options)
-    angle, t, score, overlap = _finish(pf, pm, angle, t, *options, **fine)
-    retry = (score < TRUST).nonzero()[:, 0]
+    angle, t, score, overlap, textured = _finish(pf, pm, angle, t, *options, **fine)
+    # A result held under TRUST only by the images' lack of texture (it agrees in every textured block,
+    # and there are fewer than MIN_BLOCKS of them) is not searched again: the score is measured at full
+    # resolution whatever level the search ran on, and a finer level has no more texture.
+    agrees = score * _refine.MIN_BLOCKS / textured.clamp(1, _refine.MIN_BLOCKS) >= TRUST
+    retry = ((score < TRUST) & ~agrees).nonzero()[:, 0]
     if len(pf.levels) > 1 and retry.numel() > 0:
         sf, sm = pf.select(retry, slice(0, -1)), pm.select(retry, slice(0, -1))
         a2, t2 = _search_rigid(sf, sm, None if guess is None else guess[retry], window, *options)
-        a2, t2, s2, o2 = _finish(sf, sm, a2, t2, *options, **fine)
+        a2, t2, s2, o2, _ = _finish(sf, sm, a2, t2, *options, **fine)
         z = _refine.significance(
             sf.levels[0],
             sm.levels[0],
@@ -413,8 +417,10 @@ def _finish(
     max_points: int,
     fine_points: int | None = None,
     fine_iterations: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gauss–Newton coarse to fine from (angle, t), the search level included, then the score.
+
+    Returns the angle, translation, score, overlap and textured blocks (:func:`_refine.score`).
 
     ``fine_points`` (default ``max_points``) is the number of fixed pixels compared at full
     resolution: more pins the answer down more precisely on large images. ``fine_iterations``
@@ -438,10 +444,10 @@ def _finish(
     )
     # The score compares block by block per pair: it needs the fixed side per pair.
     pf = pf.expand(angle.shape[0])
-    score, overlap = _refine.score(
+    score, overlap, textured = _refine.score(
         pf.levels[0], pm.levels[0], size, moving_size, angle, t, max_points, min_overlap, (pf.noise, pm.noise)
     )
-    return angle, t, score, overlap
+    return angle, t, score, overlap, textured
 
 
 def _search_from(
@@ -496,7 +502,7 @@ def _refine_from(
         max_points,
         fine_points=fine_points,
         fine_iterations=fine_iterations,
-    )
+    )[:4]
 
 
 def _hypotheses(

@@ -518,8 +518,8 @@ def score(
     min_overlap: float,
     noise: tuple[Tensor, Tensor],
     blocks: int = 4,
-) -> tuple[Tensor, Tensor]:
-    """(B,) trust score in [0, 1] and (B,) overlap fraction of a result, on one level.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(B,) trust score in [0, 1], (B,) overlap fraction and (B,) textured blocks of a result, on one level.
 
     The overlap is cut into a grid of ``blocks × blocks`` and the NCC of the
     two images is measured in each textured block, corrected for the
@@ -546,5 +546,6 @@ def score(
     )
     trust = torch.where(measured, quartile, torch.zeros_like(quartile)).clamp(0, 1)
     trust = trust * (localisation / LOCALISED).clamp(max=1.0)
-    trust = trust * (torch.isfinite(local).sum(1) / MIN_BLOCKS).clamp(max=1.0)
-    return trust * (overlap / (2 * min_overlap)).clamp(max=1.0), overlap
+    textured = torch.isfinite(local).sum(1).to(trust.dtype)
+    trust = trust * (textured / MIN_BLOCKS).clamp(max=1.0)
+    return trust * (overlap / (2 * min_overlap)).clamp(max=1.0), overlap, textured
