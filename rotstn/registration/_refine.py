@@ -165,6 +165,7 @@ def _kernel_serves(pts: _Points, moving: Level, angle: Tensor, terms: tuple[Tens
         angle.dtype in (torch.float32, torch.float64)
         and all(_real_cpu(x) and x.dtype == angle.dtype for x in tensors)
         and min(moving.image.shape[-2:]) >= 2
+        and (moving.image.shape[-2] + 1) * (moving.image.shape[-1] + 1) < 2**31  # int32 pixel offsets
         and compiled.library() is not None
     )
 
