@@ -182,25 +182,24 @@ def _batch(arrays: list[Tensor], b: int) -> tuple[list[Tensor], int]:
     return arrays, arrays[0][0].numel()
 
 
-def _overlap_sums_kernel(
-    pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tensor, terms: tuple[Tensor, ...] | None
-) -> Tensor:
-    b, m = angle.shape
-    fixed, f_stride = _batch([pts.values, pts.weight, *(terms or ())], b)
+def _kernel_args(pts: _Points, moving: Level, fixed: list[Tensor], b: int) -> tuple[list, list[Tensor]]:
+    """The arguments both C entry points begin with, and the tensors they point into (kept alive).
+
+    The points, up to five per-point arrays of the fixed side (values, weights, then jθ, gx, gy or
+    none) with their batch stride, and the moving level (image, mask or none, batch stride, size,
+    margin): ``register_cpu.c``'s ``x, y, n, f, pw, jt, gx, gy, fixed_bstride, img, mask,
+    moving_bstride, H, W, margin``.
+    """
+    fixed, f_stride = _batch(fixed, b)
     planes, m_stride = _batch([moving.image] + ([] if moving.mask is None else [moving.mask]), b)
-    h, w = moving.image.shape[-2:]
-    affine = frame.affine(angle.double(), t.double()).reshape(b * m, 6).contiguous()
-    k = 6 if terms is None else 21
-    out = torch.empty(b * m, k, dtype=torch.float64)
-    lib = compiled.library()
-    fn = lib.rotstn_overlap_sums_f32 if angle.dtype == torch.float32 else lib.rotstn_overlap_sums_f64
     x, y = pts.x.contiguous(), pts.y.contiguous()
-    ptr = [a.data_ptr() for a in fixed] + [None] * (5 - len(fixed))
-    rc = fn(
+    h, w = moving.image.shape[-2:]
+    args = [
         x.data_ptr(),
         y.data_ptr(),
         x.numel(),
-        *ptr,
+        *(a.data_ptr() for a in fixed),
+        *[None] * (5 - len(fixed)),
         f_stride,
         planes[0].data_ptr(),
         planes[1].data_ptr() if len(planes) > 1 else None,
@@ -208,13 +207,23 @@ def _overlap_sums_kernel(
         h,
         w,
         float(moving.margin),
-        affine.data_ptr(),
-        b * m,
-        m,
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
+    ]
+    return args, [x, y, *fixed, *planes]
+
+
+def _overlap_sums_kernel(
+    pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tensor, terms: tuple[Tensor, ...] | None
+) -> Tensor:
+    b, m = angle.shape
+    args, _alive = _kernel_args(pts, moving, [pts.values, pts.weight, *(terms or ())], b)
+    affine = frame.affine(angle.double(), t.double()).reshape(b * m, 6).contiguous()
+    k = 6 if terms is None else 21
+    out = torch.empty(b * m, k, dtype=torch.float64)
+    lib = compiled.library()
+    fn = lib.rotstn_overlap_sums_f32 if angle.dtype == torch.float32 else lib.rotstn_overlap_sums_f64
+    rc = fn(*args, affine.data_ptr(), b * m, m, out.data_ptr(), torch.get_num_threads())
     if rc != 0:
+        h, w = moving.image.shape[-2:]
         raise RuntimeError(f"rotstn_overlap_sums failed ({rc}) on a moving level of {h}×{w}")
     return out.view(b, m, k)
 
@@ -231,9 +240,7 @@ def _refine_kernel(
 ) -> tuple[Tensor, Tensor]:
     """One level of :func:`refine` in C (``rotstn_refine`` in ``register_cpu.c``): every pair's whole loop."""
     b = angle.shape[0]
-    fixed, f_stride = _batch([pts.values, pts.weight, pts.jt, pts.gx, pts.gy], b)
-    planes, m_stride = _batch([moving.image] + ([] if moving.mask is None else [moving.mask]), b)
-    h, w = moving.image.shape[-2:]
+    args, _alive = _kernel_args(pts, moving, [pts.values, pts.weight, pts.jt, pts.gx, pts.gy], b)
     a, tr = angle.to(torch.float64).contiguous(), t.to(torch.float64).contiguous()
     consts = torch.tensor(
         [
@@ -247,19 +254,8 @@ def _refine_kernel(
     )
     lib = compiled.library()
     fn = lib.rotstn_refine_f32 if angle.dtype == torch.float32 else lib.rotstn_refine_f64
-    x, y = pts.x.contiguous(), pts.y.contiguous()
     rc = fn(
-        x.data_ptr(),
-        y.data_ptr(),
-        x.numel(),
-        *(array.data_ptr() for array in fixed),
-        f_stride,
-        planes[0].data_ptr(),
-        planes[1].data_ptr() if len(planes) > 1 else None,
-        m_stride,
-        h,
-        w,
-        float(moving.margin),
+        *args,
         consts.data_ptr(),
         radius,
         tolerance,
@@ -270,6 +266,7 @@ def _refine_kernel(
         torch.get_num_threads(),
     )
     if rc != 0:
+        h, w = moving.image.shape[-2:]
         raise RuntimeError(f"rotstn_refine failed ({rc}) on a moving level of {h}×{w}")
     return a.to(angle.dtype), tr.to(t.dtype)
 
