@@ -253,9 +253,9 @@ def phase_correlation(
     s0 = (c_d - c_f[0, 1].item(), c_d - c_f[0, 0].item())
     reach = (0.5 * max(h, hm), 0.5 * max(w, wm))
     first, length = [], []
-    for n, mid, r in zip(p, s0, reach, strict=True):
-        lo = max(math.ceil(mid - r), math.ceil(mid - n / 2))
-        hi = min(math.floor(mid + r), math.ceil(mid + n / 2) - 1)
+    for side, mid, r in zip(p, s0, reach, strict=True):
+        lo = max(math.ceil(mid - r), math.ceil(mid - side / 2))
+        hi = min(math.floor(mid + r), math.ceil(mid + side / 2) - 1)
         first.append(lo)
         length.append(hi - lo + 1)
     conj_f = ff.conj() * torch.polar(torch.ones_like(ky * kx), 2 * math.pi * (first[0] * ky + first[1] * kx))
