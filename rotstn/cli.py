@@ -103,6 +103,10 @@ def _register(args: argparse.Namespace) -> int:
     print(f"angle: {math.degrees(float(result.angle[0])):.4f} deg")
     print(f"translation: {tx:.3f} {ty:.3f} px (x right, y down)")
     print(f"score: {score:.4f}" + ("" if score >= TRUST else f" (below {TRUST}: do not trust this result)"))
+    print(f"predicted error: {float(result.error_px[0]):.3f} px (largest displacement over the overlap)")
+    if bool(result.ambiguous[0]):
+        runner = math.degrees(float(result.runner_up_angle[0]))
+        print(f"ambiguous: a turn of {runner:.4f} deg fits nearly as well")
     m = result.matrix[0].tolist()
     print("matrix: " + "  ".join(" ".join(f"{v:.6f}" for v in row) for row in m))
     if args.output is not None:

@@ -17,33 +17,112 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["IMAGES", "RigidPairs", "RotatedPairs", "bundled_image", "rigid_pairs", "rotated_pairs"]
+__all__ = [
+    "IMAGES",
+    "PICTURES",
+    "RigidPairs",
+    "RotatedPairs",
+    "bundled_image",
+    "bundled_pictures",
+    "rigid_pairs",
+    "rotated_pairs",
+]
 
 IMAGES = ("camera", "coins", "moon", "astronaut", "retina", "brick", "grass", "gravel", "chelsea", "coffee")
 
+# Every picture that ships inside an installed package (nothing downloaded), by family. Names without a
+# prefix are scikit-image's ``skimage.data`` functions; ``matplotlib/NAME`` is a file of matplotlib's
+# sample data. Benchmarks draw from all of them, not only from the ten in IMAGES.
+PICTURES = {
+    "photo": (
+        "camera", "astronaut", "chelsea", "coffee", "rocket", "clock", "stereo_motorcycle",
+        "matplotlib/grace_hopper",
+    ),
+    "texture": ("brick", "grass", "gravel"),
+    "microscopy": ("cell", "coins", "immunohistochemistry", "retina", "microaneurysms"),
+    "astro-remote": ("moon", "hubble_deep_field", "matplotlib/jacksboro_fault_dem", "matplotlib/topobathy"),
+    "medical": ("matplotlib/s1045", "shepp_logan_phantom"),
+    "document": ("page", "text"),
+    "graphic": ("checkerboard", "logo", "colorwheel", "horse", "matplotlib/Minduka_Present_Blue_Pack"),
+}  # fmt: skip
 
-@functools.lru_cache(maxsize=32)
+
+def bundled_pictures() -> dict[str, tuple[str, ...]]:
+    """The names in :data:`PICTURES` that load with the packages installed here, by family.
+
+    Example:
+        >>> "camera" in bundled_pictures()["photo"]
+        True
+    """
+    out = {}
+    for family, names in PICTURES.items():
+        ok = []
+        for name in names:
+            try:
+                bundled_image(name)
+            except (ImportError, OSError, ValueError):
+                continue
+            ok.append(name)
+        if ok:
+            out[family] = tuple(ok)
+    return out
+
+
+def _matplotlib_picture(name: str) -> np.ndarray:
+    import gzip
+
+    from matplotlib import cbook
+
+    if name == "s1045":  # a 256² MRI slice, raw big-endian uint16
+        with gzip.open(cbook.get_sample_data("s1045.ima.gz", asfileobj=False)) as fh:
+            return np.frombuffer(fh.read(), ">u2").reshape(256, 256).astype(np.float64)
+    if name in ("jacksboro_fault_dem", "topobathy"):  # elevation models
+        with np.load(cbook.get_sample_data(f"{name}.npz", asfileobj=False)) as data:
+            return np.asarray(data["elevation" if name == "jacksboro_fault_dem" else "topo"], np.float64)
+    from matplotlib import image
+
+    for ext in (".jpg", ".png"):
+        try:
+            return np.asarray(image.imread(cbook.get_sample_data(name + ext, asfileobj=False)))
+        except (OSError, ValueError):
+            continue
+    raise ValueError(f"matplotlib ships no sample picture {name!r}")
+
+
+@functools.lru_cache(maxsize=64)
 def bundled_image(name: str) -> np.ndarray:
-    """One of scikit-image's bundled pictures as a float64 grey image in [0, 1].
+    """One of the pictures bundled with installed packages as a float64 grey image in [0, 1].
 
     Args:
-        name: a name from :data:`IMAGES` (any ``skimage.data`` function that
-            ships with the package works).
+        name: a name from :data:`IMAGES` or :data:`PICTURES` (any ``skimage.data``
+            function that ships with the package works; ``matplotlib/NAME`` reads
+            matplotlib's sample data).
 
     Returns:
         ``(H, W)`` read-only float64 array (it is cached); colour pictures are
-        converted with ``skimage.color.rgb2gray``.
+        converted with ``skimage.color.rgb2gray``, other ranges scaled to [0, 1].
     """
     from skimage import color, data
 
-    loader = getattr(data, name, None)
-    if loader is None or not callable(loader):
-        raise ValueError(f"name must be a picture in skimage.data such as {IMAGES[0]!r}; got {name!r}")
-    img = loader()
+    if name.startswith("matplotlib/"):
+        img = _matplotlib_picture(name.split("/", 1)[1])
+    else:
+        loader = getattr(data, name, None)
+        if loader is None or not callable(loader) or name.startswith(("download", "file", "lbp", "lfw")):
+            raise ValueError(f"name must be a picture in skimage.data such as {IMAGES[0]!r}; got {name!r}")
+        img = loader()
+        if isinstance(img, tuple):  # stereo_motorcycle: (left, right, disparity)
+            img = img[0]
+    img = np.asarray(img)
     if img.ndim == 3:
-        img = color.rgb2gray(img[..., :3])
+        img = img[..., :3].astype(np.float64)
+        img = color.rgb2gray(img / 255.0 if img.max() > 1.0 else img)
     img = np.asarray(img, dtype=np.float64)
-    img = img / 255.0 if img.max() > 1.0 else img.copy()
+    low, high = float(img.min()), float(img.max())
+    if low < 0.0 or high > 1.0:
+        img = (img - low) / max(high - low, 1e-12) if high > 255.0 or low < 0.0 else img / 255.0
+    else:
+        img = img.copy()
     img.setflags(write=False)
     return img
 
@@ -314,6 +393,7 @@ def rigid_pairs(
     max_overlap: float = 1.0,
     images: tuple[str, ...] = IMAGES,
     min_std: float = 0.05,
+    pivot: float = 0.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> RigidPairs:
@@ -398,6 +478,8 @@ def rigid_pairs(
         )
     if not (math.isfinite(noise) and noise >= 0):
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    if not (math.isfinite(pivot) and 0 <= pivot <= 1):
+        raise ValueError(f"pivot must be a number in [0, 1], got {pivot!r}")
     if len(images) == 0 or (unrelated and len(set(images)) < 2):
         raise ValueError(f"images must name at least {2 if unrelated else 1} picture(s), got {images!r}")
     for name in images:
@@ -410,13 +492,14 @@ def rigid_pairs(
     matrices = np.zeros((n, 2, 3))
     angles, shifts, overlaps = np.zeros(n), np.zeros((n, 2)), np.zeros(n)
     names = [""] * n
-    lengths = _pair_lengths(size, moving_size, max_shift)
+    # A pivot off the centre moves the turned window by up to |u - Aᵀu| <= 2|u| on top of the shift.
+    lengths = _pair_lengths(size, moving_size, max_shift + pivot)
     for i in range(n):
         name = images[i % len(images)]
         picture = _Picture(name, _scale_for(name, lengths))
         rng = np.random.default_rng([seed, i])
         angle, shift, matrix, top, left = _draw_geometry(
-            rng, picture, size, moving_size, min_shift, max_shift, min_overlap, max_overlap, min_std
+            rng, picture, size, moving_size, min_shift, max_shift, min_overlap, max_overlap, min_std, pivot
         )
         # The map from moving pixels to upscaled picture pixels, moving(q) = picture(G q):
         # G(q) = Aᵀ (q - c_m) + c_f + t + crop offset, written in (row, column) for scipy.
@@ -501,6 +584,7 @@ def _draw_geometry(
     min_overlap: float,
     max_overlap: float,
     min_std: float,
+    pivot: float = 0.0,
 ) -> tuple[float, np.ndarray, np.ndarray, int, int]:
     # Angle, shift, matrix and crop offset (top, left) of one pair: the fixed
     # crop and the moving window, mapped into the picture, stay within its bounds.
@@ -511,6 +595,11 @@ def _draw_geometry(
         angle = math.pi - rng.uniform(0.0, 2 * math.pi)
         magnitude = rng.uniform(min_shift, max_shift, 2) * np.array([w, h])
         shift = np.where(rng.random(2) < 0.5, -magnitude, magnitude)
+        if pivot > 0:
+            # Turned about the point c_f + u, which stays put: t = u - Aᵀu, then the shift on top.
+            u = rng.uniform(-0.5, 0.5, 2) * pivot * np.array([w, h])
+            cos, sin = math.cos(angle), math.sin(angle)
+            shift = shift + u - np.array([cos * u[0] + sin * u[1], -sin * u[0] + cos * u[1]])
         matrix = _rigid_matrix(np.array([angle]), shift[None], size, moving_size)[0]
         overlap = _overlap(matrix, size, moving_size)
         if not min_overlap <= overlap <= max_overlap:

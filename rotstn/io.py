@@ -45,6 +45,8 @@ __all__ = [
 TIFF = (".tif", ".tiff")
 IMAGES = (".png", ".jpg", ".jpeg", *TIFF)
 COLUMNS = ("frame", "angle_deg", "tx", "ty", "score", "m00", "m01", "m02", "m10", "m11", "m12")
+# Written after COLUMNS; a table without it (written before it existed) reads as NaN.
+ERROR_COLUMN = "error_px"
 
 
 def _tifffile() -> Any:
@@ -303,12 +305,12 @@ def write_transforms(path: str | os.PathLike, result: StackRegistration) -> None
     """Write a transforms table: one CSV row per frame (``COLUMNS``; angle in degrees, pixels)."""
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(COLUMNS)
+        out.writerow((*COLUMNS, ERROR_COLUMN))
         for i in range(len(result)):
             m = result.matrix[i].reshape(-1).tolist()
             tx, ty = result.translation[i].tolist()
             row = [int(result.frame[i]), math.degrees(float(result.angle[i])), tx, ty, float(result.score[i])]
-            out.writerow([row[0], *(repr(float(v)) for v in row[1:] + m)])
+            out.writerow([row[0], *(repr(float(v)) for v in [*row[1:], *m, float(result.error_px[i])])])
 
 
 def read_transforms(path: str | os.PathLike, size: tuple[int, int] | None = None) -> StackRegistration:
@@ -335,7 +337,11 @@ def read_transforms(path: str | os.PathLike, size: tuple[int, int] | None = None
     if size is not None:
         angle, t = matrix_parameters(matrix, size, size)
     anchored = torch.zeros(len(rows), dtype=torch.bool)
-    return StackRegistration(frame, angle, t, matrix, num[:, 3], anchored, tuple(size or (0, 0)))
+    try:
+        error = torch.tensor([float(r.get(ERROR_COLUMN) or "nan") for r in rows], dtype=torch.float64)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return StackRegistration(frame, angle, t, matrix, num[:, 3], anchored, tuple(size or (0, 0)), error)
 
 
 def merge_transforms(
@@ -357,7 +363,7 @@ def merge_transforms(
             seen[i] = str(p)
     cat = {
         k: torch.cat([getattr(part, k) for part in parts])
-        for k in ("frame", "angle", "translation", "matrix", "score", "anchored")
+        for k in ("frame", "angle", "translation", "matrix", "score", "anchored", "error_px")
     }
     order = cat["frame"].argsort()
     merged = StackRegistration(**{k: v[order] for k, v in cat.items()}, size=parts[0].size)

@@ -139,10 +139,25 @@ def test_transforms_csv_round_trip(stack, tmp_path):
     io.write_transforms(tmp_path / "t.csv", result)
     back = io.read_transforms(tmp_path / "t.csv", size=(SIZE, SIZE))
     assert torch.equal(back.frame, result.frame)
-    for name in ("matrix", "angle", "translation", "score"):
+    for name in ("matrix", "angle", "translation", "score", "error_px"):
         assert torch.allclose(getattr(back, name), getattr(result, name), atol=1e-9), name
     header = (tmp_path / "t.csv").read_text().splitlines()[0]
-    assert header == "frame,angle_deg,tx,ty,score,m00,m01,m02,m10,m11,m12"
+    assert header == "frame,angle_deg,tx,ty,score,m00,m01,m02,m10,m11,m12,error_px"
+
+
+def test_stack_error_px_is_small_where_frames_are_right_and_an_older_table_reads_as_nan(stack, tmp_path):
+    frames, truth = stack
+    for reference in ("first", "previous"):
+        result = register_stack(frames, reference=reference, batch_size=8)
+        d = torch.from_numpy(_displacement(result.matrix, truth))
+        trusted = result.score >= 0.9
+        assert bool(trusted.any())
+        assert bool((d[trusted] <= result.error_px[trusted]).float().mean() >= 0.9), (d, result.error_px)
+        assert float(result.error_px[trusted].median()) <= 0.5, result.error_px
+    io.write_transforms(tmp_path / "t.csv", result)
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    (tmp_path / "old.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    assert bool(torch.isnan(io.read_transforms(tmp_path / "old.csv").error_px).all())
 
 
 def test_tiff_round_trip_keeps_dtype_and_pixel_size(tmp_path):

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _validate
@@ -41,7 +42,26 @@ __all__ = ["Registration", "StackRegistration", "register", "register_stack"]
 
 MIN_SIZE = 8
 MIN_MASKED = 64  # pixels a mask must leave
-TRUST = 0.9  # the score above which a result is right (benchmarks/registration.py, "score trust" table)
+TRUST = 0.9  # the score above which a result is right (benchmarks/trust.py)
+# The predicted error (error_px) is ERROR_SCALE standard deviations of the displacement plus the step
+# still left (_refine._spread), at least ERROR_FLOOR (interpolation leaves a few hundredths of a pixel on
+# clean pairs).
+# ERROR_SCALE was set on benchmarks/trust.py --seed 1 so that about 95 % of right results lie under it.
+ERROR_SCALE = 3.0
+ERROR_FLOOR = 0.02
+# A result is trusted only where its predicted error is at most this (the score falls as (ERROR_TRUST /
+# error_px)² beyond it): the largest error of a trusted result should stay under a pixel.
+ERROR_TRUST = 0.5
+# A runner-up hypothesis whose significance is at least this fraction of the best one's, and which is
+# DISTINCT pixels or more away from the result somewhere in the fixed frame, makes the result ambiguous.
+AMBIGUOUS = 0.85
+DISTINCT = 3.0
+# Shares of the overlap between which a region only one image shows is masked out (_without_unmatched),
+# for results whose images agree at least UNMATCHED_FROM before.
+UNMATCHED = (0.002, 0.25)
+UNMATCHED_FROM = 0.0
+UNMATCHED_PIXELS = 128 * 128
+POLISH = 4  # times max_points that a result too uncertain to trust is refined on again (_polish)
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,14 @@ class Registration:
         overlap: ``(B,)`` fraction of the smaller image that the other one covers.
         aligned: ``(B, C, H, W)`` moving resampled onto fixed's pixel grid (zeros where
             moving has no content), in moving's dtype.
+        error_px: ``(B,)`` predicted largest displacement error in pixels over fixed's
+            frame: how far ``matrix`` may be from the truth somewhere in the overlap
+            (:func:`register`, "Predicted error"). The diagonal of the larger image
+            where the images do not agree (nothing bounds the error of such a result).
+        ambiguous: ``(B,)`` bool: a second, distinct alignment (another angle, or a
+            translation more than a few pixels away) explains the pair nearly as well
+            (a periodic texture, a symmetric object); the score is halved.
+        runner_up_angle: ``(B,)`` radians: that alignment's angle (NaN where there is none).
     """
 
     angle: Tensor
@@ -68,6 +96,9 @@ class Registration:
     score: Tensor
     overlap: Tensor
     aligned: Tensor
+    error_px: Tensor
+    ambiguous: Tensor
+    runner_up_angle: Tensor
 
     def apply(
         self,
@@ -205,11 +236,14 @@ def register(
             angle, ncc = _rotation.estimate(fg, mg, guess, init_window, smooth, iterations)
             t = torch.zeros(b, 2, dtype=dtype, device=f.device)
             score, overlap = ncc.clamp_min(0), torch.ones_like(ncc)
+            # The rotation model's score is the NCC alone: no spread is measured, so no error is predicted.
+            nan = torch.full_like(score, math.nan)
+            fit = _Fit(angle, t, score, overlap, nan, score, score < 0, nan, t, torch.zeros_like(score))
         else:
             for gray, mask, name in ((fg, fmask, "fixed"), (mg, mmask, "moving")):
                 keep = None if mask is None else mask.flatten(1) > 0
                 check_not_flat(gray.flatten(1), keep, name, "" if mask is None else "over its mask")
-            angle, t, score, overlap = _rigid(
+            fit = _rigid(
                 fg,
                 fmask,
                 mg,
@@ -222,10 +256,51 @@ def register(
                 search_size,
                 max_points,
             )
-        angle = wrap_angle(angle)
-        matrix = rigid_matrix(angle, t, size, moving_size)
+        angle = wrap_angle(fit.angle)
+        matrix = rigid_matrix(angle, fit.translation, size, moving_size)
         aligned = warp(m.expand(b, *m.shape[1:]), matrix=matrix, size=size)
-    return Registration(angle, t, matrix, score, overlap, aligned)
+    return Registration(
+        angle,
+        fit.translation,
+        matrix,
+        fit.score,
+        fit.overlap,
+        aligned,
+        fit.error,
+        fit.ambiguous,
+        torch.where(fit.ambiguous, wrap_angle(fit.runner_angle), torch.full_like(angle, math.nan)),
+    )
+
+
+@dataclass
+class _Fit:
+    """A batch of results on their way out: the fields of :class:`Registration` that estimation fills.
+
+    ``agreement`` is the score before the predicted error and ambiguity lower it (what decides a
+    second search); ``z`` the search-level significance the result was picked with.
+    """
+
+    angle: Tensor
+    translation: Tensor
+    score: Tensor
+    overlap: Tensor
+    error: Tensor
+    agreement: Tensor
+    ambiguous: Tensor
+    runner_angle: Tensor  # the search's best distinct runner-up, NaN where none
+    runner_translation: Tensor
+    runner_ratio: Tensor  # its significance over the pick's, 0 where none
+
+    FIELDS = (
+        "angle", "translation", "score", "overlap", "error", "agreement",
+        "ambiguous", "runner_angle", "runner_translation", "runner_ratio",
+    )  # fmt: skip
+
+    def update(self, rows: Tensor, take: Tensor, other: _Fit) -> None:
+        """Where ``take`` (over ``rows``) is set, this batch's rows ``rows`` become ``other``'s."""
+        for name in self.FIELDS:
+            current, new = getattr(self, name), getattr(other, name)
+            current[rows] = torch.where(take.view(-1, *[1] * (new.dim() - 1)), new, current[rows])
 
 
 @dataclass(frozen=True)
@@ -306,11 +381,62 @@ def _rigid(
     min_overlap: float,
     search_size: int,
     max_points: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> _Fit:
     n_levels = _n_levels(tuple(fixed.shape[-2:]), tuple(moving.shape[-2:]), search_size)
     pf = _prepare(fixed, fixed_mask, smooth, n_levels)
     pm = _prepare(moving, moving_mask, smooth, n_levels)
-    return _register_prepared(pf, pm, guess, window, iterations, min_overlap, max_points)
+    fit = _register_prepared(pf, pm, guess, window, iterations, min_overlap, max_points)
+    _without_unmatched(fixed, fixed_mask, pf, pm, fit, smooth, n_levels, iterations, min_overlap, max_points)
+    return fit
+
+
+def _without_unmatched(
+    fixed: Tensor,
+    fixed_mask: Tensor | None,
+    pf: _Prepared,
+    pm: _Prepared,
+    fit: _Fit,
+    smooth: float,
+    n_levels: int,
+    iterations: int,
+    min_overlap: float,
+    max_points: int,
+) -> None:
+    """Refine again without what only one image shows, where that is a small part of the overlap.
+
+    Content one image has and the other lacks (an object that moved, debris, a label, a disk with no
+    counterpart) pulls a least-squares fit towards lining it up with something, and lowers the
+    agreement of a right result. Where such a region (:func:`_refine.unmatched`) covers between
+    ``UNMATCHED`` of the overlap, it is masked out of fixed and the result refined again from where it
+    is; the new result is kept where its images agree better. More than the upper bound is no partial
+    mismatch: the result stays as it is.
+    """
+    # The region is found on the finest level of at most UNMATCHED_PIXELS pixels (a coarser one where
+    # the images are large).
+    # A result already trusted well within ERROR_TRUST has nothing to gain.
+    settled = (fit.score >= TRUST) & (fit.error <= ERROR_TRUST / 2)
+    rows = ((fit.agreement >= UNMATCHED_FROM) & ~settled).nonzero()[:, 0]
+    if rows.numel() == 0:
+        return
+    k = next((i for i, lv in enumerate(pf.levels) if lv.image[0, 0].numel() <= UNMATCHED_PIXELS), -1)
+    matrix = rigid_matrix(fit.angle[rows], fit.translation[rows], pf.size, pm.size)
+    region, fraction = _refine.unmatched(pf.levels[k].select(rows), pm.levels[k].select(rows), matrix)
+    low, high = UNMATCHED
+    inside = (fraction >= low) & (fraction <= high)
+    rows, region = rows[inside], region[inside]
+    if rows.numel() == 0:
+        return
+    if region.shape[-2:] != fixed.shape[-2:]:
+        region = (F.interpolate(region, size=fixed.shape[-2:], mode="bilinear") > 0).to(fixed.dtype)
+    keep = 1 - region
+    mask = keep if fixed_mask is None else fixed_mask[rows] * keep
+    sf = _prepare(fixed[rows], mask, smooth, n_levels)
+    sm = pm.select(rows)
+    runner = (fit.runner_angle[rows], fit.runner_translation[rows], fit.runner_ratio[rows])
+    new, _ = _finish(
+        sf, sm, fit.angle[rows], fit.translation[rows], runner, iterations, min_overlap, max_points
+    )
+    fit.update(rows, new.agreement > fit.agreement[rows], new)
 
 
 def _register_prepared(
@@ -323,7 +449,7 @@ def _register_prepared(
     max_points: int,
     fine_points: int | None = None,
     fine_iterations: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> _Fit:
     """Search, refine from the search level down (hypotheses take only a few steps there), score.
 
     A result the score does not trust gets a second search one level finer, where fine structure
@@ -334,31 +460,90 @@ def _register_prepared(
     """
     options = (iterations, min_overlap, max_points)
     fine = {"fine_points": fine_points, "fine_iterations": fine_iterations}
-    angle, t = _search_rigid(pf, pm, guess, window, *options)
-    angle, t, score, overlap, textured = _finish(pf, pm, angle, t, *options, **fine)
+    found = _search_rigid(pf, pm, guess, window, *options)
+    fit, textured = _finish(pf, pm, found.angle, found.translation, found.runner(), *options, **fine)
     # A result held under TRUST only by the images' lack of texture (it agrees in every textured block,
     # and there are fewer than MIN_BLOCKS of them) is not searched again: the score is measured at full
     # resolution whatever level the search ran on, and a finer level has no more texture.
-    agrees = score * _refine.MIN_BLOCKS / textured.clamp(1, _refine.MIN_BLOCKS) >= TRUST
-    retry = ((score < TRUST) & ~agrees).nonzero()[:, 0]
+    agrees = fit.agreement * _refine.MIN_BLOCKS / textured.clamp(1, _refine.MIN_BLOCKS) >= TRUST
+    retry = ((fit.agreement < TRUST) & ~agrees).nonzero()[:, 0]
     if len(pf.levels) > 1 and retry.numel() > 0:
         sf, sm = pf.select(retry, slice(0, -1)), pm.select(retry, slice(0, -1))
-        a2, t2 = _search_rigid(sf, sm, None if guess is None else guess[retry], window, *options)
-        a2, t2, s2, o2, _ = _finish(sf, sm, a2, t2, *options, **fine)
+        found2 = _search_rigid(sf, sm, None if guess is None else guess[retry], window, *options)
+        fit2, _ = _finish(sf, sm, found2.angle, found2.translation, found2.runner(), *options, **fine)
         z = _refine.significance(
             sf.levels[0],
             sm.levels[0],
             pf.size,
             pm.size,
-            torch.stack((angle[retry], a2), 1),
-            torch.stack((t[retry], t2), 1),
+            torch.stack((fit.angle[retry], fit2.angle), 1),
+            torch.stack((fit.translation[retry], fit2.translation), 1),
             max_points,
             min_overlap,
         )
-        better = z[:, 1] > z[:, 0]
-        for current, new in ((angle, a2), (t, t2), (score, s2), (overlap, o2)):
-            current[retry] = torch.where(better.view(-1, *[1] * (new.dim() - 1)), new, current[retry])
-    return angle, t, score, overlap
+        fit.update(retry, z[:, 1] > z[:, 0], fit2)
+    _polish(pf, pm, fit, iterations, min_overlap, max_points)
+    return fit
+
+
+def _polish(
+    pf: _Prepared, pm: _Prepared, fit: _Fit, iterations: int, min_overlap: float, max_points: int
+) -> None:
+    """Refine again at full resolution on ``POLISH`` times the points where that may make a result trusted.
+
+    Where the images agree but the predicted error is too large to trust (noise, little texture) and the
+    points were a subset of fixed's pixels, more of them pin the result down better: the error of a
+    least-squares estimate falls as one over the square root of the points it uses. Ambiguous results
+    are left as they are (more points do not tell two alignments apart).
+    """
+    h, w = pf.levels[0].image.shape[-2:]
+    if h * w <= max_points:
+        return
+    # 4× the points halve the error: only a result within twice the trusted error can get there.
+    near = (fit.error > ERROR_TRUST / 2) & (fit.error <= 2 * ERROR_TRUST)
+    rows = ((fit.agreement >= TRUST) & near & ~fit.ambiguous).nonzero()[:, 0]
+    if rows.numel() == 0:
+        return
+    points = max_points * POLISH
+    sf, sm = pf.select(rows, slice(0, 1)).expand(rows.numel()), pm.select(rows, slice(0, 1))
+    angle, t = _refine.refine(
+        sf.levels, sm.levels, pf.size, pm.size, fit.angle[rows], fit.translation[rows], iterations, points
+    )
+    agreement, overlap, _, spread = _refine.score(
+        sf.levels[0], sm.levels[0], pf.size, pm.size, angle, t, points, min_overlap, (sf.noise, sm.noise)
+    )
+    runner = (fit.runner_angle[rows], fit.runner_translation[rows], fit.runner_ratio[rows])
+    new = _judge(pf.size, pm.size, angle, t, agreement, overlap, spread, runner)
+    fit.update(rows, new.error < fit.error[rows], new)
+
+
+@dataclass
+class _Found:
+    """The global search's pick per pair, its significance, and the best distinct runner-up."""
+
+    angle: Tensor
+    translation: Tensor
+    z: Tensor
+    runner_angle: Tensor
+    runner_translation: Tensor
+    runner_z: Tensor
+
+    def runner(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The runner-up's angle, translation and significance over the pick's (0 where none)."""
+        ratio = torch.where(
+            torch.isfinite(self.runner_z), self.runner_z / self.z.clamp_min(1e-6), torch.zeros_like(self.z)
+        )
+        return self.runner_angle, self.runner_translation, ratio
+
+
+def _displacement(
+    size: tuple[int, int], moving_size: tuple[int, int], a1: Tensor, t1: Tensor, a2: Tensor, t2: Tensor
+) -> Tensor:
+    """Largest distance (pixels) between where two rigid maps send fixed's frame: at one of its corners."""
+    h, w = size
+    d = rigid_matrix(a1, t1, size, moving_size) - rigid_matrix(a2, t2, size, moving_size)
+    corners = a1.new_tensor([[0.0, 0.0, 1.0], [w - 1, 0.0, 1.0], [0.0, h - 1, 1.0], [w - 1, h - 1, 1.0]])
+    return (d @ corners.T).norm(dim=-2).amax(-1)
 
 
 def _search_rigid(
@@ -369,7 +554,7 @@ def _search_rigid(
     iterations: int,
     min_overlap: float,
     max_points: int,
-) -> tuple[Tensor, Tensor]:
+) -> _Found:
     """The global search: the best (angle, translation) on the search level, over the circle or the window."""
     size, moving_size = pf.size, pm.size
     coarse_f, coarse_m = pf.levels[-1], pm.levels[-1]
@@ -380,10 +565,10 @@ def _search_rigid(
         steps = max(2 * math.ceil(window / _search.SWEEP_STEP), 1)
         offsets = torch.linspace(-window, window, steps + 1, dtype=dtype, device=device)
         angles = guess.view(-1, 1) + offsets
-    angle, t, z = _hypotheses(
+    found = _hypotheses(
         coarse_f, coarse_m, size, moving_size, angles, min_overlap, max_points, iterations, guess is None
     )
-    weak = z < _search.SWEEP_BELOW
+    weak = found.z < _search.SWEEP_BELOW
     if guess is None and bool(weak.any()):
         # No convincing candidate: try the whole circle on those pairs, one level coarser where the
         # images keep 24 pixels a side (a quarter of the work), then check on the search level.
@@ -391,9 +576,10 @@ def _search_rigid(
         sweep = _search.sweep_angles(int(weak.sum()), dtype, device)
         coarser = min(*sub_f.image.shape[-2:], *sub_m.image.shape[-2:]) >= 48
         level_f, level_m = (sub_f.halve(), sub_m.halve()) if coarser else (sub_f, sub_m)
-        a2, t2, z2 = _hypotheses(
+        swept = _hypotheses(
             level_f, level_m, size, moving_size, sweep, min_overlap, max_points, iterations, True
         )
+        a2, t2, z2 = swept.angle, swept.translation, swept.z
         if coarser:
             a2, t2 = _refine.refine(
                 [sub_f], [sub_m], size, moving_size, a2, t2, min(iterations, 6), max_points
@@ -401,10 +587,15 @@ def _search_rigid(
             z2 = _refine.significance(
                 sub_f, sub_m, size, moving_size, a2[:, None], t2[:, None], max_points, min_overlap
             )[:, 0]
-        better = z2 > z[weak]
-        angle[weak] = torch.where(better, a2, angle[weak])
-        t[weak] = torch.where(better.unsqueeze(1), t2, t[weak])
-    return angle, t
+        better = z2 > found.z[weak]
+        # The one that loses becomes the runner-up where it beats the winner's own runner-up.
+        for name, new in (("angle", a2), ("translation", t2), ("z", z2)):
+            old, runner = getattr(found, name)[weak], getattr(found, "runner_" + name)[weak]
+            keep = better.view(-1, *[1] * (new.dim() - 1))
+            swap = keep & (found.z[weak] > found.runner_z[weak]).view_as(keep)
+            getattr(found, "runner_" + name)[weak] = torch.where(swap, old, runner)
+            getattr(found, name)[weak] = torch.where(keep, new, old)
+    return found
 
 
 def _finish(
@@ -412,15 +603,17 @@ def _finish(
     pm: _Prepared,
     angle: Tensor,
     t: Tensor,
+    runner: tuple[Tensor, Tensor, Tensor] | None,
     iterations: int,
     min_overlap: float,
     max_points: int,
     fine_points: int | None = None,
     fine_iterations: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[_Fit, Tensor]:
     """Gauss–Newton coarse to fine from (angle, t), the search level included, then the score.
 
-    Returns the angle, translation, score, overlap and textured blocks (:func:`_refine.score`).
+    Returns the result and its textured blocks (:func:`_refine.score`); ``runner`` (the search's
+    runner-up, :meth:`_Found.runner`, if a search gave the start) says whether it is ambiguous.
 
     ``fine_points`` (default ``max_points``) is the number of fixed pixels compared at full
     resolution: more pins the answer down more precisely on large images. ``fine_iterations``
@@ -444,10 +637,39 @@ def _finish(
     )
     # The score compares block by block per pair: it needs the fixed side per pair.
     pf = pf.expand(angle.shape[0])
-    score, overlap, textured = _refine.score(
+    agreement, overlap, textured, spread = _refine.score(
         pf.levels[0], pm.levels[0], size, moving_size, angle, t, max_points, min_overlap, (pf.noise, pm.noise)
     )
-    return angle, t, score, overlap, textured
+    return _judge(size, moving_size, angle, t, agreement, overlap, spread, runner), textured
+
+
+def _judge(
+    size: tuple[int, int],
+    moving_size: tuple[int, int],
+    angle: Tensor,
+    t: Tensor,
+    agreement: Tensor,
+    overlap: Tensor,
+    spread: Tensor,
+    runner: tuple[Tensor, Tensor, Tensor] | None,
+) -> _Fit:
+    """The predicted error, ambiguity and final score of refined results (see :func:`register`).
+
+    ``runner`` is the search's runner-up: its angle, translation and significance over the pick's.
+    """
+    error = (ERROR_SCALE * spread[:, 0] + spread[:, 1]).clamp_min(ERROR_FLOOR)
+    if runner is None:
+        runner = (torch.full_like(angle, math.nan), torch.zeros_like(t), torch.zeros_like(angle))
+    r_angle, r_t, ratio = runner
+    apart = _displacement(size, moving_size, angle, t, r_angle, r_t)
+    ambiguous = (ratio >= AMBIGUOUS) & (apart >= DISTINCT)
+    # Either alignment may be the true one: the error is at least the distance between them.
+    error = torch.where(ambiguous, torch.maximum(error, apart), error)
+    diagonal = math.hypot(*max(size, moving_size, key=lambda s: s[0] * s[1]))
+    error = torch.where(agreement >= TRUST, error, torch.full_like(error, diagonal))
+    score = agreement * (ERROR_TRUST / error).square().clamp(max=1.0)
+    score = torch.where(ambiguous, score / 2, score)
+    return _Fit(angle, t, score, overlap, error, agreement, ambiguous, r_angle, r_t, ratio)
 
 
 def _search_from(
@@ -459,8 +681,8 @@ def _search_from(
     max_points: int = 8192,
     fine_points: int | None = None,
     fine_iterations: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(angle, translation, score, overlap) of :func:`register`'s rigid path on prepared images."""
+) -> _Fit:
+    """:func:`register`'s rigid path on prepared images."""
     b = max(fixed.levels[0].image.shape[0], moving.levels[0].image.shape[0])
     pf, pm = fixed.expand(b), moving.expand(b)
     return _register_prepared(
@@ -479,8 +701,8 @@ def _refine_from(
     max_points: int = 8192,
     fine_points: int | None = None,
     fine_iterations: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(angle, translation, score, overlap) refined from a start, without the global search.
+) -> _Fit:
+    """A result refined from a start, without the global search (so never called ambiguous).
 
     ``fixed`` and ``moving`` come from ``_prepare`` (batch 1 or B each). The start goes through
     every pyramid level, the search level included, then the same full-resolution refinement
@@ -497,12 +719,13 @@ def _refine_from(
         moving.expand(b),
         angle,
         translation,
+        None,
         iterations,
         min_overlap,
         max_points,
         fine_points=fine_points,
         fine_iterations=fine_iterations,
-    )[:4]
+    )[0]
 
 
 def _hypotheses(
@@ -515,14 +738,16 @@ def _hypotheses(
     max_points: int,
     iterations: int,
     twins: bool,
-    keep: int = 2,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The best (angle, translation) on the search level for candidate angles (B, K), and its significance.
+    keep: int = 3,
+) -> _Found:
+    """The best (angle, translation) on the search level for candidate angles (B, K), and its runner-up.
 
     Every angle gets its phase correlation's best shifts; the ``keep`` most
     significant hypotheses of each pair are refined on this level and the
     most significant after refinement wins (a near miss of the right angle
-    refines to a clear winner; a chance match does not).
+    refines to a clear winner; a chance match does not). The runner-up is the
+    most significant of the others that lies ``DISTINCT`` pixels or more from
+    the winner somewhere in fixed's frame (significance -inf where none does).
     """
     angle, shifts = _search.phase_correlation(fixed, moving, size, moving_size, angles, peaks=2, twins=twins)
     # A first ranking on a quarter of the points is enough to pick which hypotheses to refine.
@@ -549,7 +774,18 @@ def _hypotheses(
     z = _refine.significance(fixed, moving, size, moving_size, angle, shifts, max_points, min_overlap)
     best = z.argmax(1)
     pick = torch.arange(b, device=best.device)
-    return angle[pick, best], shifts[pick, best], z[pick, best]
+    a, t = angle[pick, best], shifts[pick, best]
+    apart = _displacement(
+        size,
+        moving_size,
+        a.unsqueeze(1).expand(-1, k).reshape(-1),
+        t.unsqueeze(1).expand(-1, k, 2).reshape(-1, 2),
+        angle.reshape(-1),
+        shifts.reshape(-1, 2),
+    ).view(b, k)
+    others = torch.where(apart >= DISTINCT, z, torch.full_like(z, -math.inf))
+    second = others.argmax(1)
+    return _Found(a, t, z[pick, best], angle[pick, second], shifts[pick, second], others[pick, second])
 
 
 def _grey(x: Tensor, channel: int | None, dtype: torch.dtype, b: int, name: str) -> Tensor:

@@ -52,6 +52,8 @@ from ._images import Level, centre
 # right results on benchmarks/registration.py's sets fall below 0.02, results sliding along one
 # dominant edge or rim below 0.01.
 LOCALISED = 0.01
+# _spread groups the points into CLUSTERS × CLUSTERS blocks, within which residuals may be correlated.
+CLUSTERS = 8
 # Textured blocks a result must agree in to be trusted fully: a wrong result that lines up one structure
 # (a crater, the rim of a round field of view) rests on one or two (examples/register.py).
 MIN_BLOCKS = 3
@@ -505,6 +507,130 @@ def _localisation(pts: _Points, frame: _Frame, w: Tensor, noise: Tensor) -> Tens
     return ((eig[:, 0] - floor) / (eig[:, -1] - floor).clamp_min(1e-30)).clamp(0, 1)
 
 
+def unmatched(fixed: Level, moving: Level, matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Fixed pixels of the overlap whose content ``moving`` does not show under ``matrix`` ``(B, 2, 3)``.
+
+    ``matrix`` is in level-0 pixels; the two levels are of one scale. Moving is
+    resampled onto fixed's grid (on this level), the best gain and
+    offset fitted over the overlap, and a pixel is an outlier where the
+    residual exceeds ``4·1.4826·MAD`` of all residuals (a robust noise scale), and
+    a tenth of fixed's standard deviation over the overlap.
+    Noise and a slightly misaligned edge give scattered outliers or thin lines;
+    an object, debris or a label that only one image has gives a blob: the
+    region is where at least 40 % of a 7×7 neighbourhood are outliers, grown by
+    4 pixels. Returns the region ``(B, 1, H, W)`` (float, 1 = unmatched) and its
+    ``(B,)`` fraction of the overlap.
+    """
+    from ..functional import warp
+
+    h, w = fixed.image.shape[-2:]
+    # Level pixel p is level-0 pixel s·(p + 0.5) - 0.5, on both sides: conjugate the map by that.
+    s = float(fixed.scale)
+    scale = matrix.new_tensor([[s, 0.0, (s - 1) / 2], [0.0, s, (s - 1) / 2], [0.0, 0.0, 1.0]])
+    inverse = torch.linalg.inv(scale)
+    square = torch.cat((matrix, matrix.new_tensor([0.0, 0.0, 1.0]).expand(matrix.shape[0], 1, 3)), 1)
+    matrix = (inverse @ square @ scale)[:, :2]
+    ones = torch.ones_like(moving.image)
+    planes = torch.cat((moving.image, ones if moving.mask is None else moving.mask), 1)
+    sampled = warp(planes, matrix=matrix.to(planes.dtype), size=(h, w))
+    g, valid = sampled[:, :1], sampled[:, 1:] > 0.999
+    yy, xx = (torch.arange(n, device=g.device, dtype=g.dtype) for n in (h, w))
+    valid = valid & fixed.inside(xx.view(1, -1), yy.view(-1, 1)).view(1, 1, h, w)
+    if fixed.mask is not None:
+        valid = valid & (fixed.mask > 0.999)
+    f = fixed.image
+
+    def per_pair(x: Tensor) -> Tensor:
+        return x.flatten(1).sum(1).view(-1, 1, 1, 1)
+
+    wt = valid.to(g.dtype)
+    n = per_pair(wt).clamp_min(1)
+    mf, mg = per_pair(wt * f) / n, per_pair(wt * g) / n
+    gain = per_pair(wt * (f - mf) * (g - mg)) / per_pair(wt * (g - mg).square()).clamp_min(1e-30)
+    residual = (f - mf) - gain * (g - mg)
+    flat = torch.where(valid, residual, torch.full_like(residual, math.nan)).flatten(1)
+    centre_r = flat.nanmedian(1).values.view(-1, 1, 1, 1)
+    mad = (flat - centre_r.flatten(1)).abs().nanmedian(1).values.view(-1, 1, 1, 1)
+    # A clean pair leaves residuals near zero everywhere: a tenth of fixed's spread is the least that counts.
+    bound = torch.maximum(4 * 1.4826 * mad, 0.1 * (per_pair(wt * (f - mf).square()) / n).sqrt())
+    outlier = (valid & ((residual - centre_r).abs() > bound)).to(g.dtype)
+    dense = F.avg_pool2d(outlier, 7, stride=1, padding=3, count_include_pad=False) > 0.4
+    region = F.max_pool2d(dense.to(g.dtype), 9, stride=1, padding=4)
+    fraction = (region * wt).flatten(1).sum(1) / n.flatten()
+    return region, fraction
+
+
+def _spread(pts: _Points, frame: _Frame, g: Tensor, w: Tensor, noise: Tensor) -> Tensor:
+    """(B, 2) how far the result may be from the truth, in pixels, where the overlap makes it largest.
+
+    Column 0 is the standard deviation of the motion, column 1 the motion of the step still left.
+
+    The covariance of (θ, tx, ty) at the result by the cluster-robust ("sandwich")
+    estimator, ``H⁻¹ (Σ_c s_c s_cᵀ) H⁻¹``: ``H`` is the Gauss–Newton matrix of the
+    fixed image's motion derivatives ``J`` over the overlap (the intensity gain and
+    offset projected out), ``s_c = Σ J·r`` the sum over one of ``CLUSTERS²`` blocks of
+    points of the derivatives times what the fitted gain and offset leave of moving
+    (``r``: noise, and whatever the model does not explain — a gamma, content only one
+    image has). Residuals are correlated within a block (blur, structure), which the
+    textbook ``σ² H⁻¹`` would miss. ``H`` is read off the noisy fixed image: the (B,)
+    ``noise`` variance's share of its gradients is taken out (it carries no information
+    about the motion, and left in, it would make a faint texture under strong noise look
+    well pinned down), down to a tenth of ``H``. A turn δθ with a shift δt moves point ``p`` by
+    ``(δtx - δθ·v, δty + δθ·u)`` (``(u, v) = p - c_f``): the standard deviation of that
+    motion is taken at the overlap's point where it is largest, as is the motion of the
+    Gauss–Newton step still left at the result (non-zero where it stopped short).
+    """
+    f = pts.values.expand_as(g)
+    b = g.shape[0]
+    n = w.sum(1).clamp_min(1)
+
+    def centred(x: Tensor, weight: Tensor) -> Tensor:
+        return x - (weight * x).sum(-1, keepdim=True) / n.view(-1, *[1] * (x.dim() - 1))
+
+    fc, gc = centred(f, w), centred(g, w)
+    var_f = (w * fc.square()).sum(1).clamp_min(1e-30)
+    gain = (w * fc * gc).sum(1) / var_f
+    residual = gc - gain.unsqueeze(1) * fc
+    u, v = pts.x - frame.c_f[0, 0], pts.y - frame.c_f[0, 1]
+    jac = torch.stack((-v * pts.gx + u * pts.gy, pts.gx, pts.gy), 1).expand(b, 3, -1)
+    jac = gain.view(-1, 1, 1) * centred(jac, w.unsqueeze(1))
+    # The part of each motion derivative that a change of gain explains is no motion either.
+    along = (w.unsqueeze(1) * jac * fc.unsqueeze(1)).sum(2, keepdim=True) / var_f.view(-1, 1, 1)
+    jac = (jac - along * fc.unsqueeze(1)).double()
+    wd = w.double()
+    hess = (jac * wd.unsqueeze(1)) @ jac.transpose(1, 2)
+    # A central difference of blurred white noise keeps about a third of its variance (σ = 1 blur).
+    r2 = (wd * (u.square() + v.square()).double()).sum(1)
+    floor = torch.stack((r2, wd.sum(1), wd.sum(1)), 1) * (gain.square() * noise / 3).double().unsqueeze(1)
+    diagonal = hess.diagonal(dim1=1, dim2=2)
+    hess = hess - torch.diag_embed(torch.minimum(floor, 0.9 * diagonal))
+    hess = hess + torch.diag_embed(hess.diagonal(dim1=1, dim2=2) * 1e-9 + 1e-30)
+    inv = torch.linalg.inv(hess)
+    nr, nc = pts.shape
+    rows = torch.arange(nr, device=g.device) * CLUSTERS // nr
+    cols = torch.arange(nc, device=g.device) * CLUSTERS // nc
+    cluster = (rows.view(-1, 1) * CLUSTERS + cols.view(1, -1)).reshape(-1)
+    parts = jac * (wd * residual.double()).unsqueeze(1)  # (B, 3, N)
+    sums = parts.new_zeros(b, 3, CLUSTERS * CLUSTERS).index_add_(2, cluster, parts)
+    used = torch.zeros(b, CLUSTERS * CLUSTERS, dtype=wd.dtype, device=g.device).index_add_(1, cluster, wd)
+    clusters = (used > 0).sum(1).to(wd.dtype)
+    meat = sums @ sums.transpose(1, 2) * (clusters / (clusters - 1).clamp_min(1)).view(-1, 1, 1)
+    cov = inv @ meat @ inv
+    step = (inv @ sums.sum(2, keepdim=True))[..., 0]  # (B, 3)
+    uu, vv = u.double().unsqueeze(0), v.double().unsqueeze(0)
+    var = (
+        cov[:, :1, 0] * (uu.square() + vv.square())
+        + cov[:, 1:2, 1]
+        + cov[:, 2:3, 2]
+        + 2 * (uu * cov[:, 0:1, 2] - vv * cov[:, 0:1, 1])
+    )
+    moved = torch.hypot(step[:, 1:2] - step[:, :1] * vv, step[:, 2:3] + step[:, :1] * uu)
+    inside = w > 0
+    spread = torch.where(inside, var, torch.zeros_like(var)).amax(1).clamp_min(0).sqrt()
+    left = torch.where(inside, moved, torch.zeros_like(moved)).amax(1)
+    return torch.stack((spread, left), 1).to(g.dtype)
+
+
 def score(
     fixed: Level,
     moving: Level,
@@ -517,7 +643,7 @@ def score(
     noise: tuple[Tensor, Tensor],
     blocks: int = 4,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(B,) trust score in [0, 1], (B,) overlap fraction and (B,) textured blocks of a result, on one level.
+    """(B,) trust score in [0, 1], overlap fraction, textured blocks and spread (:func:`_spread`) of a result.
 
     The overlap is cut into a grid of ``blocks × blocks`` and the NCC of the
     two images is measured in each textured block, corrected for the
@@ -546,4 +672,5 @@ def score(
     trust = trust * (localisation / LOCALISED).clamp(max=1.0)
     textured = torch.isfinite(local).sum(1).to(trust.dtype)
     trust = trust * (textured / MIN_BLOCKS).clamp(max=1.0)
-    return trust * (overlap / (2 * min_overlap)).clamp(max=1.0), overlap, textured
+    spread = _spread(pts, frame, g, w, noise[0])
+    return trust * (overlap / (2 * min_overlap)).clamp(max=1.0), overlap, textured, spread

@@ -57,6 +57,7 @@ both), at a fraction of the cost.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -130,6 +131,10 @@ class StackRegistration:
             on frame 0 where the chain was re-anchored).
         anchored: ``(N,)`` bool, frames registered directly on the reference.
         size: ``(H, W)`` of the reference: the aligned frames' size.
+        error_px: ``(N,)`` predicted largest displacement error in pixels of each frame's map, as
+            :attr:`Registration.error_px`, measured against the reference (with ``"previous"``
+            on the pair: a composed map adds the errors of the pairs since its anchor); NaN where
+            unknown (a transforms table written before the column existed).
     """
 
     frame: Tensor
@@ -139,6 +144,11 @@ class StackRegistration:
     score: Tensor
     anchored: Tensor
     size: tuple[int, int]
+    error_px: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.error_px is None:
+            object.__setattr__(self, "error_px", torch.full_like(self.score, math.nan))
 
     def __len__(self) -> int:
         return self.frame.shape[0]
@@ -396,7 +406,7 @@ class _Job:
         total = count = None
         for _, batch in self._batches(start, stop):
             r = self._register(ref[None], batch)
-            rows.append((r.matrix.cpu().double(), r.score.cpu().double()))
+            rows.append((r.matrix.cpu().double(), r.score.cpu().double(), r.error_px.cpu().double()))
             aligned = r.aligned.cpu().float()
             if write is not None:
                 write(aligned)
@@ -407,10 +417,9 @@ class _Job:
                 total = aligned.sum(0) if total is None else total + aligned.sum(0)
                 count = cover.sum(0) if count is None else count + cover.sum(0)
         mean = None if total is None else torch.where(count > 0.5, total / count.clamp_min(1e-6), 0.0)
-        matrix = torch.cat([m for m, _ in rows])
-        score = torch.cat([s for _, s in rows])
+        matrix, score, error = (torch.cat(parts) for parts in zip(*rows, strict=True))
         anchored = torch.ones(stop - start, dtype=torch.bool)
-        return self._result(matrix, score, anchored, start, tuple(ref.shape[-2:])), mean
+        return self._result(matrix, score, anchored, start, tuple(ref.shape[-2:]), error), mean
 
     def chain(
         self,
@@ -423,9 +432,10 @@ class _Job:
     ) -> StackRegistration:
         """Each frame on the one before, maps composed to frame 0; re-anchored where weak."""
         size = tuple(ref.shape[-2:])
-        matrices, scores, anchors = [], [], []
+        matrices, scores, anchors, errors = [], [], [], []
         prev: Tensor | None = None  # the frame before the batch
         h_prev: Tensor | None = None  # its 3×3 map from frame 0
+        e_prev = torch.zeros((), dtype=torch.float64)  # its predicted error
         for i0, batch in self._batches(start, stop):
             n = batch.shape[0]
             # pair k: fixed = frame i0+k-1, moving = frame i0+k; frame 0 and a part's first frame
@@ -437,16 +447,17 @@ class _Job:
             else:
                 fixed = torch.cat([prev[None], batch[:-1]])
             pair = self._register(fixed, batch)
-            pm, ps = pair.matrix.cpu().double(), pair.score.cpu().double()
+            pm, ps, pe = pair.matrix.cpu().double(), pair.score.cpu().double(), pair.error_px.cpu().double()
             index = torch.arange(i0, i0 + n)
             want = ~has_prev | (ps < anchor_below)
             if anchor_every:
                 want |= (index % anchor_every == 0) & (index > 0)
-            direct_m, direct_s = pm.clone(), ps.clone()
+            direct_m, direct_s, direct_e = pm.clone(), ps.clone(), pe.clone()
             if bool(want.any()):
                 sel = want.nonzero()[:, 0]
                 d = self._register(ref[None], batch[sel])
                 direct_m[sel], direct_s[sel] = d.matrix.cpu().double(), d.score.cpu().double()
+                direct_e[sel] = d.error_px.cpu().double()
             batch_h = []
             for k in range(n):
                 use = bool(want[k]) and (
@@ -457,10 +468,13 @@ class _Job:
                 if use:
                     h = _homogeneous(direct_m[k : k + 1])[0]
                     scores.append(direct_s[k])
+                    e_prev = direct_e[k]
                 else:
                     h = _homogeneous(pm[k : k + 1])[0] @ h_prev
                     scores.append(ps[k])
+                    e_prev = e_prev + pe[k]
                 anchors.append(use)
+                errors.append(e_prev)
                 batch_h.append(h)
                 h_prev = h
             m = torch.stack(batch_h)[:, :2]
@@ -468,15 +482,23 @@ class _Job:
             if write is not None:
                 write(warp(batch, matrix=m.float(), size=size))
             prev = batch[-1]
-        result = self._result(torch.cat(matrices), torch.stack(scores), torch.tensor(anchors), start, size)
+        result = self._result(
+            torch.cat(matrices), torch.stack(scores), torch.tensor(anchors), start, size, torch.stack(errors)
+        )
         return result
 
     def _result(
-        self, matrix: Tensor, score: Tensor, anchored: Tensor, start: int, size: tuple[int, int]
+        self,
+        matrix: Tensor,
+        score: Tensor,
+        anchored: Tensor,
+        start: int,
+        size: tuple[int, int],
+        error: Tensor,
     ) -> StackRegistration:
         angle, t = matrix_parameters(matrix, size, tuple(self.src.frame_shape[-2:]))
         frame = torch.arange(start, start + matrix.shape[0])
-        return StackRegistration(frame, angle, t, matrix, score, anchored, size)
+        return StackRegistration(frame, angle, t, matrix, score, anchored, size, error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,14 +628,39 @@ class _Tracker:
         from . import _refine_from
 
         angle, t = self._params(maps, size)
-        a, t, score, _ = _refine_from(fixed, moving, angle, t, **self._opts())
-        return self._maps(a, t, size), score.double().cpu()
+        fit = _refine_from(fixed, moving, angle, t, **self._opts())
+        return self._maps(fit.angle, fit.translation, size), fit.score.double().cpu()
 
     def _search(self, fixed: Any, moving: Any, size: tuple[int, int]) -> tuple:
         from . import _search_from
 
-        a, t, score, _ = _search_from(fixed, moving, **self._opts())
-        return self._maps(a, t, size), score.double().cpu()
+        fit = _search_from(fixed, moving, **self._opts())
+        return self._maps(fit.angle, fit.translation, size), fit.score.double().cpu()
+
+    def _errors(self, frames: Any, m: Tensor) -> Tensor:
+        """(n,) predicted error of a batch's final maps ``(n, 2, 3)``, measured on the reference."""
+        from . import _judge, _refine
+
+        angle, t = matrix_parameters(m, self.size, self.frame_size)
+        like = frames.levels[0].image
+        angle, t = angle.to(like), t.to(like)
+        ref = self.ref.expand(m.shape[0])
+        agreement, overlap, _, spread = _refine.score(
+            ref.levels[0],
+            frames.levels[0],
+            self.size,
+            self.frame_size,
+            angle,
+            t,
+            self.s["max_points"],
+            self.s["min_overlap"],
+            (ref.noise, frames.noise),
+        )
+        return (
+            _judge(self.size, self.frame_size, angle, t, agreement, overlap, spread, None)
+            .error.double()
+            .cpu()
+        )
 
     @staticmethod
     def _rows(ks: list[int], like: Tensor) -> Tensor:
@@ -624,7 +671,7 @@ class _Tracker:
     def run(
         self, start: int, stop: int, write: Callable[[Tensor], object] | None, average: bool
     ) -> tuple[StackRegistration, Tensor | None]:
-        matrices, scores, anchors = [], [], []
+        matrices, scores, anchors, errors = [], [], [], []
         total = count = None
         prev = None  # the prepared frame before the batch
         base = None  # its 3×3 map from the reference
@@ -650,6 +697,7 @@ class _Tracker:
                 self._fallback(state, frames, left, pairs, chain_fixed, has_prev, i0)
             m = torch.stack(state.h)[:, :2]
             matrices.append(m)
+            errors.append(self._errors(frames, m))
             scores.append(torch.stack(state.score))
             anchors.append(torch.tensor(state.anchored))
             if write is not None or average:
@@ -664,7 +712,7 @@ class _Tracker:
             base = state.h[-1]
         mean = None if total is None else torch.where(count > 0.5, total / count.clamp_min(1e-6), 0.0)
         result = self.job._result(
-            torch.cat(matrices), torch.cat(scores), torch.cat(anchors), start, self.size
+            torch.cat(matrices), torch.cat(scores), torch.cat(anchors), start, self.size, torch.cat(errors)
         )
         return result, mean
 
