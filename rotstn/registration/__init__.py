@@ -184,11 +184,28 @@ def register(
         max_points: fixed pixels compared per level (a regular subset beyond that).
 
     Returns:
-        A :class:`Registration`. ``score`` above **0.9** marks a result to trust: on
-        ``python benchmarks/registration.py`` (correct pairs mixed with unrelated
-        pairs and pairs overlapping less than 10 %) it separates right from wrong
-        results (AUROC in docs/registration.md). ``angle``, ``translation``,
-        ``matrix``, ``score`` are float32 (float64 for float64 inputs).
+        A :class:`Registration`. ``angle``, ``translation``, ``matrix``, ``score``,
+        ``error_px`` are float32 (float64 for float64 inputs).
+
+    Trust:
+        ``score >= TRUST`` (0.9) marks a result to trust: the images agree block by
+        block over the overlap (the lower quartile of noise-corrected NCCs in 4×4
+        blocks, scaled down for small overlaps, fewer than three textured blocks, or an
+        overlap that does not pin the motion down), the predicted error is at most
+        ``ERROR_TRUST`` (0.5 px; beyond it the score falls as ``(0.5 / error_px)²``), and
+        no distinct alignment explains the pair nearly as well (else ``ambiguous`` and the
+        score is halved). ``python benchmarks/trust.py --seed N`` measures it on randomized
+        pairs over every bundled picture (docs/registration.md, "Trust").
+
+    Predicted error:
+        ``error_px`` is how far ``matrix`` may be from the truth at the worst point of
+        the overlap, in pixels: ``ERROR_SCALE`` (3) standard deviations of the
+        displacement under the cluster-robust Gauss–Newton covariance of (θ, tx, ty),
+        plus the motion of the step still left, at least 0.02 px; at least the distance
+        to the runner-up for an ambiguous result; the diagonal of the larger image where
+        the images do not agree. Calibrated so that about 97 % of right results lie under
+        it on that benchmark. Keep results with ``error_px`` under your tolerance (and
+        ``score >= TRUST``); a threshold below about 0.05 px keeps only clean pairs.
 
     Raises:
         TypeError: a non-tensor or non-floating image or mask, or a bad ``init``.
