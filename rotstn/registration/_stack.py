@@ -321,9 +321,7 @@ def register_stack(
 PART_SIZE = 256
 
 
-def _parts(
-    start: int, stop: int, part_size: int | None, batch_size: int, mode: str
-) -> list[tuple[int, int]]:
+def _parts(start: int, stop: int, part_size: int | None, batch_size: int, mode: str) -> list[tuple[int, int]]:
     """``start:stop`` cut into parts of whole batches, the same for every engine (local or Dask)."""
     if part_size is None:
         part_size = stop - start if mode == "previous" else PART_SIZE
