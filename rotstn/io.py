@@ -104,6 +104,14 @@ class TiffStack:
             if key in ij:
                 self.metadata[key] = ij[key]
 
+    # pickled for a Dask worker as its path: the worker opens the file itself
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_file"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._file = _tifffile().TiffFile(self.path)
+
     def __len__(self) -> int:
         return self._n
 
