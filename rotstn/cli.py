@@ -133,6 +133,8 @@ def _zarr_options(args: argparse.Namespace) -> dict:
         options["channel"] = args.read_channel
     if args.axis is not None:
         options["axis"] = args.axis
+    if args.missing_chunks is not None:
+        options["missing_chunks"] = args.missing_chunks
     for text in args.index or []:
         match = re.fullmatch(r"\s*(\w+)\s*=\s*(\d+)\s*", text)
         if match is None:
@@ -393,6 +395,13 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="AXIS=K",
         help="OME-Zarr: the position on another axis (e.g. z=3 when the frames are t); repeatable",
+    )
+    zarr.add_argument(
+        "--missing-chunks",
+        choices=("error", "fill"),
+        default=None,
+        help="a chunk the store does not hold: error (default, naming the frame) or fill (read the fill "
+        "value, as Zarr does: for stacks written without their empty chunks)",
     )
     dask = stack.add_argument_group("Dask (pip install rotstn[dask])")
     dask.add_argument(
