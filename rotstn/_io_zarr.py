@@ -65,6 +65,15 @@ class ZarrStack:
         path, frame_shape ``(C, H, W)``, dtype (numpy), metadata (``"ome"``: the axes, the
         scale of the level read, its NGFF version, ``omero`` channels and name, for
         :class:`ZarrWriter`).
+
+    Example:
+        >>> import tempfile, numpy as np, zarr
+        >>> from rotstn.io import open_stack
+        >>> path = tempfile.mkdtemp() + "/stack.zarr"
+        >>> _ = zarr.create_array(path, data=np.arange(5 * 32 * 48, dtype=np.uint16).reshape(5, 32, 48))
+        >>> stack = open_stack(path)
+        >>> len(stack), stack.frame_shape, tuple(stack.read(1, 3).shape)
+        (5, (1, 32, 48), (2, 1, 32, 48))
     """
 
     distributable = True  # Dask workers can read it: register_stack uses the active client
@@ -299,11 +308,12 @@ class ZarrWriter:
     under ``"rotstn"`` (the reference, the columns).
 
     Example:
-        >>> import tempfile, zarr  # doctest: +SKIP
-        >>> out = ZarrWriter(tempfile.mkdtemp() + "/out.zarr", (3, 1, 16, 16), "uint16")  # doctest: +SKIP
-        >>> out.write_frames(0, torch.zeros(3, 1, 16, 16))  # doctest: +SKIP
-        >>> zarr.open_group(out.path)["0"].shape  # doctest: +SKIP
-        (3, 1, 16, 16)
+        >>> import tempfile, zarr
+        >>> out = ZarrWriter(tempfile.mkdtemp() + "/out.zarr", (3, 1, 16, 16), "uint16")
+        >>> out.write_frames(0, torch.full((3, 1, 16, 16), 7.4))
+        >>> a = zarr.open_group(out.path, mode="r")["0"]
+        >>> a.shape, a.dtype.name, int(a[2, 0, 5, 5])
+        ((3, 1, 16, 16), 'uint16', 7)
     """
 
     def __init__(

@@ -41,6 +41,7 @@ __all__ = [
     "ZarrStack",
     "ZarrWriter",
     "merge_transforms",
+    "open_pairs",
     "open_stack",
     "read_image",
     "read_transforms",
@@ -143,14 +144,21 @@ class FolderStack:
     """The image files of a folder (PNG/JPEG/TIFF, name order: frame2 before frame10) as frames.
 
     All files must have one size and channel count (checked from their headers when opened).
+    ``files``: these files in this order instead (a column of a table of pairs, :func:`open_pairs`).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, files: list[str | os.PathLike] | None = None) -> None:
         self.path = str(path)
-        self.files = sorted(
-            (p for p in Path(self.path).iterdir() if p.suffix.lower() in IMAGES),
-            key=lambda p: _natural(p.name),
-        )
+        if files is not None:
+            self.files = [Path(f) for f in files]
+            for f in self.files:
+                if not f.is_file():
+                    raise ValueError(f"{f} (in {self.path}) does not exist")
+        else:
+            self.files = sorted(
+                (p for p in Path(self.path).iterdir() if p.suffix.lower() in IMAGES),
+                key=lambda p: _natural(p.name),
+            )
         if not self.files:
             raise ValueError(f"{self.path} is an empty stack: no {'/'.join(IMAGES)} files in it")
         shapes = [self._header(p) for p in self.files]
@@ -227,14 +235,6 @@ def open_stack(path: str | os.PathLike, **zarr_options: Any) -> TiffStack | Fold
     Raises:
         ValueError: the path does not exist, is not a TIFF, folder or Zarr store, cannot be read,
             holds no frames, or (folder) holds frames of mixed sizes. The message names the path.
-
-    Example:
-        >>> import tempfile, numpy as np, zarr  # doctest: +SKIP
-        >>> path = tempfile.mkdtemp() + "/stack.zarr"  # doctest: +SKIP
-        >>> zarr.create_array(path, data=np.zeros((5, 32, 48), np.uint16))  # doctest: +SKIP
-        >>> stack = open_stack(path)  # doctest: +SKIP
-        >>> len(stack), stack.frame_shape  # doctest: +SKIP
-        (5, (1, 32, 48))
     """
     p = Path(path)
     if not p.exists():
@@ -252,6 +252,29 @@ def open_stack(path: str | os.PathLike, **zarr_options: Any) -> TiffStack | Fold
     if len(stack) == 0:
         raise ValueError(f"{p} is an empty stack (0 frames)")
     return stack
+
+
+def open_pairs(table: str | os.PathLike) -> tuple[FolderStack, FolderStack]:
+    """A CSV table of image pairs (columns ``fixed`` and ``moving``, one pair a row) as two stacks.
+
+    Paths are relative to the table's folder unless absolute. Each column's images must share one
+    size (they are registered a batch at a time); the two columns may differ. For
+    :func:`rotstn.registration.register_pairs`.
+
+    Raises:
+        ValueError: the table cannot be read, lacks a column, or names a file that does not exist.
+    """
+    try:
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise ValueError(f"cannot read the table of pairs {table}: {exc}") from exc
+    if not rows or {"fixed", "moving"} - set(rows[0]):
+        raise ValueError(f"{table} is not a table of pairs: it needs the columns fixed and moving")
+    here = Path(table).parent
+    fixed = [here / r["fixed"] for r in rows]
+    moving = [here / r["moving"] for r in rows]
+    return FolderStack(table, files=fixed), FolderStack(table, files=moving)
 
 
 def _convert(batch: Tensor, dtype: np.dtype) -> np.ndarray:

@@ -22,7 +22,7 @@ pytest.importorskip("scipy")
 
 from test_stack import SIZE, _scipy_frames, _walk  # noqa: E402
 
-from rotstn import io, register_stack  # noqa: E402
+from rotstn import io, register, register_pairs, register_stack  # noqa: E402
 from rotstn.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,6 +203,33 @@ def test_cli_on_a_scheduler(client, data, stores, tmp_path, capsys):
     assert zarr.open_group(tmp_path / "o.zarr", mode="r")["0"].shape == (N, 1, SIZE, SIZE)
     assert main([*args[:3], str(tmp_path / "o.tif"), "--workers", "2", "-q"]) == 1
     assert "to Zarr (--out OUT.zarr)" in capsys.readouterr().err
+
+
+def test_pairs_on_the_cluster(client, tmp_path):
+    from PIL import Image
+
+    from rotstn.data import rigid_pairs
+
+    pairs = rigid_pairs(10, (48, 56), moving_size=(52, 52), seed=4)
+    fixed = np.clip(np.rint(pairs.fixed[:, 0].numpy() * 255), 0, 255).astype(np.uint8)
+    moving = np.clip(np.rint(pairs.moving[:, 0].numpy() * 255), 0, 255).astype(np.uint8)
+    f32 = [torch.from_numpy(x.astype(np.float32))[:, None] for x in (fixed, moving)]
+    # one register() call per batch: the independent reference
+    want = torch.cat([register(f32[0][i : i + 4], f32[1][i : i + 4]).matrix for i in range(0, 10, 4)])
+    d = [da.from_array(x, chunks=(3, *x.shape[1:])) for x in (fixed, moving)]
+    got = register_pairs(*d, batch_size=4, part_size=4)  # the active client
+    assert got.frame.tolist() == list(range(10)) and got.size == (48, 56)
+    assert torch.equal(got.matrix, want.double())
+    rows = ["fixed,moving"]
+    for i in range(10):
+        Image.fromarray(fixed[i]).save(tmp_path / f"f{i}.png")
+        Image.fromarray(moving[i]).save(tmp_path / f"m{i}.png")
+        rows.append(f"f{i}.png,m{i}.png")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    out = io.ZarrWriter(tmp_path / "aligned.zarr", (10, 1, 48, 56), np.uint8)
+    table = register_pairs(*io.open_pairs(tmp_path / "pairs.csv"), batch_size=4, client=client, write=out)
+    assert torch.equal(table.matrix, got.matrix) and torch.equal(table.score, got.score)
+    assert zarr.open_group(tmp_path / "aligned.zarr", mode="r")["0"][:].any()
 
 
 def test_import_rotstn_needs_no_dask():

@@ -305,7 +305,7 @@ def register_stack(
                 mask_d,
                 options,
             )
-            outs = engine.run(src, work, parts, write if last else None, bar)
+            outs = engine.run(_run_part, (src,), work, parts, write if last else None, bar)
             result = _gather([r for r, _, _ in outs])
             if not last:
                 ref = _mean([t for _, t, _ in outs], [c for _, _, c in outs])

@@ -1,10 +1,10 @@
 """Where the parts of a stack are registered: in this process, or on the workers of a Dask cluster.
 
 :func:`rotstn.register_stack` cuts the frames into parts (``_stack._parts``: whole batches,
-the same cut for both engines) and hands each engine the same function, ``_stack._run_part``,
-so the two paths share one engine and give the same rows: the local engine runs the parts
-one after the other, the Dask engine submits one task per part and gathers the rows in
-frame order.
+the same cut for both engines) and hands each engine the same function, ``_stack._run_part``
+(``_pairs._run_part`` for :func:`rotstn.registration.register_pairs`), so the two paths share
+one engine and give the same rows: the local engine runs the parts one after the other, the
+Dask engine submits one task per part and gathers the rows in frame order.
 
 On Dask each task gets its frames' source (a path or a task graph; a slice for frames in
 memory), the pass (the reference image, options, the earlier pass's maps for ``"mean"``)
@@ -31,10 +31,16 @@ class LocalEngine:
     def check_writer(self, write: Any) -> None:
         pass
 
-    def run(self, src: FrameSource, work: Any, parts: list[tuple[int, int]], write: Any, bar: Any) -> list:
-        from ._stack import _run_part
-
-        return [_run_part(src, work, a, b, write, bar) for a, b in parts]
+    def run(
+        self,
+        func: Any,
+        sources: tuple[FrameSource, ...],
+        work: Any,
+        parts: list[tuple[int, int]],
+        write: Any,
+        bar: Any,
+    ) -> list:
+        return [func(*sources, work, a, b, write, bar) for a, b in parts]
 
 
 class DaskEngine:
@@ -50,15 +56,27 @@ class DaskEngine:
                 f"batch), e.g. rotstn.io.ZarrWriter) when a client registers the stack, got {write!r}"
             )
 
-    def run(self, src: FrameSource, work: Any, parts: list[tuple[int, int]], write: Any, bar: Any) -> list:
+    def run(
+        self,
+        func: Any,
+        sources: tuple[FrameSource, ...],
+        work: Any,
+        parts: list[tuple[int, int]],
+        write: Any,
+        bar: Any,
+    ) -> list:
         from distributed import as_completed
-
-        from ._stack import _run_part
 
         run = uuid.uuid4().hex[:8]
         futures = [
             self.client.submit(
-                _run_part, part_source(src, a, b), work, a, b, write, key=f"rotstn-part-{a}-{b}-{run}"
+                func,
+                *(part_source(src, a, b) for src in sources),
+                work,
+                a,
+                b,
+                write,
+                key=f"rotstn-part-{a}-{b}-{run}",
             )
             for a, b in parts
         ]
