@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/stack.py [--quick] [--threads 2] [--repeat 3] [--memory-mb 200]
     PYTHONPATH=. python benchmarks/stack.py --figure docs/img/stack_walk.png   # the figure only
     PYTHONPATH=. python benchmarks/stack.py --tuning   # rotstn's options: polish, anchor_every, fine_points
+    PYTHONPATH=. python benchmarks/stack.py --dask [--quick] [--repeat 3] [--dask-gb 4 --worker-memory 1GiB]
 
 Stacks are cut by scipy (``ndimage.affine_transform``, cubic, independent of
 rotstn) from bundled scikit-image pictures, so every frame's true map is known:
@@ -24,6 +25,19 @@ Memory: a ``--memory-mb`` (default 200 MB, not the issue's 2 GB, to keep the
 run short on a shared machine) uint16 TIFF of 1024² frames is written in /tmp
 and registered through ``rotstn register-stack`` in a child process; the table
 gives the child's peak resident memory (``ru_maxrss``) next to the file's size.
+
+With ``--dask`` (``pip install rotstn[dask]``), the Zarr stack on a ``distributed.LocalCluster``
+of 1 and 2 worker processes (one thread each) against the same call in this process, and a Zarr
+stack several times larger than a worker's memory limit:
+
+* throughput: ``walk-192`` (``--dask-frames``, default 480 frames) as a uint16 Zarr array in /tmp,
+  registered in parts of ``--part-size`` (64) frames, frames/s (the fastest of ``--repeat``, after
+  each worker has registered one warm-up part) and the largest difference of the mapped corners
+  from the in-process result (which uses the same parts);
+* memory: ``--dask-gb`` (default 4) GB of uint16 1024² frames as an uncompressed Zarr array, two
+  workers of ``--worker-memory`` (default 1 GiB) each, the aligned stack written to Zarr by the
+  workers; the peak resident memory of each worker process (``ru_maxrss``) and whether a worker was
+  restarted (the nanny kills one that passes 95 % of its limit).
 
 torch's OpenMP threads keep their default wait policy (``benchmarks/registration.py`` says why).
 """
@@ -246,6 +260,129 @@ def figure(path: str, stack: tuple[np.ndarray, np.ndarray], batch_size: int) -> 
     print(f"{path}: max displacement {d.max():.3f} px, median {np.median(d):.3f} px")
 
 
+def _warm() -> str:
+    """On a worker: import rotstn and register one small stack (torch's first calls, the C kernels)."""
+    import rotstn
+    from rotstn.data import bundled_image
+
+    img = torch.tensor(bundled_image("camera")[100:164, 150:214], dtype=torch.float32)
+    rotstn.register_stack(rotstn.warp(img.expand(3, 1, 64, 64), torch.tensor([0.0, 1.0, -2.0])), client=False)
+    return rotstn.__file__
+
+
+def dask_throughput(n: int, part_size: int, batch_size: int, repeat: int) -> list[str]:
+    import zarr
+    from distributed import Client, LocalCluster
+
+    from rotstn import io
+
+    frames, truth = make_stack(bundled_image("astronaut"), n, 192, {100: 97.0, 200: -143.0}, 0, 0.02)
+    data = np.clip(np.rint(frames * 60000), 0, 65535).astype(np.uint16)
+    memory = torch.from_numpy(data.astype(np.float32))[:, None]
+    rows = [
+        f"| walk-192 as Zarr ({n} frames, parts of {part_size}) | engine | frames/s | "
+        "max corner difference from in-process (px) | success vs truth (< 1 px) |",
+        "|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        path = Path(tmp) / "walk.zarr"
+        zarr.create_array(path, data=data, chunks=(16, 192, 192))
+        kw = {"part_size": part_size, "batch_size": batch_size}
+        want = None
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            rotstn.register_stack(memory[: batch_size + 1], client=False)  # warm-up
+            seconds = math.inf
+            for _ in range(repeat):
+                start = time.perf_counter()
+                got = rotstn.register_stack(io.open_stack(path), client=False, **kw)
+                seconds = min(seconds, time.perf_counter() - start)
+            want = got if want is None else want
+            d = displacement(got.matrix.numpy(), want.matrix.numpy(), 192).max()
+            ok = np.mean(displacement(got.matrix.numpy(), truth, 192) < 1)
+            rows.append(
+                f"| | in process, {threads} torch thread(s) | {n / seconds:.1f} | {d:.1e} | "
+                f"{100 * ok:.1f} % |"
+            )
+            print(rows[-1], flush=True)
+        for workers in (1, 2):
+            with (
+                LocalCluster(
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address=None,
+                ) as cluster,
+                Client(cluster) as client,
+            ):
+                client.run(_warm)
+                seconds = math.inf
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    got = rotstn.register_stack(io.open_stack(path), client=client, **kw)
+                    seconds = min(seconds, time.perf_counter() - start)
+            d = displacement(got.matrix.numpy(), want.matrix.numpy(), 192).max()
+            ok = np.mean(displacement(got.matrix.numpy(), truth, 192) < 1)
+            rows.append(
+                f"| | Dask, {workers} worker(s) × 1 thread | {n / seconds:.1f} | {d:.1e} | {100 * ok:.1f} % |"
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def dask_memory(gigabytes: float, worker_memory: str, batch_size: int) -> list[str]:
+    import resource
+
+    import zarr
+    from distributed import Client, LocalCluster
+
+    from rotstn import io
+
+    size = 1024
+    n = max(2, int(gigabytes * 2**30) // (size * size * 2))
+    frames, _ = make_stack(bundled_image("retina"), 2, size, {}, seed=1, noise=0.0)
+    pages = np.clip(np.rint(frames * 60000), 0, 65535).astype(np.uint16)
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        path = Path(tmp) / "big.zarr"
+        arr = zarr.create_array(
+            path, shape=(n, size, size), chunks=(1, size, size), dtype=np.uint16, compressors=None
+        )
+        for i in range(0, n, 64):
+            arr[i : i + 64] = pages[np.arange(i, min(i + 64, n)) % 2]
+        disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        with (
+            LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                memory_limit=worker_memory,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            before = set(client.scheduler_info()["workers"])
+            stack = io.open_stack(path)
+            out = io.ZarrWriter(Path(tmp) / "out.zarr", (n, *stack.frame_shape), stack.dtype, stack.metadata)
+            start = time.perf_counter()
+            result = rotstn.register_stack(stack, batch_size=batch_size, client=client, write=out)
+            seconds = time.perf_counter() - start
+            peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            after = set(client.scheduler_info()["workers"])
+            limit = next(iter(client.scheduler_info()["workers"].values()))["memory_limit"]
+        trusted = float((result.score > 0.9).float().mean())
+    peak = " / ".join(f"{v / 2**20:.0f} MB" for v in peaks.values())
+    return [
+        "| Zarr (uint16, 1024² frames, uncompressed) | frames | on disk | workers × limit | batch | "
+        "peak RSS per worker | workers restarted | frames/s | score > 0.9 |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {n * size * size * 2 / 2**30:.1f} GiB | {n} | {disk / 2**30:.2f} GiB | "
+        f"2 × {limit / 2**30:.2f} GiB | {batch_size} | {peak} | {len(before - after)} | {n / seconds:.2f} | "
+        f"{100 * trusted:.1f} % |",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small stacks, no memory run (a smoke test)")
@@ -259,8 +396,25 @@ def main() -> None:
         action="store_true",
         help="rotstn only: drift of previous with and without the polish, fine_points on 512², and stop",
     )
+    parser.add_argument("--dask", action="store_true", help="the Dask tables (1 and 2 workers, memory) only")
+    parser.add_argument("--dask-frames", type=int, default=480, help="frames of the Dask throughput stack")
+    parser.add_argument(
+        "--part-size", type=int, default=64, help="frames per part in the Dask throughput run"
+    )
+    parser.add_argument(
+        "--dask-gb", type=float, default=4.0, help="size of the Dask memory run's stack (0: skip)"
+    )
+    parser.add_argument("--worker-memory", default="1GiB", help="memory limit per worker in the memory run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.dask:
+        print(f"{machine_line()}; rotstn batch size {args.batch_size}\n")
+        n = 48 if args.quick else args.dask_frames
+        rows = dask_throughput(n, 16 if args.quick else args.part_size, args.batch_size, args.repeat)
+        print("\n" + "\n".join(rows))
+        if args.dask_gb and not args.quick:
+            print("\n" + "\n".join(dask_memory(args.dask_gb, args.worker_memory, 8)), flush=True)
+        return
     n192, n512 = (12, 4) if args.quick else (300, 40)
     walk = bundled_image("astronaut")
     if args.figure:
