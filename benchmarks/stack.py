@@ -284,9 +284,10 @@ def dask_throughput(n: int, part_size: int, batch_size: int, repeat: int) -> lis
     import contextlib
 
     import zarr
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from rotstn import io
+    from rotstn.registration._stack_parts import local_cluster
 
     frames, truth = make_stack(bundled_image("astronaut"), n, 192, {100: 97.0, 200: -143.0}, 0, 0.02)
     data = np.clip(np.rint(frames * 60000), 0, 65535).astype(np.uint16)
@@ -306,15 +307,7 @@ def dask_throughput(n: int, part_size: int, batch_size: int, repeat: int) -> lis
         zarr.create_array(path, data=data, chunks=(16, 192, 192))
         clients = {}
         for workers in (1, 2):
-            cluster = stack.enter_context(
-                LocalCluster(
-                    n_workers=workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    host="127.0.0.1",
-                    dashboard_address=None,
-                )
-            )
+            cluster = stack.enter_context(local_cluster(workers))  # as `register-stack --workers N`
             clients[f"Dask, {workers} worker{'s' if workers > 1 else ''}"] = stack.enter_context(
                 Client(cluster)
             )
@@ -353,9 +346,10 @@ def dask_memory(gigabytes: float, worker_memory: str, batch_size: int) -> list[s
     import resource
 
     import zarr
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from rotstn import io
+    from rotstn.registration._stack_parts import local_cluster
 
     size = 1024
     n = max(2, int(gigabytes * 2**30) // (size * size * 2))
@@ -369,17 +363,7 @@ def dask_memory(gigabytes: float, worker_memory: str, batch_size: int) -> list[s
         for i in range(0, n, 64):
             arr[i : i + 64] = pages[np.arange(i, min(i + 64, n)) % 2]
         disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        with (
-            LocalCluster(
-                n_workers=2,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-                memory_limit=worker_memory,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
+        with local_cluster(2, worker_memory) as cluster, Client(cluster) as client:
             before = set(client.scheduler_info()["workers"])
             stack = io.open_stack(path)
             out = io.ZarrWriter(Path(tmp) / "out.zarr", (n, *stack.frame_shape), stack.dtype, stack.metadata)
