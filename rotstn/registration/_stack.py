@@ -48,7 +48,16 @@ search per frame:
    frames after it are predicted again from that result; after ``WAVES``
    rounds every frame left is searched.
 
-The reference is blurred and its pyramid built once per pass, not per batch.
+Parts
+-----
+The range is cut into parts of ``part_size`` frames (whole batches; ``_parts``), the same way
+wherever it runs, and every part is registered by ``_run_part`` against the pass's reference:
+one after the other in this process, or one task each on a Dask cluster (``_stack_parts``).
+A part starts without a prediction, as ``start`` does, so the cut is part of the result and
+the engine is not: the local and the Dask runs agree bit for bit. With ``"mean"`` each part
+also returns the sum of its aligned frames and their cover, added in part order.
+
+The reference is blurred and its pyramid built once per part, not per batch.
 A frame that tracks gets the answer the global search would give (the same
 refinement from a start in the same basin; ``tests/test_stack.py`` checks
 both), at a fraction of the cost.
