@@ -75,7 +75,7 @@ def register_pairs(
     shows pixel ``(x, y)`` of ``fixed[i]``).
 
     Args:
-        fixed, moving: ``(N, C, H, W)`` or ``(N, H, W)`` each (tensors, arrays, dask arrays, stacks
+        fixed, moving: ``(B, C, H, W)`` or ``(B, H, W)`` each, B pairs (tensors, arrays, dask arrays, stacks
             from :func:`rotstn.io.open_stack`, or the two stacks of :func:`rotstn.io.open_pairs`);
             the two may differ in size and channels. Integer images are registered unscaled.
         batch_size: pairs per :func:`register` call.
