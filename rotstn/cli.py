@@ -335,10 +335,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     stack = commands.add_parser(
         "register-stack",
-        help="register every frame of a TIFF stack or folder of images on one reference",
+        help="register every frame of a TIFF stack, folder of images or (OME-)Zarr on one reference",
         description=(
-            "Register every frame of INPUT (a multi-page TIFF or a folder of PNG/JPEG/TIFF images) on one "
-            "reference, over the full circle, a batch at a time (the stack is streamed, never loaded whole). "
+            "Register every frame of INPUT (a multi-page TIFF, a folder of PNG/JPEG/TIFF images, a Zarr "
+            "array or an OME-Zarr image) on one reference, over the full circle, a batch at a time (the "
+            "stack is streamed, never loaded whole), in this process or on Dask workers (--workers, "
+            "--scheduler). "
             "Writes the aligned frames (same dtype; TIFF pixel size kept) and a transforms table (CSV: "
             "frame, "
             "angle_deg, tx, ty, score, m00..m12, where the matrix maps a reference pixel (x, y, 1) to the "
