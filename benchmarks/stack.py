@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/stack.py [--quick] [--threads 2] [--repeat 3] [--memory-mb 200]
     PYTHONPATH=. python benchmarks/stack.py --figure docs/img/stack_walk.png   # the figure only
     PYTHONPATH=. python benchmarks/stack.py --tuning   # rotstn's options: polish, anchor_every, fine_points
+    PYTHONPATH=. python benchmarks/stack.py --dask [--quick] [--repeat 3] [--dask-gb 4 --worker-memory 1GiB]
 
 Stacks are cut by scipy (``ndimage.affine_transform``, cubic, independent of
 rotstn) from bundled scikit-image pictures, so every frame's true map is known:
@@ -25,6 +26,19 @@ run short on a shared machine) uint16 TIFF of 1024² frames is written in /tmp
 and registered through ``rotstn register-stack`` in a child process; the table
 gives the child's peak resident memory (``ru_maxrss``) next to the file's size.
 
+With ``--dask`` (``pip install rotstn[dask]``), the Zarr stack on a ``distributed.LocalCluster``
+of 1 and 2 worker processes (one thread each) against the same call in this process, and a Zarr
+stack several times larger than a worker's memory limit:
+
+* throughput: ``walk-192`` (``--dask-frames``, default 480 frames) as a uint16 Zarr array in /tmp,
+  registered in parts of ``--part-size`` (64) frames, frames/s (the fastest of ``--repeat``, after
+  each worker has registered one warm-up part) and the largest difference of the mapped corners
+  from the in-process result (which uses the same parts);
+* memory: ``--dask-gb`` (default 4) GB of uint16 1024² frames as an uncompressed Zarr array, two
+  workers of ``--worker-memory`` (default 1 GiB) each, the aligned stack written to Zarr by the
+  workers; the peak resident memory of each worker process (``ru_maxrss``) and whether a worker was
+  restarted (the nanny kills one that passes 95 % of its limit).
+
 torch's OpenMP threads keep their default wait policy (``benchmarks/registration.py`` says why).
 """
 
@@ -32,11 +46,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -246,6 +262,129 @@ def figure(path: str, stack: tuple[np.ndarray, np.ndarray], batch_size: int) -> 
     print(f"{path}: max displacement {d.max():.3f} px, median {np.median(d):.3f} px")
 
 
+def _warm() -> str:
+    """On a worker: import rotstn and register one small stack (torch's first calls, the C kernels)."""
+    import rotstn
+    from rotstn.data import bundled_image
+
+    img = torch.tensor(bundled_image("camera")[100:164, 150:214], dtype=torch.float32)
+    rotstn.register_stack(rotstn.warp(img.expand(3, 1, 64, 64), torch.tensor([0.0, 1.0, -2.0])), client=False)
+    return rotstn.__file__
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def dask_throughput(n: int, part_size: int, batch_size: int, repeat: int) -> list[str]:
+    """In process (1 and 2 torch threads) and on 1 and 2 workers, the runs interleaved ``repeat`` times."""
+    import contextlib
+
+    import zarr
+    from distributed import Client
+
+    from rotstn import io
+    from rotstn.registration._stack_parts import local_cluster
+
+    frames, truth = make_stack(bundled_image("astronaut"), n, 192, {100: 97.0, 200: -143.0}, 0, 0.02)
+    data = np.clip(np.rint(frames * 60000), 0, 65535).astype(np.uint16)
+    memory = torch.from_numpy(data.astype(np.float32))[:, None]
+    kw = {"part_size": part_size, "batch_size": batch_size}
+    engines = [
+        "in process, 1 torch thread",
+        "in process, 2 torch threads",
+        "Dask, 1 worker",
+        "Dask, 2 workers",
+    ]
+    best = dict.fromkeys(engines, math.inf)
+    cpu = dict.fromkeys(engines, math.inf)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp, contextlib.ExitStack() as stack:
+        path = Path(tmp) / "walk.zarr"
+        zarr.create_array(path, data=data, chunks=(16, 192, 192))
+        clients = {}
+        for workers in (1, 2):
+            cluster = stack.enter_context(local_cluster(workers))  # as `register-stack --workers N`
+            clients[f"Dask, {workers} worker{'s' if workers > 1 else ''}"] = stack.enter_context(
+                Client(cluster)
+            )
+        for client in clients.values():
+            client.run(_warm)
+        rotstn.register_stack(memory[: batch_size + 1], client=False)  # warm-up in this process
+        loads = []
+        for _ in range(repeat):
+            for name in engines:
+                client = clients.get(name)
+                torch.set_num_threads(2 if "2 torch" in name else 1)
+                loads.append(os.getloadavg()[0])
+                used = sum(client.run(_cpu_seconds).values()) if client else _cpu_seconds()
+                start = time.perf_counter()
+                got = rotstn.register_stack(io.open_stack(path), client=client or False, **kw)
+                seconds = time.perf_counter() - start
+                used = (sum(client.run(_cpu_seconds).values()) if client else _cpu_seconds()) - used
+                best[name], cpu[name] = min(best[name], seconds), min(cpu[name], used)
+                results[name] = got
+    want = results[engines[0]].matrix.numpy()
+    rows = [
+        f"| engine (walk-192 as Zarr, {n} frames, parts of {part_size}) | frames/s (wall) | "
+        "frames per CPU second | max corner difference from in process, 1 thread (px) | success (< 1 px) |",
+        "|---|---|---|---|---|",
+    ]
+    for name in engines:
+        got = results[name].matrix.numpy()
+        d = displacement(got, want, 192).max()
+        ok = np.mean(displacement(got, truth, 192) < 1)
+        rows.append(f"| {name} | {n / best[name]:.1f} | {n / cpu[name]:.1f} | {d:.1e} | {100 * ok:.1f} % |")
+    rows.append(f"\n1-minute load average before the runs: {min(loads):.1f} to {max(loads):.1f}")
+    return rows
+
+
+def dask_memory(gigabytes: float, worker_memory: str, batch_size: int) -> list[str]:
+    import resource
+
+    import zarr
+    from distributed import Client
+
+    from rotstn import io
+    from rotstn.registration._stack_parts import local_cluster
+
+    size = 1024
+    n = max(2, int(gigabytes * 2**30) // (size * size * 2))
+    frames, _ = make_stack(bundled_image("retina"), 2, size, {}, seed=1, noise=0.0)
+    pages = np.clip(np.rint(frames * 60000), 0, 65535).astype(np.uint16)
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        path = Path(tmp) / "big.zarr"
+        arr = zarr.create_array(
+            path, shape=(n, size, size), chunks=(1, size, size), dtype=np.uint16, compressors=None
+        )
+        for i in range(0, n, 64):
+            arr[i : i + 64] = pages[np.arange(i, min(i + 64, n)) % 2]
+        disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        with local_cluster(2, worker_memory) as cluster, Client(cluster) as client:
+            before = set(client.scheduler_info()["workers"])
+            stack = io.open_stack(path)
+            out = io.ZarrWriter(Path(tmp) / "out.zarr", (n, *stack.frame_shape), stack.dtype, stack.metadata)
+            start = time.perf_counter()
+            result = rotstn.register_stack(stack, batch_size=batch_size, client=client, write=out)
+            seconds = time.perf_counter() - start
+            peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            after = set(client.scheduler_info()["workers"])
+            limit = next(iter(client.scheduler_info()["workers"].values()))["memory_limit"]
+        trusted = float((result.score > 0.9).float().mean())
+    peak = " / ".join(f"{v / 2**20:.0f} MB" for v in peaks.values())
+    return [
+        "| Zarr (uint16, 1024² frames, uncompressed) | frames | on disk | workers × limit | batch | "
+        "peak RSS per worker | workers restarted | frames/s | score > 0.9 |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {n * size * size * 2 / 2**30:.1f} GiB | {n} | {disk / 2**30:.2f} GiB | "
+        f"2 × {limit / 2**30:.2f} GiB | {batch_size} | {peak} | {len(before - after)} | {n / seconds:.2f} | "
+        f"{100 * trusted:.1f} % |",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small stacks, no memory run (a smoke test)")
@@ -259,8 +398,25 @@ def main() -> None:
         action="store_true",
         help="rotstn only: drift of previous with and without the polish, fine_points on 512², and stop",
     )
+    parser.add_argument("--dask", action="store_true", help="the Dask tables (1 and 2 workers, memory) only")
+    parser.add_argument("--dask-frames", type=int, default=480, help="frames of the Dask throughput stack")
+    parser.add_argument(
+        "--part-size", type=int, default=64, help="frames per part in the Dask throughput run"
+    )
+    parser.add_argument(
+        "--dask-gb", type=float, default=4.0, help="size of the Dask memory run's stack (0: skip)"
+    )
+    parser.add_argument("--worker-memory", default="1GiB", help="memory limit per worker in the memory run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.dask:
+        print(f"{machine_line()}; rotstn batch size {args.batch_size}\n")
+        n = 48 if args.quick else args.dask_frames
+        rows = dask_throughput(n, 16 if args.quick else args.part_size, args.batch_size, args.repeat)
+        print("\n" + "\n".join(rows))
+        if args.dask_gb and not args.quick:
+            print("\n" + "\n".join(dask_memory(args.dask_gb, args.worker_memory, 8)), flush=True)
+        return
     n192, n512 = (12, 4) if args.quick else (300, 40)
     walk = bundled_image("astronaut")
     if args.figure:

@@ -4,6 +4,7 @@ from . import encoders, heads, losses
 from .functional import angle_difference, rigid_matrix, rotate, rotation_matrix, warp, wrap_angle
 from .modules import Rotate, RotationSTN, STNOutput
 from .registration import Registration, StackRegistration, register, register_stack
+from .registration._pairs import register_pairs
 from .search import best_turn
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "heads",
     "losses",
     "register",
+    "register_pairs",
     "register_stack",
     "rigid_matrix",
     "rotate",

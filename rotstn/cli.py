@@ -1,8 +1,10 @@
 """Command line: ``rotstn register FIXED MOVING [-o ALIGNED] [--fixed-mask M] [--moving-mask M]``.
 
 ``rotstn register-stack IN -o OUT --reference first --transforms t.csv [--mask M]
-[--frames START:STOP] [--device cuda] [--batch-size N]`` registers a TIFF stack
-or a folder of images, streaming; ``rotstn merge-transforms a.csv b.csv -o all.csv``
+[--frames START:STOP] [--device cuda] [--batch-size N]`` registers a TIFF stack,
+a folder of images, a Zarr array or an OME-Zarr image, streaming, in this process
+or (``--workers N``, ``--scheduler ADDRESS``) on a Dask cluster, which writes the
+aligned stack to OUT.zarr; ``rotstn merge-transforms a.csv b.csv -o all.csv``
 joins the tables of parts registered separately. Exit status: 0 done, 1 bad
 input, 3 (with ``--strict``) a score below the trust threshold.
 
@@ -127,6 +129,53 @@ def _frames(text: str | None, n: int) -> tuple[int, int]:
     return start, stop
 
 
+def _zarr_options(args: argparse.Namespace) -> dict:
+    options: dict = {}
+    if args.level is not None:
+        options["level"] = args.level
+    if args.read_channel is not None:
+        options["channel"] = args.read_channel
+    if args.axis is not None:
+        options["axis"] = args.axis
+    if args.missing_chunks is not None:
+        options["missing_chunks"] = args.missing_chunks
+    for text in args.index or []:
+        match = re.fullmatch(r"\s*(\w+)\s*=\s*(\d+)\s*", text)
+        if match is None:
+            raise ValueError(f"--index must be AXIS=K (e.g. z=3), got {text!r}")
+        options.setdefault("index", {})[match.group(1)] = int(match.group(2))
+    return options
+
+
+def _client(args: argparse.Namespace) -> tuple[object, object]:
+    """(client, cluster) for --scheduler / --workers; (None, None) to register in this process."""
+    if args.scheduler is None and args.workers is None:
+        return None, None
+    if args.scheduler is not None and args.workers is not None:
+        raise ValueError(
+            "--scheduler and --workers exclude each other: run on a cluster, or start a local one"
+        )
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise ImportError(
+            "--scheduler and --workers need dask.distributed: pip install rotstn[dask]"
+        ) from exc
+    if args.scheduler is not None:
+        return Client(args.scheduler), None
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    cluster = LocalCluster(
+        n_workers=args.workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        memory_limit=args.memory_limit or "auto",
+    )
+    return Client(cluster), cluster
+
+
 def _register_stack(args: argparse.Namespace) -> int:
     from . import io
     from .registration import register_stack
@@ -135,7 +184,14 @@ def _register_stack(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: no CUDA device is available here")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    stack = io.open_stack(args.input)
+    distributed = args.scheduler is not None or args.workers is not None
+    if distributed and args.output is not None and not io.is_zarr(args.output):
+        raise ValueError(
+            f"--out {args.output}: with --workers or --scheduler the workers write the aligned stack "
+            "themselves, to Zarr (--out OUT.zarr)"
+        )
+    stack = io.open_stack(args.input, **_zarr_options(args))
+    client = cluster = None
     try:
         start, stop = _frames(args.frames, len(stack))
         reference: str | torch.Tensor = args.reference
@@ -165,8 +221,15 @@ def _register_stack(args: argparse.Namespace) -> int:
         if isinstance(stack, io.FolderStack):
             names = [p.name for p in stack.files[start:stop]]
         writer = None
-        if args.output is not None:
+        if args.output is not None and io.is_zarr(args.output):
+            size = (
+                tuple(reference.shape[-2:]) if isinstance(reference, torch.Tensor) else stack.frame_shape[1:]
+            )
+            shape = (stop - start, stack.frame_shape[0], *size)
+            writer = _Shifted(io.ZarrWriter(args.output, shape, stack.dtype, stack.metadata), start)
+        elif args.output is not None:
             writer = io.StackWriter(args.output, stack.dtype, stack.metadata, names)
+        client, cluster = _client(args)
         try:
             result = register_stack(
                 stack,
@@ -177,15 +240,23 @@ def _register_stack(args: argparse.Namespace) -> int:
                 mask=mask,
                 device=args.device,
                 anchor_every=args.anchor_every,
-                write=None if writer is None else writer.write,
+                write=None if writer is None else writer if isinstance(writer, _Shifted) else writer.write,
                 progress=not args.quiet,
+                part_size=args.part_size,
+                client=client if client is not None else False,
                 smooth=args.smooth,
             )
         finally:
             if writer is not None:
                 writer.close()
+        if isinstance(writer, _Shifted):
+            writer.writer.record(result, args.reference)
     finally:
         stack.close()
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
     if args.transforms is not None:
         io.write_transforms(args.transforms, result)
     low = int((result.score < TRUST).sum())
@@ -200,6 +271,19 @@ def _register_stack(args: argparse.Namespace) -> int:
             f"{low} frame(s) scored below {TRUST} (do not trust them): {bad[:20]}{' ...' if low > 20 else ''}"
         )
     return 3 if low and args.strict else 0
+
+
+class _Shifted:
+    """A region writer for frames ``start:stop`` of a stack: frame ``start`` is the output's frame 0."""
+
+    def __init__(self, writer: object, start: int) -> None:
+        self.writer, self.start = writer, start
+
+    def write_frames(self, first: int, batch: torch.Tensor) -> None:
+        self.writer.write_frames(first - self.start, batch)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -255,10 +339,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     stack = commands.add_parser(
         "register-stack",
-        help="register every frame of a TIFF stack or folder of images on one reference",
+        help="register every frame of a TIFF stack, folder of images or (OME-)Zarr on one reference",
         description=(
-            "Register every frame of INPUT (a multi-page TIFF or a folder of PNG/JPEG/TIFF images) on one "
-            "reference, over the full circle, a batch at a time (the stack is streamed, never loaded whole). "
+            "Register every frame of INPUT (a multi-page TIFF, a folder of PNG/JPEG/TIFF images, a Zarr "
+            "array or an OME-Zarr image) on one reference, over the full circle, a batch at a time (the "
+            "stack is streamed, never loaded whole), in this process or on Dask workers (--workers, "
+            "--scheduler). "
             "Writes the aligned frames (same dtype; TIFF pixel size kept) and a transforms table (CSV: "
             "frame, "
             "angle_deg, tx, ty, score, m00..m12, where the matrix maps a reference pixel (x, y, 1) to the "
@@ -266,12 +352,17 @@ def _parser() -> argparse.ArgumentParser:
             f"{TRUST} with --strict."
         ),
     )
-    stack.add_argument("input", metavar="INPUT", help="multi-page TIFF file or folder of images")
+    stack.add_argument(
+        "input", metavar="INPUT", help="multi-page TIFF file, folder of images, Zarr array or OME-Zarr image"
+    )
     stack.add_argument(
         "-o",
+        "--out",
         "--output",
+        dest="output",
         metavar="OUT",
-        help="aligned stack: a .tif/.tiff file, or a folder (one file a frame)",
+        help="aligned stack: OUT.zarr (OME-Zarr, with the transforms; written by the workers with --workers "
+        "or --scheduler), a .tif/.tiff file, or a folder (one file a frame)",
     )
     stack.add_argument("--transforms", metavar="CSV", help="write the transforms table here")
     stack.add_argument(
@@ -298,6 +389,46 @@ def _parser() -> argparse.ArgumentParser:
     )
     stack.add_argument(
         "--smooth", type=float, default=1.0, help="Gaussian blur (pixels) before estimating (default 1)"
+    )
+    zarr = stack.add_argument_group("Zarr and OME-Zarr input")
+    zarr.add_argument("--level", type=int, default=None, help="OME-Zarr resolution level (default 0, full)")
+    zarr.add_argument(
+        "--read-channel", type=int, default=None, metavar="C", help="read only this channel (default all)"
+    )
+    zarr.add_argument("--axis", choices=("t", "z"), default=None, help="OME-Zarr axis along which frames lie")
+    zarr.add_argument(
+        "--index",
+        action="append",
+        metavar="AXIS=K",
+        help="OME-Zarr: the position on another axis (e.g. z=3 when the frames are t); repeatable",
+    )
+    zarr.add_argument(
+        "--missing-chunks",
+        choices=("error", "fill"),
+        default=None,
+        help="a chunk the store does not hold: error (default, naming the frame) or fill (read the fill "
+        "value, as Zarr does: for stacks written without their empty chunks)",
+    )
+    dask = stack.add_argument_group("Dask (pip install rotstn[dask])")
+    dask.add_argument(
+        "--scheduler", metavar="ADDRESS", help="run on this Dask cluster (e.g. tcp://10.0.0.5:8786)"
+    )
+    dask.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start a local Dask cluster of N worker processes",
+    )
+    dask.add_argument(
+        "--memory-limit", default=None, metavar="BYTES", help="with --workers: memory per worker (e.g. 1GiB)"
+    )
+    dask.add_argument(
+        "--part-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="frames per part, the unit of work of a worker (default 256; the whole stack with previous)",
     )
     stack.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     stack.add_argument(

@@ -8,12 +8,14 @@
 * :class:`StackWriter`: appends aligned frames to a TIFF (ImageJ-compatible for
   8/16-bit and float32 grey stacks, keeping the pixel size: resolution tags and
   the ImageJ unit) or to a folder, converting back to the input dtype.
+* Zarr arrays and OME-Zarr images (:class:`ZarrStack`, through :func:`open_stack`) and
+  :class:`ZarrWriter`, which Dask workers write region by region (``rotstn/_io_zarr.py``).
 * :func:`write_transforms`, :func:`read_transforms`, :func:`merge_transforms`:
   the CSV table ``frame, angle_deg, tx, ty, score, m00, m01, m02, m10, m11, m12``
   (matrix convention of :func:`rotstn.register_stack`).
 
 tifffile (TIFF) and Pillow (PNG/JPEG) are optional dependencies:
-``pip install rotstn[io]``.
+``pip install rotstn[io]``; zarr and ome-zarr: ``pip install rotstn[dask]``.
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._io_zarr import ZarrStack, ZarrWriter, is_zarr
 from .registration._stack import StackRegistration, matrix_parameters
 
 __all__ = [
     "FolderStack",
     "StackWriter",
     "TiffStack",
+    "ZarrStack",
+    "ZarrWriter",
     "merge_transforms",
+    "open_pairs",
     "open_stack",
     "read_image",
     "read_transforms",
@@ -101,6 +107,14 @@ class TiffStack:
             if key in ij:
                 self.metadata[key] = ij[key]
 
+    # pickled for a Dask worker as its path: the worker opens the file itself
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_file"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._file = _tifffile().TiffFile(self.path)
+
     def __len__(self) -> int:
         return self._n
 
@@ -132,14 +146,21 @@ class FolderStack:
     """The image files of a folder (PNG/JPEG/TIFF, name order: frame2 before frame10) as frames.
 
     All files must have one size and channel count (checked from their headers when opened).
+    ``files``: these files in this order instead (a column of a table of pairs, :func:`open_pairs`).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, files: list[str | os.PathLike] | None = None) -> None:
         self.path = str(path)
-        self.files = sorted(
-            (p for p in Path(self.path).iterdir() if p.suffix.lower() in IMAGES),
-            key=lambda p: _natural(p.name),
-        )
+        if files is not None:
+            self.files = [Path(f) for f in files]
+            for f in self.files:
+                if not f.is_file():
+                    raise ValueError(f"{f} (in {self.path}) does not exist")
+        else:
+            self.files = sorted(
+                (p for p in Path(self.path).iterdir() if p.suffix.lower() in IMAGES),
+                key=lambda p: _natural(p.name),
+            )
         if not self.files:
             raise ValueError(f"{self.path} is an empty stack: no {'/'.join(IMAGES)} files in it")
         shapes = [self._header(p) for p in self.files]
@@ -205,24 +226,66 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"cannot read {p}: {exc}") from exc
 
 
-def open_stack(path: str | os.PathLike) -> TiffStack | FolderStack:
-    """Open a multi-page TIFF file or a folder of images as a stack of frames (nothing is read yet).
+def open_stack(path: str | os.PathLike, **zarr_options: Any) -> TiffStack | FolderStack | ZarrStack:
+    """Open a multi-page TIFF, a folder of images, a Zarr array or an OME-Zarr image as frames.
+
+    Nothing is read yet. ``zarr_options`` (Zarr only, :class:`ZarrStack`): ``level`` (OME-Zarr
+    resolution level, 0 = full), ``channel`` (one channel, default all), ``axis`` (the frame
+    axis, ``"t"`` or ``"z"``), ``index`` (a position on any other axis, ``{"z": 3}``), ``array``
+    (an array of a plain group), ``missing_chunks`` (``"error"``, default, or ``"fill"``).
 
     Raises:
-        ValueError: the path does not exist, is not a TIFF or folder, cannot be read, holds no
-            frames, or (folder) holds frames of mixed sizes. The message names the path.
+        ValueError: the path does not exist, is not a TIFF, folder or Zarr store, cannot be read,
+            holds no frames, or (folder) holds frames of mixed sizes. The message names the path.
     """
     p = Path(path)
-    if p.is_dir():
-        return FolderStack(p)
     if not p.exists():
         raise ValueError(f"{p} does not exist")
-    if p.suffix.lower() not in TIFF:
-        raise ValueError(f"{p} is not a TIFF stack (.tif/.tiff) or a folder of images")
-    stack = TiffStack(p)
+    if is_zarr(p):
+        stack: Any = ZarrStack(p, **zarr_options)
+    elif zarr_options:
+        raise ValueError(f"{', '.join(zarr_options)}: options for Zarr stacks, but {p} is not a Zarr store")
+    elif p.is_dir():
+        return FolderStack(p)
+    elif p.suffix.lower() not in TIFF:
+        raise ValueError(f"{p} is not a TIFF stack (.tif/.tiff), a Zarr store or a folder of images")
+    else:
+        stack = TiffStack(p)
     if len(stack) == 0:
         raise ValueError(f"{p} is an empty stack (0 frames)")
     return stack
+
+
+def open_pairs(table: str | os.PathLike) -> tuple[FolderStack, FolderStack]:
+    """A CSV table of image pairs (columns ``fixed`` and ``moving``, one pair a row) as two stacks.
+
+    Paths are relative to the table's folder unless absolute. Each column's images must share one
+    size (they are registered a batch at a time); the two columns may differ. For
+    :func:`rotstn.registration.register_pairs`.
+
+    Raises:
+        ValueError: the table cannot be read, lacks a column, or names a file that does not exist.
+    """
+    try:
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise ValueError(f"cannot read the table of pairs {table}: {exc}") from exc
+    if not rows or {"fixed", "moving"} - set(rows[0]):
+        raise ValueError(f"{table} is not a table of pairs: it needs the columns fixed and moving")
+    here = Path(table).parent
+    fixed = [here / r["fixed"] for r in rows]
+    moving = [here / r["moving"] for r in rows]
+    return FolderStack(table, files=fixed), FolderStack(table, files=moving)
+
+
+def _convert(batch: Tensor, dtype: np.dtype) -> np.ndarray:
+    """Frames as ``dtype``: rounded and clipped to its range for integer dtypes."""
+    data = batch.detach().cpu().numpy()
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        data = np.clip(np.rint(data), info.min, info.max)
+    return data.astype(dtype)
 
 
 class StackWriter:
@@ -252,16 +315,9 @@ class StackWriter:
         else:
             self.path.mkdir(parents=True, exist_ok=True)
 
-    def _convert(self, batch: Tensor) -> np.ndarray:
-        data = batch.detach().cpu().numpy()
-        if np.issubdtype(self.dtype, np.integer):
-            info = np.iinfo(self.dtype)
-            data = np.clip(np.rint(data), info.min, info.max)
-        return data.astype(self.dtype)
-
     def write(self, batch: Tensor) -> None:
         """Append frames ``(n, C, H, W)``."""
-        data = self._convert(batch)
+        data = _convert(batch, self.dtype)
         for frame in data:
             page = frame[0] if frame.shape[0] == 1 else np.moveaxis(frame, 0, -1)
             if self._tiff is not None:
@@ -301,16 +357,34 @@ class StackWriter:
         self.close()
 
 
+def _rows(result: StackRegistration) -> list[list[float]]:
+    """The transforms table's rows as numbers: ``COLUMNS`` (frame, degrees, pixels, score, matrix), then
+    ``ERROR_COLUMN``."""
+    rows = []
+    for i in range(len(result)):
+        m = result.matrix[i].reshape(-1).tolist()
+        tx, ty = result.translation[i].tolist()
+        rows.append(
+            [
+                int(result.frame[i]),
+                math.degrees(float(result.angle[i])),
+                tx,
+                ty,
+                float(result.score[i]),
+                *m,
+                float(result.error_px[i]),
+            ]
+        )
+    return rows
+
+
 def write_transforms(path: str | os.PathLike, result: StackRegistration) -> None:
     """Write a transforms table: one CSV row per frame (``COLUMNS``; angle in degrees, pixels)."""
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow((*COLUMNS, ERROR_COLUMN))
-        for i in range(len(result)):
-            m = result.matrix[i].reshape(-1).tolist()
-            tx, ty = result.translation[i].tolist()
-            row = [int(result.frame[i]), math.degrees(float(result.angle[i])), tx, ty, float(result.score[i])]
-            out.writerow([row[0], *(repr(float(v)) for v in [*row[1:], *m, float(result.error_px[i])])])
+        for row in _rows(result):
+            out.writerow([row[0], *(repr(float(v)) for v in row[1:])])
 
 
 def read_transforms(path: str | os.PathLike, size: tuple[int, int] | None = None) -> StackRegistration:

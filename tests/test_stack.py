@@ -388,3 +388,16 @@ def test_cli_tiff_keeps_dtype_and_pixel_size(stack, tmp_path):
         assert out.series[0].shape == data.shape and out.series[0].dtype == np.uint16
         assert out.pages.first.resolution == (2.0, 2.0) and out.imagej_metadata["unit"] == "um"
     assert _displacement(io.read_transforms(tmp_path / "t.csv").matrix, truth).max() < 0.2
+
+
+def test_parts_agree_with_one_part_to_float32_rounding(walk):
+    frames, truth = walk
+    one = register_stack(frames, batch_size=4, part_size=len(frames))
+    parts = register_stack(frames, batch_size=4, part_size=6)  # rounded up to whole batches: 8
+    # each part's first frame is searched instead of tracked: the same map to float32 precision
+    assert _displacement(parts.matrix, one.matrix.numpy()).max() < 1e-3
+    assert _displacement(parts.matrix, truth).max() < 0.2
+    # the default: 256 frames a part, one part with "previous"
+    assert torch.equal(register_stack(frames, batch_size=4).matrix, one.matrix)
+    with pytest.raises(ValueError, match="part_size must be an int >= 1 or None, got 0"):
+        register_stack(frames, part_size=0)

@@ -48,7 +48,16 @@ search per frame:
    frames after it are predicted again from that result; after ``WAVES``
    rounds every frame left is searched.
 
-The reference is blurred and its pyramid built once per pass, not per batch.
+Parts
+-----
+The range is cut into parts of ``part_size`` frames (whole batches; ``_parts``), the same way
+wherever it runs, and every part is registered by ``_run_part`` against the pass's reference:
+one after the other in this process, or one task each on a Dask cluster (``_stack_parts``).
+A part starts without a prediction, as ``start`` does, so the cut is part of the result and
+the engine is not: the local and the Dask runs agree bit for bit. With ``"mean"`` each part
+also returns the sum of its aligned frames and their cover, added in part order.
+
+The reference is blurred and its pyramid built once per part, not per batch.
 A frame that tracks gets the answer the global search would give (the same
 refinement from a start in the same basin; ``tests/test_stack.py`` checks
 both), at a fraction of the cost.
@@ -59,61 +68,20 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..functional import warp
+from . import _stack_parts
+from ._stack_sources import FrameSource, TensorFrames, as_source
 
 __all__ = ["FrameSource", "StackRegistration", "TensorFrames", "matrix_parameters", "register_stack"]
 
 REFERENCES = ("first", "previous", "mean")
-
-
-class FrameSource(Protocol):
-    """What :func:`register_stack` reads from: a list of same-size frames read in slices.
-
-    :func:`rotstn.io.open_stack` returns one for a TIFF file or a folder; a tensor or
-    array ``(N, C, H, W)`` / ``(N, H, W)`` is wrapped in one.
-    """
-
-    frame_shape: tuple[int, int, int]  # (C, H, W)
-
-    def __len__(self) -> int: ...
-
-    def read(self, start: int, stop: int) -> Tensor:
-        """Frames ``start:stop`` as a float32 ``(n, C, H, W)`` CPU tensor (no scaling)."""
-        ...
-
-
-class TensorFrames:
-    """A :class:`FrameSource` over frames already in memory: ``(N, C, H, W)`` or ``(N, H, W)``."""
-
-    def __init__(self, frames: Tensor | np.ndarray, name: str = "frames") -> None:
-        if isinstance(frames, np.ndarray):
-            frames = torch.from_numpy(np.ascontiguousarray(frames))
-        if not isinstance(frames, Tensor):
-            raise TypeError(
-                f"{name} must be a tensor or array (N, C, H, W) or (N, H, W), or a stack from "
-                f"rotstn.io.open_stack; got {type(frames).__name__}"
-            )
-        if frames.dim() == 3:
-            frames = frames[:, None]
-        if frames.dim() != 4:
-            raise ValueError(f"{name} must have shape (N, C, H, W) or (N, H, W), got {tuple(frames.shape)}")
-        if frames.is_complex() or frames.dtype == torch.bool:
-            raise TypeError(f"{name} must hold real numbers, got {frames.dtype}")
-        self.frames = frames
-        self.frame_shape = tuple(frames.shape[1:])
-
-    def __len__(self) -> int:
-        return self.frames.shape[0]
-
-    def read(self, start: int, stop: int) -> Tensor:
-        return self.frames[start:stop].to("cpu", torch.float32)
 
 
 @dataclass(frozen=True)
@@ -171,7 +139,7 @@ class StackRegistration:
 
         ``frames`` is the whole stack (indexed by :attr:`frame`), as given to :func:`register_stack`.
         """
-        src = _source(frames)
+        src = as_source(frames)
         idx = self.frame.tolist()
         for i in range(0, len(idx), batch_size):
             lo, hi = idx[i], idx[min(i + batch_size, len(idx)) - 1] + 1
@@ -197,17 +165,6 @@ def _homogeneous(m: Tensor) -> Tensor:
     return torch.cat([m, bottom], 1)
 
 
-def _source(frames: Any) -> FrameSource:
-    if isinstance(frames, (Tensor, np.ndarray)):
-        return TensorFrames(frames)
-    if hasattr(frames, "read") and hasattr(frames, "frame_shape") and hasattr(frames, "__len__"):
-        return frames
-    raise TypeError(
-        "frames must be a tensor or array (N, C, H, W) or (N, H, W), or a stack from rotstn.io.open_stack; "
-        f"got {type(frames).__name__}"
-    )
-
-
 def register_stack(
     frames: Tensor | np.ndarray | FrameSource,
     *,
@@ -223,8 +180,10 @@ def register_stack(
     track: bool = True,
     polish: bool = True,
     fine_points: int | None = None,
-    write: Callable[[Tensor], object] | None = None,
+    write: Callable[[Tensor], object] | Any | None = None,
     progress: bool = False,
+    part_size: int | None = None,
+    client: Any = None,
     **options: Any,
 ) -> StackRegistration:
     """Register every frame of a stack on one reference, ``batch_size`` frames per :func:`register` call.
@@ -265,8 +224,21 @@ def register_stack(
             least ``max_points``; ``max_points`` on the coarser levels). More is more precise on
             large frames and slower (docs/stack.md).
         write: called with each batch of aligned frames ``(n, C, H_ref, W_ref)`` float32 CPU,
-            in frame order, as soon as it is done (on the last pass).
-        progress: show a tqdm progress bar (frames/s) if tqdm is installed.
+            in frame order, as soon as it is done (on the last pass); or a region writer such
+            as :class:`rotstn.io.ZarrWriter` (``write.write_frames(first_frame, batch)``), which
+            Dask workers call for their own frames.
+        progress: show a tqdm progress bar (frames/s) if tqdm is installed; with Dask it counts
+            the frames of the parts done across the workers.
+        part_size: frames per part (rounded up to whole batches). The range is cut into parts the
+            same way on one machine and on Dask, which is why both give the same results; a
+            part's first frame has no prediction and is searched, and with ``"previous"`` it is
+            registered on frame 0 directly, as with ``start``. Default :data:`PART_SIZE` (256),
+            and one part (the whole range) with ``"previous"``, whose chain a part would restart.
+        client: a ``dask.distributed.Client``: the parts are registered on its workers (each
+            reads its own frames and calls ``write.write_frames`` itself) and the rows gathered.
+            Default: the active client for a ``dask.array.Array`` or a Zarr stack, none for
+            frames in memory. ``False``: in this process (docs/stack.md, "Large stacks on a
+            cluster").
         **options: passed to :func:`register` (``smooth``, ``channel``, ``search_size``, ...).
 
     Returns:
@@ -287,7 +259,7 @@ def register_stack(
     """
     from . import TRUST
 
-    src = _source(frames)
+    src = as_source(frames)
     n = len(src)
     if n == 0:
         raise ValueError("frames is an empty stack (0 frames)")
@@ -327,37 +299,137 @@ def register_stack(
     mode = reference if isinstance(reference, str) else "image"
     passes = mean_passes if mode == "mean" else 1
     settings = _settings(options, fine_points, tuple(ref.shape[-2:]))
+    parts = _parts(start, stop, part_size, batch_size, mode)
+    engine = _stack_parts.engine(client, src)
+    engine.check_writer(write)
     bar = _bar(progress, passes * (stop - start))
-    job = _Job(src, device, batch_size, mask_d, options, bar)
     result: StackRegistration | None = None
     try:
         for p in range(passes):
             last = p == passes - 1
-            if settings is not None:
+            work = _Pass(
+                settings,
+                ref,
+                mode,
+                anchor_below,
+                anchor_every,
+                track,
+                polish and track and mode == "previous",
                 # a later pass of "mean" starts every frame from its map on the earlier mean
-                prior = None if result is None else result.matrix
-                tracker = _Tracker(
-                    job,
-                    settings,
-                    ref,
-                    mode,
-                    anchor_below,
-                    anchor_every,
-                    track,
-                    polish and track and mode == "previous",
-                    prior,
-                )
-                result, mean = tracker.run(start, stop, write if last else None, average=not last)
-                ref = mean if mean is not None else ref
-            elif mode == "previous":
-                result = job.chain(ref, start, stop, anchor_below, anchor_every, write)
-            else:
-                result, mean = job.against(ref, start, stop, write if last else None, average=not last)
-                ref = mean if mean is not None else ref
+                None if result is None else result.matrix,
+                start,
+                not last,
+                device,
+                batch_size,
+                mask_d,
+                options,
+            )
+            outs = engine.run(_run_part, (src,), work, parts, write if last else None, bar)
+            result = _gather([r for r, _, _ in outs])
+            if not last:
+                ref = _mean([t for _, t, _ in outs], [c for _, _, c in outs])
     finally:
         if bar is not None:
             bar.close()
     return result
+
+
+# Frames per part when the stack is split (``part_size=None``), except with ``"previous"`` (one part:
+# a part's chain restarts on frame 0). A part's first frame has no prediction and is searched, so parts
+# cost one global search each and move the other frames' answers by float32 rounding only (docs/stack.md).
+PART_SIZE = 256
+
+
+def _parts(start: int, stop: int, part_size: int | None, batch_size: int, mode: str) -> list[tuple[int, int]]:
+    """``start:stop`` cut into parts of whole batches, the same for every engine (local or Dask)."""
+    if part_size is None:
+        part_size = stop - start if mode == "previous" else PART_SIZE
+    if isinstance(part_size, bool) or not isinstance(part_size, int) or part_size < 1:
+        raise ValueError(f"part_size must be an int >= 1 or None, got {part_size!r}")
+    step = -(-part_size // batch_size) * batch_size  # whole batches: a part's batches are the local ones
+    return [(a, min(a + step, stop)) for a in range(start, stop, step)]
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One pass over the stack against one reference: all a part needs besides its frames (picklable)."""
+
+    settings: dict[str, Any] | None
+    ref: Tensor
+    mode: str
+    anchor_below: float
+    anchor_every: int
+    track: bool
+    polish: bool
+    prior: Tensor | None  # (stop - start, 2, 3): each frame's map on the earlier mean
+    start: int  # the first frame of the whole range (prior's row 0)
+    average: bool  # also sum the aligned frames and their cover, for the next pass's mean
+    device: torch.device
+    batch_size: int
+    mask: Tensor | None
+    options: dict[str, Any]
+
+
+def _run_part(
+    src: FrameSource, work: _Pass, start: int, stop: int, write: Any, bar: Any = None
+) -> tuple[StackRegistration, Tensor | None, Tensor | None]:
+    """Frames ``start:stop`` of one pass: the result and (``work.average``) the aligned sum and cover.
+
+    The one engine: the local loop calls it part by part, a Dask worker calls it for its part.
+    """
+    if write is not None and hasattr(write, "write_frames"):
+        write = _RegionWrite(write, start)
+    job = _Job(src, work.device, work.batch_size, work.mask, work.options, bar)
+    if work.settings is not None:
+        prior = None if work.prior is None else work.prior[start - work.start : stop - work.start]
+        tracker = _Tracker(
+            job,
+            work.settings,
+            work.ref,
+            work.mode,
+            work.anchor_below,
+            work.anchor_every,
+            work.track,
+            work.polish,
+            prior,
+        )
+        return tracker.run(start, stop, write, work.average)
+    if work.mode == "previous":
+        return job.chain(work.ref, start, stop, work.anchor_below, work.anchor_every, write), None, None
+    return job.against(work.ref, start, stop, write, work.average)
+
+
+class _RegionWrite:
+    """``write(batch)`` in frame order onto a writer that takes ``write_frames(first_frame, batch)``."""
+
+    def __init__(self, writer: Any, start: int) -> None:
+        self.writer, self.next = writer, start
+
+    def __call__(self, batch: Tensor) -> None:
+        self.writer.write_frames(self.next, batch)
+        self.next += batch.shape[0]
+
+
+def _gather(parts: list[StackRegistration]) -> StackRegistration:
+    """The parts' rows (in frame order) as one result: every tensor field concatenated."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    values = {
+        f.name: torch.cat([getattr(p, f.name) for p in parts])
+        if isinstance(getattr(first, f.name), Tensor)
+        else getattr(first, f.name)
+        for f in fields(first)
+    }
+    return type(first)(**values)
+
+
+def _mean(totals: list[Tensor | None], counts: list[Tensor | None]) -> Tensor:
+    """The mean of the aligned frames (each pixel over the frames that cover it), summed in part order."""
+    total, count = totals[0], counts[0]
+    for t, c in zip(totals[1:], counts[1:], strict=True):
+        total, count = total + t, count + c
+    return torch.where(count > 0.5, total / count.clamp_min(1e-6), 0.0)
 
 
 def _bar(progress: bool, total: int) -> Any:
@@ -400,8 +472,8 @@ class _Job:
 
     def against(
         self, ref: Tensor, start: int, stop: int, write: Callable[[Tensor], object] | None, average: bool
-    ) -> tuple[StackRegistration, Tensor | None]:
-        """Every frame on one reference image; optionally the mean of the aligned frames."""
+    ) -> tuple[StackRegistration, Tensor | None, Tensor | None]:
+        """Every frame on one reference image; optionally the sum of the aligned frames and their cover."""
         rows: list[tuple[Tensor, Tensor]] = []
         total = count = None
         for _, batch in self._batches(start, stop):
@@ -416,10 +488,9 @@ class _Job:
                 )
                 total = aligned.sum(0) if total is None else total + aligned.sum(0)
                 count = cover.sum(0) if count is None else count + cover.sum(0)
-        mean = None if total is None else torch.where(count > 0.5, total / count.clamp_min(1e-6), 0.0)
         matrix, score, error = (torch.cat(parts) for parts in zip(*rows, strict=True))
         anchored = torch.ones(stop - start, dtype=torch.bool)
-        return self._result(matrix, score, anchored, start, tuple(ref.shape[-2:]), error), mean
+        return self._result(matrix, score, anchored, start, tuple(ref.shape[-2:]), error), total, count
 
     def chain(
         self,
@@ -670,7 +741,7 @@ class _Tracker:
 
     def run(
         self, start: int, stop: int, write: Callable[[Tensor], object] | None, average: bool
-    ) -> tuple[StackRegistration, Tensor | None]:
+    ) -> tuple[StackRegistration, Tensor | None, Tensor | None]:
         matrices, scores, anchors, errors = [], [], [], []
         total = count = None
         prev = None  # the prepared frame before the batch
@@ -710,11 +781,10 @@ class _Tracker:
                     count = cover.sum(0) if count is None else count + cover.sum(0)
             prev = frames.select(self._rows([n - 1], like))
             base = state.h[-1]
-        mean = None if total is None else torch.where(count > 0.5, total / count.clamp_min(1e-6), 0.0)
         result = self.job._result(
             torch.cat(matrices), torch.cat(scores), torch.cat(anchors), start, self.size, torch.cat(errors)
         )
-        return result, mean
+        return result, total, count
 
     def _pairs(self, frames: Any, chain_fixed: Any, has_prev: list[bool], first: bool) -> list[Tensor | None]:
         """Coarse pairwise maps ``P_k`` from the identity (None: no predecessor, no match, no tracking)."""
