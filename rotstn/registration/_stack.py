@@ -700,16 +700,35 @@ class _Tracker:
 
         angle, t = self._params(maps, size)
         fit = _refine_from(fixed, moving, angle, t, **self._opts())
-        return self._maps(fit.angle, fit.translation, size), fit.score.double().cpu()
+        return (
+            self._maps(fit.angle, fit.translation, size),
+            fit.score.double().cpu(),
+            fit.error.double().cpu(),
+        )
 
     def _search(self, fixed: Any, moving: Any, size: tuple[int, int]) -> tuple:
         from . import _search_from
 
         fit = _search_from(fixed, moving, **self._opts())
-        return self._maps(fit.angle, fit.translation, size), fit.score.double().cpu()
+        return (
+            self._maps(fit.angle, fit.translation, size),
+            fit.score.double().cpu(),
+            fit.error.double().cpu(),
+        )
+
+    def _batch_errors(self, state: _BatchState, frames: Any, m: Tensor) -> Tensor:
+        """(n,) predicted errors of a batch's final maps ``(n, 2, 3)``: measured on the reference where
+        they were refined there, scored on it now where they were composed along a chain."""
+        missing = [k for k, e in enumerate(state.error) if e is None]
+        if missing:
+            like = frames.levels[0].image
+            rows = self._rows(missing, like)
+            for k, e in zip(missing, self._errors(frames.select(rows), m[missing]), strict=True):
+                state.error[k] = e
+        return torch.stack(state.error)
 
     def _errors(self, frames: Any, m: Tensor) -> Tensor:
-        """(n,) predicted error of a batch's final maps ``(n, 2, 3)``, measured on the reference."""
+        """(n,) predicted error of maps ``(n, 2, 3)`` of prepared ``frames``, measured on the reference."""
         from . import _judge, _refine
 
         angle, t = matrix_parameters(m, self.size, self.frame_size)
@@ -768,7 +787,7 @@ class _Tracker:
                 self._fallback(state, frames, left, pairs, chain_fixed, has_prev, i0)
             m = torch.stack(state.h)[:, :2]
             matrices.append(m)
-            errors.append(self._errors(frames, m))
+            errors.append(self._batch_errors(state, frames, m))
             scores.append(torch.stack(state.score))
             anchors.append(torch.tensor(state.anchored))
             if write is not None or average:
@@ -848,11 +867,13 @@ class _Tracker:
     def _try(self, state: _BatchState, frames: Any, ks: list[int], predictions: list[Tensor]) -> None:
         """Refine frames ``ks`` on the reference from ``predictions``; keep those :meth:`_accept` takes."""
         like = frames.levels[0].image
-        maps, score = self._refine(self.ref, frames.select(self._rows(ks, like)), predictions, self.size)
+        maps, score, error = self._refine(
+            self.ref, frames.select(self._rows(ks, like)), predictions, self.size
+        )
         ok = self._accept(maps, score, predictions)
         for j, k in enumerate(ks):
             if bool(ok[j]):
-                state.set(k, maps[j], score[j], True)
+                state.set(k, maps[j], score[j], True, error[j])
 
     def _waves(
         self,
@@ -897,9 +918,9 @@ class _Tracker:
         """Frames ``ks`` (in order) that tracking did not settle: the global search, or the chain."""
         like = frames.levels[0].image
         if self.mode != "previous":
-            maps, score = self._search(self.ref, frames.select(self._rows(ks, like)), self.size)
+            maps, score, error = self._search(self.ref, frames.select(self._rows(ks, like)), self.size)
             for j, k in enumerate(ks):
-                state.set(k, maps[j], score[j], True)
+                state.set(k, maps[j], score[j], True, error[j])
             return
         self._chain(state, frames, ks, pairs, chain_fixed, has_prev, i0)
 
@@ -923,7 +944,7 @@ class _Tracker:
         if tracked:
             rows = self._rows(tracked, like)
             start = [pairs[k] for k in tracked]
-            maps, score = self._refine(chain_fixed.select(rows), frames.select(rows), start, fs)
+            maps, score, _ = self._refine(chain_fixed.select(rows), frames.select(rows), start, fs)
             # a pair that moved far from its coarse start is searched (below) like a weak one
             score = torch.where(self._accept(maps, score.clamp_min(1.0), start, fs), score, -1.0)
             for j, k in enumerate(tracked):
@@ -931,7 +952,7 @@ class _Tracker:
         weak = [k for k in with_prev if pair_s.get(k, -1.0) < self.anchor_below]
         if weak:
             rows = self._rows(weak, like)
-            maps, score = self._search(chain_fixed.select(rows), frames.select(rows), fs)
+            maps, score, _ = self._search(chain_fixed.select(rows), frames.select(rows), fs)
             for j, k in enumerate(weak):
                 if float(score[j]) > pair_s.get(k, -1.0):
                     pair_m[k], pair_s[k] = maps[j], float(score[j])
@@ -942,10 +963,10 @@ class _Tracker:
             or pair_s[k] < self.anchor_below
             or (self.anchor_every and (i0 + k) % self.anchor_every == 0 and i0 + k > 0)
         ]
-        direct: dict[int, tuple[Tensor, Tensor]] = {}
+        direct: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         if want:
-            maps, score = self._search(self.ref, frames.select(self._rows(want, like)), self.size)
-            direct = {k: (maps[j], score[j]) for j, k in enumerate(want)}
+            maps, score, error = self._search(self.ref, frames.select(self._rows(want, like)), self.size)
+            direct = {k: (maps[j], score[j], error[j]) for j, k in enumerate(want)}
         chained = []
         for k in ks:
             h_prev = state.h[k - 1] if k > 0 else state.h0
@@ -955,17 +976,19 @@ class _Tracker:
                 or (pair_s[k] < self.anchor_below and float(direct[k][1]) > pair_s[k])
             )
             if use:
-                state.set(k, direct[k][0], direct[k][1], True)
+                state.set(k, *direct[k][:2], True, direct[k][2])
             else:
                 state.set(k, pair_m[k] @ h_prev, torch.tensor(pair_s[k], dtype=torch.float64), False)
                 chained.append(k)
         if self.polish and chained:
             start = [state.h[k] for k in chained]
-            maps, score = self._refine(self.ref, frames.select(self._rows(chained, like)), start, self.size)
+            maps, score, error = self._refine(
+                self.ref, frames.select(self._rows(chained, like)), start, self.size
+            )
             ok = self._accept(maps, score, start)
             for j, k in enumerate(chained):
                 if bool(ok[j]):
-                    state.set(k, maps[j], score[j], True)
+                    state.set(k, maps[j], score[j], True, error[j])
 
 
 class _Before:
@@ -991,6 +1014,9 @@ class _BatchState:
         self.score: list[Tensor] = [torch.zeros((), dtype=torch.float64)] * n
         self.anchored = [False] * n
         self.resolved = [False] * n
+        # the predicted error of a map measured on the reference; None where it was composed
+        self.error: list[Tensor | None] = [None] * n
 
-    def set(self, k: int, h: Tensor, score: Tensor, anchored: bool) -> None:
+    def set(self, k: int, h: Tensor, score: Tensor, anchored: bool, error: Tensor | None = None) -> None:
         self.h[k], self.score[k], self.anchored[k], self.resolved[k] = h, score.reshape(()), anchored, True
+        self.error[k] = None if error is None else error.reshape(())
