@@ -260,19 +260,16 @@ def register(
             for gray, mask, name in ((fg, fmask, "fixed"), (mg, mmask, "moving")):
                 keep = None if mask is None else mask.flatten(1) > 0
                 check_not_flat(gray.flatten(1), keep, name, "" if mask is None else "over its mask")
-            fit = _rigid(
-                fg,
-                fmask,
-                mg,
-                mmask,
-                guess,
-                init_window,
-                smooth,
-                iterations,
-                min_overlap,
-                search_size,
-                max_points,
-            )
+            # The smaller image is the one whose pixels are compared (its points all lie in the overlap
+            # when it is inside the other): register the other way round and invert. The result does
+            # not depend on which of two images of different sizes is called fixed.
+            swap = moving_size[0] * moving_size[1] < size[0] * size[1]
+            sides = ((mg, mmask), (fg, fmask)) if swap else ((fg, fmask), (mg, mmask))
+            start = None if guess is None or not swap else -guess
+            options = (init_window, smooth, iterations, min_overlap, search_size, max_points)
+            fit = _rigid(*sides[0], *sides[1], guess if not swap else start, *options)
+            if swap:
+                fit = _inverted(fit, moving_size, size)
         angle = wrap_angle(fit.angle)
         matrix = rigid_matrix(angle, fit.translation, size, moving_size)
         aligned = warp(m.expand(b, *m.shape[1:]), matrix=matrix, size=size)
@@ -287,6 +284,37 @@ def register(
         fit.ambiguous,
         torch.where(fit.ambiguous, wrap_angle(fit.runner_angle), torch.full_like(angle, math.nan)),
     )
+
+
+def _inverted(fit: _Fit, size: tuple[int, int], moving_size: tuple[int, int]) -> _Fit:
+    """``fit`` of (fixed = an image of ``size``, moving = one of ``moving_size``) with the roles swapped.
+
+    The inverse rigid map turns by -θ; its translation follows from ``matrix = [A | c_m - A(c_f + t)]``.
+    Score, overlap, predicted error (a distance) and ambiguity are the same for both directions.
+    """
+
+    def turned(angle: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        square = torch.cat(
+            (
+                rigid_matrix(angle, t, size, moving_size),
+                angle.new_tensor([[[0.0, 0.0, 1.0]]]).expand(angle.shape[0], 1, 3),
+            ),
+            1,
+        )
+        inverse = torch.linalg.inv(square)[:, :2]
+        a = inverse[:, :, :2]
+        c_m = angle.new_tensor([(size[1] - 1) / 2, (size[0] - 1) / 2])  # the new moving: the old fixed
+        c_f = angle.new_tensor([(moving_size[1] - 1) / 2, (moving_size[0] - 1) / 2])
+        shift = torch.linalg.solve(a, (c_m - inverse[:, :, 2]).unsqueeze(-1))[..., 0] - c_f
+        return -angle, shift
+
+    angle, t = turned(fit.angle, fit.translation)
+    runner_angle, runner_t = turned(fit.runner_angle.nan_to_num(0.0), fit.runner_translation)
+    runner_angle = torch.where(torch.isnan(fit.runner_angle), fit.runner_angle, runner_angle)
+    return _Fit(
+        angle, t, fit.score, fit.overlap, fit.error, fit.agreement, fit.ambiguous, runner_angle, runner_t,
+        fit.runner_ratio,
+    )  # fmt: skip
 
 
 @dataclass
