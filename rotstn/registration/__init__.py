@@ -56,10 +56,8 @@ ERROR_TRUST = 0.5
 # DISTINCT pixels or more away from the result somewhere in the fixed frame, makes the result ambiguous.
 AMBIGUOUS = 0.85
 DISTINCT = 3.0
-# Shares of the overlap between which a region only one image shows is masked out (_without_unmatched),
-# for results whose images agree at least UNMATCHED_FROM before.
+# Shares of the overlap between which a region only one image shows is masked out (_without_unmatched).
 UNMATCHED = (0.002, 0.25)
-UNMATCHED_FROM = 0.0
 UNMATCHED_PIXELS = 128 * 128
 POLISH = 4  # times max_points that a result too uncertain to trust is refined on again (_polish)
 
@@ -460,7 +458,7 @@ def _without_unmatched(
     # the images are large).
     # A result already trusted well within ERROR_TRUST has nothing to gain.
     settled = (fit.score >= TRUST) & (fit.error <= ERROR_TRUST / 2)
-    rows = ((fit.agreement >= UNMATCHED_FROM) & ~settled).nonzero()[:, 0]
+    rows = (~settled).nonzero()[:, 0]
     if rows.numel() == 0:
         return
     k = next((i for i, lv in enumerate(pf.levels) if lv.image[0, 0].numel() <= UNMATCHED_PIXELS), -1)
