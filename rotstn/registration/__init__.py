@@ -287,24 +287,15 @@ def register(
 def _inverted(fit: _Fit, size: tuple[int, int], moving_size: tuple[int, int]) -> _Fit:
     """``fit`` of (fixed = an image of ``size``, moving = one of ``moving_size``) with the roles swapped.
 
-    The inverse rigid map turns by -θ; its translation follows from ``matrix = [A | c_m - A(c_f + t)]``.
+    The inverse rigid map turns by -θ; its translation is read off the inverted matrix.
     Score, overlap, predicted error (a distance) and ambiguity are the same for both directions.
     """
 
+    from ._stack import _homogeneous, matrix_parameters
+
     def turned(angle: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        square = torch.cat(
-            (
-                rigid_matrix(angle, t, size, moving_size),
-                angle.new_tensor([[[0.0, 0.0, 1.0]]]).expand(angle.shape[0], 1, 3),
-            ),
-            1,
-        )
-        inverse = torch.linalg.inv(square)[:, :2]
-        a = inverse[:, :, :2]
-        c_m = angle.new_tensor([(size[1] - 1) / 2, (size[0] - 1) / 2])  # the new moving: the old fixed
-        c_f = angle.new_tensor([(moving_size[1] - 1) / 2, (moving_size[0] - 1) / 2])
-        shift = torch.linalg.solve(a, (c_m - inverse[:, :, 2]).unsqueeze(-1))[..., 0] - c_f
-        return -angle, shift
+        inverse = torch.linalg.inv(_homogeneous(rigid_matrix(angle, t, size, moving_size)))[:, :2]
+        return -angle, matrix_parameters(inverse, moving_size, size)[1]
 
     angle, t = turned(fit.angle, fit.translation)
     runner_angle, runner_t = turned(fit.runner_angle.nan_to_num(0.0), fit.runner_translation)
@@ -552,11 +543,8 @@ def _polish(
     angle, t = _refine.refine(
         sf.levels, sm.levels, pf.size, pm.size, fit.angle[rows], fit.translation[rows], iterations, points
     )
-    agreement, overlap, _, spread = _refine.score(
-        sf.levels[0], sm.levels[0], pf.size, pm.size, angle, t, points, min_overlap, (sf.noise, sm.noise)
-    )
     runner = (fit.runner_angle[rows], fit.runner_translation[rows], fit.runner_ratio[rows])
-    new = _judge(pf.size, pm.size, angle, t, agreement, overlap, spread, runner)
+    new, _ = _scored(sf, sm, angle, t, points, min_overlap, runner)
     fit.update(rows, new.error < fit.error[rows], new)
 
 
@@ -678,12 +666,28 @@ def _finish(
         iterations if fine_iterations is None or not coarser else fine_iterations,
         max_points if fine_points is None else fine_points,
     )
+    return _scored(pf, pm, angle, t, max_points, min_overlap, runner)
+
+
+def _scored(
+    pf: _Prepared,
+    pm: _Prepared,
+    angle: Tensor,
+    t: Tensor,
+    points: int,
+    min_overlap: float,
+    runner: tuple[Tensor, Tensor, Tensor] | None,
+) -> tuple[_Fit, Tensor]:
+    """Refined results scored at full resolution on ``points`` fixed pixels and judged (:func:`_judge`).
+
+    Returns the result and its textured blocks (:func:`_refine.score`).
+    """
     # The score compares block by block per pair: it needs the fixed side per pair.
     pf = pf.expand(angle.shape[0])
     agreement, overlap, textured, spread = _refine.score(
-        pf.levels[0], pm.levels[0], size, moving_size, angle, t, max_points, min_overlap, (pf.noise, pm.noise)
+        pf.levels[0], pm.levels[0], pf.size, pm.size, angle, t, points, min_overlap, (pf.noise, pm.noise)
     )
-    return _judge(size, moving_size, angle, t, agreement, overlap, spread, runner), textured
+    return _judge(pf.size, pm.size, angle, t, agreement, overlap, spread, runner), textured
 
 
 def _judge(

@@ -729,28 +729,14 @@ class _Tracker:
 
     def _errors(self, frames: Any, m: Tensor) -> Tensor:
         """(n,) predicted error of maps ``(n, 2, 3)`` of prepared ``frames``, measured on the reference."""
-        from . import _judge, _refine
+        from . import _scored
 
         angle, t = matrix_parameters(m, self.size, self.frame_size)
         like = frames.levels[0].image
-        angle, t = angle.to(like), t.to(like)
-        ref = self.ref.expand(m.shape[0])
-        agreement, overlap, _, spread = _refine.score(
-            ref.levels[0],
-            frames.levels[0],
-            self.size,
-            self.frame_size,
-            angle,
-            t,
-            self.s["max_points"],
-            self.s["min_overlap"],
-            (ref.noise, frames.noise),
+        fit, _ = _scored(
+            self.ref, frames, angle.to(like), t.to(like), self.s["max_points"], self.s["min_overlap"], None
         )
-        return (
-            _judge(self.size, self.frame_size, angle, t, agreement, overlap, spread, None)
-            .error.double()
-            .cpu()
-        )
+        return fit.error.double().cpu()
 
     @staticmethod
     def _rows(ks: list[int], like: Tensor) -> Tensor:
