@@ -25,7 +25,6 @@ import os
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = ["ZarrStack", "ZarrWriter", "is_zarr"]
@@ -270,16 +269,9 @@ class ZarrStack:
                     f"frame {i}: chunk {key} of {os.path.join(self.path, self.array_path or '')} is missing "
                     "(open_stack(..., missing_chunks='fill') reads missing chunks as the fill value)"
                 )
-        try:
-            data = self._read(start, stop)
-        except Exception:
-            for i in range(start, stop):  # name the frame whose chunk fails
-                try:
-                    self._read(i, i + 1)
-                except Exception as exc:
-                    raise ValueError(f"frame {i}: cannot read its chunk of {self.path}: {exc}") from exc
-            raise
-        return torch.from_numpy(data.astype(np.float32))
+        from .registration._stack_sources import read_frames
+
+        return read_frames(self._read, start, stop, f"cannot read its chunk of {self.path}")
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         data = np.asarray(self._array()[tuple(self._region(start, stop))])

@@ -17,6 +17,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+
+def read_frames(read: Any, start: int, stop: int, failure: str) -> Tensor:
+    """``read(start, stop)`` (an array of frames) as float32; where it fails, the first frame that
+    fails alone is named: ``ValueError("frame i: <failure>: <the reader's error>")``."""
+    try:
+        data = read(start, stop)
+    except Exception:
+        for i in range(start, stop):
+            try:
+                read(i, i + 1)
+            except Exception as exc:
+                raise ValueError(f"frame {i}: {failure}: {exc}") from exc
+        raise
+    return torch.from_numpy(data.astype(np.float32))
+
 __all__ = ["DaskFrames", "FrameSource", "TensorFrames", "as_source", "part_source"]
 
 
@@ -101,16 +116,7 @@ class DaskFrames:
         return self.array.shape[0]
 
     def read(self, start: int, stop: int) -> Tensor:
-        try:
-            data = self._compute(start, stop)
-        except Exception:
-            for i in range(start, stop):  # name the frame that fails
-                try:
-                    self._compute(i, i + 1)
-                except Exception as exc:
-                    raise ValueError(f"frame {i}: cannot read it from the dask array: {exc}") from exc
-            raise
-        return torch.from_numpy(data.astype(np.float32))
+        return read_frames(self._compute, start, stop, "cannot read it from the dask array")
 
     def _compute(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.array[start:stop].compute(scheduler="synchronous"))
