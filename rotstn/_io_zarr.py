@@ -300,7 +300,7 @@ class ZarrWriter:
     under ``"rotstn"`` (the reference, the columns).
 
     Example:
-        >>> import tempfile, zarr
+        >>> import tempfile, torch, zarr
         >>> out = ZarrWriter(tempfile.mkdtemp() + "/out.zarr", (3, 1, 16, 16), "uint16")
         >>> out.write_frames(0, torch.full((3, 1, 16, 16), 7.4))
         >>> a = zarr.open_group(out.path, mode="r")["0"]
