@@ -394,6 +394,7 @@ static inline V_zf sub_zf(V_zf a, V_zf b) { return _mm512_sub_ps(a, b); }
 static inline V_zf mul_zf(V_zf a, V_zf b) { return _mm512_mul_ps(a, b); }
 static inline V_zf fma_zf(V_zf a, V_zf b, V_zf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline int kall_zf(K_zf k) { return k == 0xFFFF; }
+static inline K_zf tail_zf(int dead) { return (K_zf)(0xFFFFu << dead); } /* lanes >= dead */
 static inline void zip_zf(V_zf a, V_zf b, float *dst) {
     const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
@@ -515,6 +516,7 @@ static inline V_zd sub_zd(V_zd a, V_zd b) { return _mm512_sub_pd(a, b); }
 static inline V_zd mul_zd(V_zd a, V_zd b) { return _mm512_mul_pd(a, b); }
 static inline V_zd fma_zd(V_zd a, V_zd b, V_zd c) { return _mm512_fmadd_pd(a, b, c); }
 static inline int kall_zd(K_zd k) { return k == 0xFF; }
+static inline K_zd tail_zd(int dead) { return (K_zd)(0xFFu << dead); }
 static inline void zip_zd(V_zd a, V_zd b, double *dst) {
     _mm512_storeu_pd(dst, _mm512_permutex2var_pd(a, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), b));
     _mm512_storeu_pd(dst + 8, _mm512_permutex2var_pd(a, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), b));
@@ -586,6 +588,9 @@ static inline V_yf sub_yf(V_yf a, V_yf b) { return _mm256_sub_ps(a, b); }
 static inline V_yf mul_yf(V_yf a, V_yf b) { return _mm256_mul_ps(a, b); }
 static inline V_yf fma_yf(V_yf a, V_yf b, V_yf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline int kall_yf(K_yf k) { return _mm256_movemask_ps(_mm256_castsi256_ps(k)) == 0xFF; }
+static inline K_yf tail_yf(int dead) {
+    return _mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(dead - 1));
+}
 static inline void zip_yf(V_yf a, V_yf b, float *dst) {
     const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
     _mm256_storeu_ps(dst, _mm256_permute2f128_ps(lo, hi, 0x20));
@@ -695,6 +700,7 @@ static inline V_yd sub_yd(V_yd a, V_yd b) { return _mm256_sub_pd(a, b); }
 static inline V_yd mul_yd(V_yd a, V_yd b) { return _mm256_mul_pd(a, b); }
 static inline V_yd fma_yd(V_yd a, V_yd b, V_yd c) { return _mm256_fmadd_pd(a, b, c); }
 static inline int kall_yd(K_yd k) { return _mm_movemask_ps(_mm_castsi128_ps(k)) == 0xF; }
+static inline K_yd tail_yd(int dead) { return _mm_cmpgt_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(dead - 1)); }
 static inline void zip_yd(V_yd a, V_yd b, double *dst) {
     const __m256d lo = _mm256_unpacklo_pd(a, b), hi = _mm256_unpackhi_pd(a, b);
     _mm256_storeu_pd(dst, _mm256_permute2f128_pd(lo, hi, 0x20));
@@ -758,6 +764,42 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
  * bx = sx - c·cx - s·v, by = sy - s·cx + c·v formed in double and rounded once to T (for float the
  * same order of rounding as the reference path's float grid; at θ = 0 with source = centre, x is
  * exactly j). Clamped to [-2, W+1] × [-2, H+1] (NaN to -2), where every corner is outside. */
+#define DEFINE_ROW_CONSTANTS(T, S)                                                                      \
+    typedef struct {                                                                                    \
+        V_##S cv, sv, bxv, byv, iota;                                                                   \
+        T xmax, ymax;                                                                                   \
+    } row_##S;                                                                                          \
+    static inline row_##S row_setup_##S(const double *par, int64_t i, int64_t H, int64_t W) {           \
+        const double c = par[0], s = par[1], v = (double)i - par[3];                                    \
+        row_##S r = {set1_##S((T)c), set1_##S((T)s), set1_##S((T)(par[4] - c * par[2] - s * v)),       \
+                     set1_##S((T)(par[5] - s * par[2] + c * v)), iota_##S(), (T)W + 1, (T)H + 1};       \
+        return r;                                                                                       \
+    }
+#define DEFINE_ROW_CONSTANTS_(T, S) DEFINE_ROW_CONSTANTS(T, S)
+DEFINE_ROW_CONSTANTS_(float, SUFFIX_F32)
+DEFINE_ROW_CONSTANTS_(double, SUFFIX_F64)
+
+/* The step's coordinates, corner masks (k00 … k11: corner inside the image and lane live) and
+ * corner offsets, as locals of the step functions below. */
+#define STEP_SETUP(T, S)                                                                                \
+    const int32_t w32 = (int32_t)W, h32 = (int32_t)H;                                                   \
+    const V_##S jv = add_##S(set1_##S((T)j), rc->iota);                                                 \
+    const V_##S xs = clamp_##S(fma_##S(rc->cv, jv, rc->bxv), rc->xmax);                                \
+    const V_##S ys = clamp_##S(fma_##S(rc->sv, jv, rc->byv), rc->ymax);                                \
+    const V_##S fx = floor_##S(xs), fy = floor_##S(ys);                                                 \
+    const I_##S x0 = toint_##S(fx), y0 = toint_##S(fy);                                                 \
+    const V_##S wx = sub_##S(xs, fx), wy = sub_##S(ys, fy);                                             \
+    K_##S vx0 = inrange_##S(x0, w32), vx1 = inrange_##S(iaddc_##S(x0, 1), w32);                         \
+    if (!full) /* the overlapping last step of a row: lanes already done count as outside */           \
+        vx0 = kand_##S(vx0, live), vx1 = kand_##S(vx1, live);                                           \
+    const K_##S vy0 = inrange_##S(y0, h32), vy1 = inrange_##S(iaddc_##S(y0, 1), h32);                   \
+    const K_##S k00 = kand_##S(vx0, vy0), k01 = kand_##S(vx1, vy0);                                     \
+    const K_##S k10 = kand_##S(vx0, vy1), k11 = kand_##S(vx1, vy1);                                     \
+    const I_##S o00 = imad_##S(y0, w32, x0), o01 = iaddc_##S(o00, 1);                                   \
+    const I_##S o10 = iaddc_##S(o00, w32), o11 = iaddc_##S(o00, w32 + 1);                               \
+    const int interior = kall_##S(kand_##S(k00, k11));                                                  \
+    (void)o01, (void)o10, (void)o11;
+
 /* The four corners a (x0, y0), b (x0+1, y0), c (x0, y0+1), d (x0+1, y0+1) of a step's pixels in
  * channel plane p; corners outside the image read as 0. */
 #define CORNERS(S)                                                                                      \
@@ -779,58 +821,53 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
     if (interior) {                                                                                     \
         istore_##S(offs, o00);                                                                          \
         COMPILER_BARRIER();                                                                             \
-    } else {                                                                                            \
     }
 
-#define ROW_SETUP(T, S)                                                                                 \
-    const double c_ = par[0], s_ = par[1], v_ = (double)i - par[3];                                     \
-    const V_##S cv = set1_##S((T)c_), sv = set1_##S((T)s_), iota = iota_##S();                         \
-    const V_##S bxv = set1_##S((T)(par[4] - c_ * par[2] - s_ * v_));                                    \
-    const V_##S byv = set1_##S((T)(par[5] - s_ * par[2] + c_ * v_));                                    \
-    const T xmax = (T)W + 1, ymax = (T)H + 1;
-#define STEP_COORDS(T, S)                                                                               \
-    const V_##S jv = add_##S(set1_##S((T)j), iota);                                                     \
-    const V_##S xs = clamp_##S(fma_##S(cv, jv, bxv), xmax), ys = clamp_##S(fma_##S(sv, jv, byv), ymax); \
-    const V_##S fx = floor_##S(xs), fy = floor_##S(ys);                                                 \
-    const I_##S x0 = toint_##S(fx), y0 = toint_##S(fy);                                                 \
-    const V_##S wx = sub_##S(xs, fx), wy = sub_##S(ys, fy);
+/* ---- Forward ---------------------------------------------------------------------------------- */
 
-/* The vector row loops, N pixels a step; the tail of a row goes through the scalar pixel code.
- * Corners outside the image are masked out of the gathers (read as 0, never touched), which is
- * the zero padding; in the scatter their contribution is 0 at offset 0. */
-#define DEFINE_VECTOR_ROWS_(T, S, SS)                                                                   \
+/* One step of N output pixels from column j: every channel's value and, with deriv, ∂out/∂x and
+ * ∂out/∂y as the backward computes them. Writing a lane twice (the overlapping last step of a
+ * row) writes the same bits, so the forward needs no lane mask (full = 1 always). */
+#define DEFINE_VECTOR_FORWARD_(T, S, SS)                                                                \
+    ALWAYS_INLINE void forward_step_##SS(const T *img, T *out, T *deriv, const int64_t C,               \
+                                         const int64_t H, const int64_t W, const int64_t i,             \
+                                         const int64_t j, const row_##S *rc) {                          \
+        const int full = 1;                                                                             \
+        const K_##S live = tail_##S(0);                                                                 \
+        const int64_t HW = H * W, at = i * W + j;                                                       \
+        int32_t offs[N_##S], border_off[2 * N_##S];                                                     \
+        STEP_SETUP(T, S)                                                                                \
+        (void)live;                                                                                     \
+        STORE_OFFSETS(S)                                                                                \
+        for (int64_t ch = 0; ch < C; ch++) {                                                            \
+            const T *p = img + ch * HW;                                                                 \
+            V_##S a, b, c, d;                                                                           \
+            CORNERS(S)                                                                                  \
+            if (deriv) {                                                                                \
+                const V_##S dx0 = sub_##S(b, a), dy0 = sub_##S(c, a);                                   \
+                nstore_##S(deriv + ch * HW + at, fma_##S(wy, sub_##S(sub_##S(d, c), dx0), dx0));        \
+                nstore_##S(deriv + (C + ch) * HW + at, fma_##S(wx, sub_##S(sub_##S(d, b), dy0), dy0));  \
+            }                                                                                           \
+            const V_##S top = fma_##S(wx, sub_##S(b, a), a);                                            \
+            const V_##S bottom = fma_##S(wx, sub_##S(d, c), c);                                         \
+            store_##S(out + ch * HW + at, fma_##S(wy, sub_##S(bottom, top), top));                      \
+        }                                                                                               \
+    }                                                                                                   \
+                                                                                                        \
+    /* Row i: N pixels a step; a row that is not a whole number of steps ends with one more step      \
+     * over its last N pixels (overlapping the one before), so odd widths stay vectorised; rows       \
+     * narrower than one step go through the scalar pixel code. */                                    \
     ALWAYS_INLINE void forward_row_##SS(const T *img, T *out, T *deriv, const int64_t C, const int64_t H, \
                                         const int64_t W, const int64_t i, const double *par,             \
                                         ROW_BUFFERS(T)) {                                               \
-        const int64_t HW = H * W;                                                                       \
-        const int32_t w32 = (int32_t)W, h32 = (int32_t)H;                                               \
-        ROW_SETUP(T, S)                                                                                 \
-        int32_t offs[N_##S], border_off[2 * N_##S];                                                     \
+        (void)rx0, (void)ry0, (void)rwx, (void)rwy;                                                     \
+        const row_##S rc = row_setup_##S(par, i, H, W);                                                 \
         int64_t j = 0;                                                                                  \
-        for (; j + N_##S <= W; j += N_##S) {                                                            \
-            STEP_COORDS(T, S)                                                                           \
-            const K_##S vx0 = inrange_##S(x0, w32), vx1 = inrange_##S(iaddc_##S(x0, 1), w32);           \
-            const K_##S vy0 = inrange_##S(y0, h32), vy1 = inrange_##S(iaddc_##S(y0, 1), h32);           \
-            const K_##S k00 = kand_##S(vx0, vy0), k01 = kand_##S(vx1, vy0);                             \
-            const K_##S k10 = kand_##S(vx0, vy1), k11 = kand_##S(vx1, vy1);                             \
-            const I_##S o00 = imad_##S(y0, w32, x0), o01 = iaddc_##S(o00, 1);                           \
-            const I_##S o10 = iaddc_##S(o00, w32), o11 = iaddc_##S(o00, w32 + 1);                       \
-            const int interior = kall_##S(kand_##S(k00, k11));                                         \
-            STORE_OFFSETS(S)                                                                            \
-            for (int64_t ch = 0; ch < C; ch++) {                                                        \
-                const T *p = img + ch * HW;                                                             \
-                V_##S a, b, c, d;                                                                       \
-                CORNERS(S)                                                                              \
-                if (deriv) { /* ∂out/∂x, ∂out/∂y for the backward, as it computes them */               \
-                    const V_##S dx0 = sub_##S(b, a), dy0 = sub_##S(c, a);                               \
-                    nstore_##S(deriv + ch * HW + i * W + j, fma_##S(wy, sub_##S(sub_##S(d, c), dx0), dx0)); \
-                    nstore_##S(deriv + (C + ch) * HW + i * W + j,                                       \
-                              fma_##S(wx, sub_##S(sub_##S(d, b), dy0), dy0));                           \
-                }                                                                                       \
-                const V_##S top = fma_##S(wx, sub_##S(b, a), a);                                        \
-                const V_##S bottom = fma_##S(wx, sub_##S(d, c), c);                                     \
-                store_##S(out + ch * HW + i * W + j, fma_##S(wy, sub_##S(bottom, top), top));           \
-            }                                                                                           \
+        for (; j + N_##S <= W; j += N_##S)                                                              \
+            forward_step_##SS(img, out, deriv, C, H, W, i, j, &rc);                                     \
+        if (j < W && W >= N_##S) {                                                                      \
+            forward_step_##SS(img, out, deriv, C, H, W, i, W - N_##S, &rc);                             \
+            return;                                                                                     \
         }                                                                                               \
         for (; j < W; j++) {                                                                            \
             int32_t x0, y0;                                                                             \
@@ -840,108 +877,128 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
             if (deriv)                                                                                  \
                 deriv_px_##SS(img, deriv + i * W + j, C, H, W, x0, y0, (T)wx, (T)wy);                   \
         }                                                                                               \
+    }
+#define DEFINE_VECTOR_FORWARD(T, S, SS) DEFINE_VECTOR_FORWARD_(T, S, SS)
+DEFINE_VECTOR_FORWARD(float, SUFFIX_F32, f32)
+DEFINE_VECTOR_FORWARD(double, SUFFIX_F64, f64)
+
+/* ---- Backward --------------------------------------------------------------------------------- */
+
+/* The image-gradient scatter of one channel of a step: no vector scatter, since neighbouring pixels
+ * share corners (conflicting lanes). add holds the weighted output gradient interleaved into row
+ * pairs (x0, x0+1) of rows y0 (add[0]) and y0+1 (add[1]). Lanes go in the order 0, 3, 6, …, 1, 4, …:
+ * pixels three apart never share a corner, so an update rarely waits for the one just stored
+ * (store forwarding). Across the border: lanes inside by pairs, lanes partly inside corner by
+ * corner, lanes wholly outside skipped. */
+#define DEFINE_SCATTER(T, S, SS)                                                                        \
+    ALWAYS_INLINE void scatter_step_##SS(T *q, T add[2][2 * N_##S], int32_t off[4][N_##S],              \
+                                         const int64_t W, const int interior, const unsigned inside,    \
+                                         const unsigned touched) {                                      \
+        COMPILER_BARRIER();                                                                             \
+        if (interior) {                                                                                 \
+            for (int k = 0; k < N_##S; k++) {                                                           \
+                const int l = lane_order_##S[k];                                                        \
+                pair_add_##SS(q + off[0][l], add[0] + 2 * l);                                           \
+                pair_add_##SS(q + off[0][l] + W, add[1] + 2 * l);                                       \
+            }                                                                                           \
+            return;                                                                                     \
+        }                                                                                               \
+        for (int k = 0; k < N_##S; k++) {                                                               \
+            const int l = lane_order_##S[k];                                                            \
+            if (inside >> l & 1) {                                                                      \
+                pair_add_##SS(q + off[0][l], add[0] + 2 * l);                                           \
+                pair_add_##SS(q + off[0][l] + W, add[1] + 2 * l);                                       \
+            } else if (touched >> l & 1) {                                                              \
+                q[off[0][l]] += add[0][2 * l];                                                          \
+                q[off[1][l]] += add[0][2 * l + 1];                                                      \
+                q[off[2][l]] += add[1][2 * l];                                                          \
+                q[off[3][l]] += add[1][2 * l + 1];                                                      \
+            }                                                                                           \
+        }                                                                                               \
+    }
+#define DEFINE_SCATTER_(T, S, SS) DEFINE_SCATTER(T, S, SS)
+DEFINE_SCATTER_(float, SUFFIX_F32, f32)
+DEFINE_SCATTER_(double, SUFFIX_F64, f64)
+
+/* One step of N pixels from column j of the backward: the scatter into gimg (do_img) and the row
+ * sums Σ gx, Σ gy, Σ gx·u, Σ gy·u into acc (do_geo), with (gx, gy) = dL/d(x, y) of a pixel, from
+ * the forward's derivatives when there are some, else from the image's corners. Only the lanes
+ * in live count (full = 0: the overlapping last step of a row, whose first lanes are done). */
+#define DEFINE_VECTOR_BACKWARD_(T, S, SS)                                                               \
+    ALWAYS_INLINE void backward_step_##SS(const T *img, const T *gout, T *gimg, const T *deriv,         \
+                                          const int64_t C, const int64_t H, const int64_t W,            \
+                                          const int64_t i, const int64_t j, const row_##S *rc,          \
+                                          const double cx, const int do_img, const int do_geo,          \
+                                          const K_##S live, const int full, CAT(D_, DZ) acc[4]) {       \
+        const int64_t HW = H * W, at = i * W + j;                                                       \
+        int32_t off[4][N_##S], *const offs = off[0], border_off[2 * N_##S];                             \
+        T add[2][2 * N_##S];                                                                            \
+        STEP_SETUP(T, S)                                                                                \
+        V_##S w00 = zero_##S(), w01 = w00, w10 = w00, w11 = w00;                                        \
+        const unsigned inside = kbits_##S(kand_##S(k00, k11));                                         \
+        const unsigned touched = kbits_##S(kor_##S(kor_##S(k00, k01), kor_##S(k10, k11)));             \
+        if (do_img) {                                                                                   \
+            const V_##S one = set1_##S((T)1), ux = sub_##S(one, wx), uy = sub_##S(one, wy);             \
+            w00 = maskz_##S(k00, mul_##S(ux, uy));                                                      \
+            w01 = maskz_##S(k01, mul_##S(wx, uy));                                                      \
+            w10 = maskz_##S(k10, mul_##S(ux, wy));                                                      \
+            w11 = maskz_##S(k11, mul_##S(wx, wy));                                                      \
+            istore_##S(off[0], interior ? o00 : imaskz_##S(k00, o00));                                  \
+            if (!interior) {                                                                            \
+                istore_##S(off[1], imaskz_##S(k01, o01));                                               \
+                istore_##S(off[2], imaskz_##S(k10, o10));                                               \
+                istore_##S(off[3], imaskz_##S(k11, o11));                                               \
+            }                                                                                           \
+        }                                                                                               \
+        V_##S gx = zero_##S(), gy = zero_##S();                                                         \
+        if (do_geo && !deriv && !do_img) { /* else off[0] holds them already (the scatter's) */       \
+            STORE_OFFSETS(S)                                                                            \
+        }                                                                                               \
+        for (int64_t ch = 0; ch < C; ch++) {                                                            \
+            const V_##S g = load_##S(gout + ch * HW + at);                                              \
+            if (do_geo && deriv) { /* the forward's ∂out/∂x, ∂out/∂y: no corners needed */              \
+                gx = fma_##S(g, load_##S(deriv + ch * HW + at), gx);                                    \
+                gy = fma_##S(g, load_##S(deriv + (C + ch) * HW + at), gy);                              \
+            } else if (do_geo) {                                                                        \
+                const T *p = img + ch * HW;                                                             \
+                V_##S a, b, c, d;                                                                       \
+                CORNERS(S)                                                                              \
+                const V_##S dx0 = sub_##S(b, a), dy0 = sub_##S(c, a);                                   \
+                gx = fma_##S(g, fma_##S(wy, sub_##S(sub_##S(d, c), dx0), dx0), gx);                     \
+                gy = fma_##S(g, fma_##S(wx, sub_##S(sub_##S(d, b), dy0), dy0), gy);                     \
+            }                                                                                           \
+            if (do_img) {                                                                               \
+                zip_##S(mul_##S(g, w00), mul_##S(g, w01), add[0]);                                      \
+                zip_##S(mul_##S(g, w10), mul_##S(g, w11), add[1]);                                      \
+                scatter_step_##SS(gimg + ch * HW, add, off, W, interior, inside, touched);              \
+            }                                                                                           \
+        }                                                                                               \
+        if (do_geo) {                                                                                   \
+            if (!full)                                                                                  \
+                gx = maskz_##S(live, gx), gy = maskz_##S(live, gy);                                     \
+            accum_##S(gx, gy, (double)j - cx, acc);                                                     \
+        }                                                                                               \
     }                                                                                                   \
                                                                                                         \
-    /* r = Σ_j gx, Σ_j gy, Σ_j gx·u, Σ_j gy·u over row i, with (gx, gy) = dL/d(x, y) of a pixel. */    \
+    /* r = Σ_j gx, Σ_j gy, Σ_j gx·u, Σ_j gy·u over row i. Steps as in forward_row; the overlapping    \
+     * last step masks off the lanes the step before has done. */                                     \
     ALWAYS_INLINE void backward_row_##SS(const T *img, const T *gout, T *gimg, const T *deriv,          \
-                                         const int64_t C,                                               \
-                                         const int64_t H, const int64_t W, const int64_t i,             \
-                                         const double *par, ROW_BUFFERS(T), const int do_img,           \
-                                         const int do_geo, double r[4]) {                               \
-        const int64_t HW = H * W;                                                                       \
-        const int32_t w32 = (int32_t)W, h32 = (int32_t)H;                                               \
+                                         const int64_t C, const int64_t H, const int64_t W,             \
+                                         const int64_t i, const double *par, ROW_BUFFERS(T),            \
+                                         const int do_img, const int do_geo, double r[4]) {             \
+        (void)rx0, (void)ry0, (void)rwx, (void)rwy;                                                     \
         const double cx = par[2];                                                                       \
-        ROW_SETUP(T, S)                                                                                 \
+        const row_##S rc = row_setup_##S(par, i, H, W);                                                 \
+        const K_##S all = tail_##S(0);                                                                  \
         CAT(D_, DZ) acc[4] = {CAT(dzero_, DZ)(), CAT(dzero_, DZ)(), CAT(dzero_, DZ)(), CAT(dzero_, DZ)()}; \
-        int32_t off[4][N_##S];                                                                          \
-        T add[2][2 * N_##S]; /* interleaved corner pairs: (x0, x0+1) of row y0 in add[0], y0+1 in add[1] */ \
-        const V_##S one = set1_##S((T)1);                                                               \
-        int32_t *const offs = off[0], border_off[2 * N_##S];                                            \
         int64_t j = 0;                                                                                  \
-        for (; j + N_##S <= W; j += N_##S) {                                                            \
-            STEP_COORDS(T, S)                                                                           \
-            const K_##S vx0 = inrange_##S(x0, w32), vx1 = inrange_##S(iaddc_##S(x0, 1), w32);           \
-            const K_##S vy0 = inrange_##S(y0, h32), vy1 = inrange_##S(iaddc_##S(y0, 1), h32);           \
-            const K_##S k00 = kand_##S(vx0, vy0), k01 = kand_##S(vx1, vy0);                             \
-            const K_##S k10 = kand_##S(vx0, vy1), k11 = kand_##S(vx1, vy1);                             \
-            const I_##S o00 = imad_##S(y0, w32, x0), o01 = iaddc_##S(o00, 1);                           \
-            const I_##S o10 = iaddc_##S(o00, w32), o11 = iaddc_##S(o00, w32 + 1);                       \
-            V_##S w00 = zero_##S(), w01 = w00, w10 = w00, w11 = w00;                                    \
-            /* Every corner of every lane inside: the scatter adds row pairs (x0, x0+1) at once. */     \
-            const int interior = kall_##S(kand_##S(k00, k11));                                         \
-            const unsigned inside = kbits_##S(kand_##S(k00, k11));                                     \
-            const unsigned touched = kbits_##S(kor_##S(kor_##S(k00, k01), kor_##S(k10, k11)));         \
-            if (do_img) {                                                                               \
-                const V_##S ux = sub_##S(one, wx), uy = sub_##S(one, wy);                               \
-                w00 = maskz_##S(k00, mul_##S(ux, uy));                                                  \
-                w01 = maskz_##S(k01, mul_##S(wx, uy));                                                  \
-                w10 = maskz_##S(k10, mul_##S(ux, wy));                                                  \
-                w11 = maskz_##S(k11, mul_##S(wx, wy));                                                  \
-                if (interior) {                                                                         \
-                    istore_##S(off[0], o00);                                                            \
-                } else {                                                                                \
-                    istore_##S(off[0], imaskz_##S(k00, o00));                                           \
-                    istore_##S(off[1], imaskz_##S(k01, o01));                                           \
-                    istore_##S(off[2], imaskz_##S(k10, o10));                                           \
-                    istore_##S(off[3], imaskz_##S(k11, o11));                                           \
-                }                                                                                       \
-            }                                                                                           \
-            V_##S gx = zero_##S(), gy = zero_##S();                                                     \
-            if (do_geo && !deriv && !do_img) { /* else off[0] holds them already (the scatter's) */   \
-                STORE_OFFSETS(S)                                                                        \
-            }                                                                                           \
-            for (int64_t ch = 0; ch < C; ch++) {                                                        \
-                const V_##S g = load_##S(gout + ch * HW + i * W + j);                                   \
-                if (do_geo && deriv) { /* the forward's ∂out/∂x, ∂out/∂y: no corners needed */          \
-                    gx = fma_##S(g, load_##S(deriv + ch * HW + i * W + j), gx);                         \
-                    gy = fma_##S(g, load_##S(deriv + (C + ch) * HW + i * W + j), gy);                   \
-                } else if (do_geo) {                                                                    \
-                    const T *p = img + ch * HW;                                                         \
-                    V_##S a, b, c, d;                                                                   \
-                    CORNERS(S)                                                                          \
-                    const V_##S dx0 = sub_##S(b, a), dy0 = sub_##S(c, a);                               \
-                    const V_##S dx = fma_##S(wy, sub_##S(sub_##S(d, c), dx0), dx0);                     \
-                    const V_##S dy = fma_##S(wx, sub_##S(sub_##S(d, b), dy0), dy0);                     \
-                    gx = fma_##S(g, dx, gx);                                                            \
-                    gy = fma_##S(g, dy, gy);                                                            \
-                }                                                                                       \
-                if (do_img) {                                                                           \
-                    /* No vector scatter: neighbouring pixels share corners (conflicting lanes). The    \
-                     * lanes go in the order 0, 3, 6, ..., 1, 4, ...: pixels three apart never share a    \
-                     * corner, so an update rarely waits for the one just stored (store forwarding). */    \
-                    T *q = gimg + ch * HW;                                                              \
-                    if (interior) {                                                                     \
-                        zip_##S(mul_##S(g, w00), mul_##S(g, w01), add[0]);                              \
-                        zip_##S(mul_##S(g, w10), mul_##S(g, w11), add[1]);                              \
-                        COMPILER_BARRIER();                                                             \
-                        for (int k = 0; k < N_##S; k++) {                                               \
-                            const int l = lane_order_##S[k];                                            \
-                            pair_add_##SS(q + off[0][l], add[0] + 2 * l);                               \
-                            pair_add_##SS(q + off[0][l] + W, add[1] + 2 * l);                           \
-                        }                                                                               \
-                        continue;                                                                       \
-                    }                                                                                   \
-                    /* A step across the border: lanes inside as above, lanes with some corners      \
-                     * inside corner by corner, lanes with none skipped. */                              \
-                    zip_##S(mul_##S(g, w00), mul_##S(g, w01), add[0]);                                  \
-                    zip_##S(mul_##S(g, w10), mul_##S(g, w11), add[1]);                                  \
-                    COMPILER_BARRIER();                                                                 \
-                    for (int k = 0; k < N_##S; k++) {                                                   \
-                        const int l = lane_order_##S[k];                                                \
-                        if (inside >> l & 1) {                                                          \
-                            pair_add_##SS(q + off[0][l], add[0] + 2 * l);                               \
-                            pair_add_##SS(q + off[0][l] + W, add[1] + 2 * l);                           \
-                        } else if (touched >> l & 1) {                                                  \
-                            q[off[0][l]] += add[0][2 * l];                                              \
-                            q[off[1][l]] += add[0][2 * l + 1];                                          \
-                            q[off[2][l]] += add[1][2 * l];                                              \
-                            q[off[3][l]] += add[1][2 * l + 1];                                          \
-                        }                                                                               \
-                    }                                                                                   \
-                }                                                                                       \
-            }                                                                                           \
-            if (do_geo)                                                                                 \
-                accum_##S(gx, gy, (double)j - cx, acc);                                                 \
+        for (; j + N_##S <= W; j += N_##S)                                                              \
+            backward_step_##SS(img, gout, gimg, deriv, C, H, W, i, j, &rc, cx, do_img, do_geo, all, 1, acc); \
+        if (j < W && W >= N_##S) {                                                                      \
+            const int64_t last = W - N_##S;                                                             \
+            backward_step_##SS(img, gout, gimg, deriv, C, H, W, i, last, &rc, cx, do_img, do_geo,       \
+                               tail_##S((int)(j - last)), 0, acc);                                      \
+            j = W;                                                                                      \
         }                                                                                               \
         double rx = CAT(hsum_, DZ)(acc[0]), ry = CAT(hsum_, DZ)(acc[1]);                                \
         double rxu = CAT(hsum_, DZ)(acc[2]), ryu = CAT(hsum_, DZ)(acc[3]);                              \
@@ -950,9 +1007,8 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
             int32_t x0, y0;                                                                             \
             double wx, wy;                                                                              \
             pixel_coords(W, H, par, i, j, &x0, &y0, &wx, &wy);                                          \
-            backward_px_##SS(img, gout + i * W + j, gimg, deriv ? deriv + i * W + j : NULL, C, H, W, x0, y0, \
-                             (T)wx, (T)wy, do_img, do_geo,                                              \
-                             &gx, &gy);                                                                 \
+            backward_px_##SS(img, gout + i * W + j, gimg, deriv ? deriv + i * W + j : NULL, C, H, W,   \
+                             x0, y0, (T)wx, (T)wy, do_img, do_geo, &gx, &gy);                           \
             const double u = (double)j - cx;                                                            \
             rx += gx;                                                                                   \
             ry += gy;                                                                                   \
@@ -964,11 +1020,9 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
         r[2] = rxu;                                                                                     \
         r[3] = ryu;                                                                                     \
     }
-
-/* Arguments are expanded (SUFFIX_F32 -> zf) before DEFINE_VECTOR_ROWS_ pastes them. */
-#define DEFINE_VECTOR_ROWS(T, S, SS) DEFINE_VECTOR_ROWS_(T, S, SS)
-DEFINE_VECTOR_ROWS(float, SUFFIX_F32, f32)
-DEFINE_VECTOR_ROWS(double, SUFFIX_F64, f64)
+#define DEFINE_VECTOR_BACKWARD(T, S, SS) DEFINE_VECTOR_BACKWARD_(T, S, SS)
+DEFINE_VECTOR_BACKWARD(float, SUFFIX_F32, f32)
+DEFINE_VECTOR_BACKWARD(double, SUFFIX_F64, f64)
 
 #else
 /* Generic build: the scalar pixel code, one pixel at a time. */
@@ -1019,10 +1073,18 @@ DEFINE_SCALAR_ROWS(double, f64)
  * the prefetches overlap (about 1000 lines for a 128² float image take a few µs) and the
  * gathers then hit L1 or L2 (forward at C = 3 about 2× faster, backward 1.5× faster, B = 64,
  * 128², against fetching the next sample's image a slice per row as before). Only images that
- * fit a typical L2 share (PREFETCH_MAX_BYTES) are fetched; larger ones are left to the hardware. */
-#define PREFETCH_MAX_BYTES (512 * 1024)
+ * fit half of a thread's L2 are fetched (prefetch_max_bytes, set from the caches the OS reports by
+ * rotstn_set_limits; 512 KiB until then); larger ones are left to the hardware. */
+static int64_t prefetch_max_bytes = 512 * 1024;
+
+/* The cache-dependent limits (rotstn/_kernels/machine.py computes them from the machine's caches). */
+void rotstn_set_limits(int64_t prefetch_bytes) {
+    if (prefetch_bytes >= 0)
+        prefetch_max_bytes = prefetch_bytes;
+}
+
 static inline void prefetch_image(const void *img, size_t bytes) {
-    if (bytes > PREFETCH_MAX_BYTES)
+    if ((int64_t)bytes > prefetch_max_bytes)
         return;
     const char *p = (const char *)img;
     for (size_t o = 0; o < bytes; o += 64)
