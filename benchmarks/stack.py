@@ -74,9 +74,22 @@ def to_picture(angle: float, t: np.ndarray, size: int, source: tuple[int, int]) 
     return m
 
 
-def make_stack(picture: np.ndarray, n: int, size: int, turns: dict[int, float], seed: int, noise: float):
-    """Frames (N, size, size) float32 and the true maps (N, 3, 3) from frame 0 pixels to frame i pixels."""
+def make_stack(
+    picture: np.ndarray,
+    n: int,
+    size: int,
+    turns: dict[int, float],
+    seed: int,
+    noise: float,
+    photometric: bool = False,
+):
+    """Frames (N, size, size) float32 and the true maps (N, 3, 3) from frame 0 pixels to frame i pixels.
+
+    ``photometric``: each frame gets its own random gamma (0.6-1.6), contrast (0.6-1.0) and offset
+    (0-0.2), as ``rotstn.data.rotated_pairs(photometric=True)`` gives its fixed images.
+    """
     rng = np.random.default_rng(seed)
+    pixels = np.random.default_rng([seed, 1])  # photometric changes: the same walk with or without
     angle, t = 0.0, np.zeros(2)
     frames, maps = [], []
     for i in range(n):
@@ -87,6 +100,9 @@ def make_stack(picture: np.ndarray, n: int, size: int, turns: dict[int, float], 
         frame = ndimage.affine_transform(
             picture, m[:2, :2][::-1, ::-1], offset=m[:2, 2][::-1], output_shape=(size, size), order=3
         )
+        if photometric:
+            gamma = math.exp(pixels.uniform(math.log(0.6), math.log(1.6)))
+            frame = pixels.uniform(0.6, 1.0) * np.clip(frame, 0.0, 1.0) ** gamma + pixels.uniform(0.0, 0.2)
         frames.append(frame + noise * rng.standard_normal(frame.shape))
         maps.append(m)
     truth = np.stack([np.linalg.inv(m) @ maps[0] for m in maps])
@@ -189,7 +205,7 @@ def tuning_tables(stacks: dict, batch_size: int) -> list[str]:
         "frames on frame 0 | frames/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    (n192, s192), (n512, s512) = stacks.items()
+    (n192, s192), (n512, s512) = list(stacks.items())[:2]
     runs = [
         (n192, s192, "previous", {"polish": False}),
         (n192, s192, "previous", {"polish": False, "anchor_every": 50}),
@@ -391,6 +407,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=1, help="time each run N times, keep the fastest")
+    parser.add_argument(
+        "--noise",
+        nargs="+",
+        default=["clean", "noisy"],
+        choices=("clean", "noisy"),
+        help="clean: σ 0.02 as before; noisy: σ 0.05 and a random gamma, contrast and offset per frame",
+    )
     parser.add_argument("--figure", metavar="PNG", help="draw the walk-192 figure here and stop")
     parser.add_argument("--memory-mb", type=int, default=200, help="size of the streamed TIFF (0: skip)")
     parser.add_argument(
@@ -423,10 +446,14 @@ def main() -> None:
         figure(args.figure, make_stack(walk, n192, 192, {100: 97.0, 200: -143.0}, 0, 0.02), args.batch_size)
         return
     retina = bundled_image("retina")
-    stacks = {
-        f"walk-192 ({n192} frames)": make_stack(walk, n192, 192, {100: 97.0, 200: -143.0}, 0, 0.02),
-        f"walk-512 ({n512} frames)": make_stack(retina, n512, 512, {20: 71.0}, 1, 0.02),
-    }
+    stacks = {}
+    for level in args.noise:
+        noisy = level == "noisy"
+        sigma, tag = (0.05, ", σ 0.05 + gamma") if noisy else (0.02, "")
+        stacks[f"walk-192 ({n192} frames{tag})"] = make_stack(
+            walk, n192, 192, {100: 97.0, 200: -143.0}, 0, sigma, noisy
+        )
+        stacks[f"walk-512 ({n512} frames{tag})"] = make_stack(retina, n512, 512, {20: 71.0}, 1, sigma, noisy)
     print(f"{machine_line()}; {torch.get_num_threads()} threads, rotstn batch size {args.batch_size}\n")
     if args.tuning:
         rows = tuning_tables(stacks, args.batch_size)

@@ -1,28 +1,31 @@
 """How fast is the rotation warp? rotstn.rotate against the usual recipes.
 
-    python benchmarks/warp.py            # full grid (a few minutes on 2 threads)
-    python benchmarks/warp.py --quick    # B = 64, 128², C ∈ {1, 3}: the target cells
+    python benchmarks/warp.py            # full grid: B 1/16/64, 127², 128², 250×333, 512², C 1-4, fp32+fp64
+    python benchmarks/warp.py --quick    # B = 64, 128², C ∈ {1, 3}, float32: the target cells
+    python benchmarks/warp.py --batches 64 --sizes 127 128 --channels 1 3 --dtypes float32  # a subset
     python benchmarks/warp.py --breakdown  # where the time goes at B = 64, 128² (CPU)
     ROTSTN_CPU_ISA=avx2 python benchmarks/warp.py  # the compiled kernel's AVX2 variant forced
     python benchmarks/warp.py --quick --threads all  # every CPU thread (also: --threads 1)
 
-The first lines name what the numbers depend on: the CPU model, the compiled
-kernel's variant in use (avx512, avx2, generic, or none: aten's sampler) and
-torch's build (version, aten's own CPU capability).
+The first lines name what the numbers depend on: the CPU model (family, model, vector
+extensions), the compiled kernel's variant in use (avx512, avx2, generic, or none: aten's
+sampler), torch's build (version, aten's own CPU capability), and the caches the kernel's
+limits were chosen from (``rotstn/_kernels/machine.py``).
 
 Methods, all rotating by a (B,) angle about the image centre with
-``align_corners=False``, bilinear, zero padding:
+``align_corners=False``, bilinear, zero padding (``--methods`` picks the columns; plain, rotstn
+and kornia by default):
 
 * ``plain``: ``rotstn.rotation_matrix`` + ``F.affine_grid`` + ``F.grid_sample``,
   the aspect-correct textbook recipe every ratio is measured against;
 * ``rotstn``: ``rotstn.rotate`` with its automatic backend (the CPU fast path on
   CPU tensors, with the compiled kernel where it could be built; run with
   ``ROTSTN_NO_COMPILE=1`` to time the aten-based fast path instead);
-* ``reference``: ``rotstn.rotate`` with the reference backend forced (grid by
-  broadcasting + ``F.grid_sample``), to show what the fast path itself buys;
 * ``kornia``: ``kornia.geometry.transform.rotate`` (degrees, converted outside
   the timed call);
-* ``compiled``: ``torch.compile`` of ``plain`` (static shapes, one compile per
+* ``reference`` (opt-in): ``rotstn.rotate`` with the reference backend forced (grid by
+  broadcasting + ``F.grid_sample``), to show what the fast path itself buys;
+* ``compiled`` (opt-in): ``torch.compile`` of ``plain`` (static shapes, one compile per
   cell, compile time excluded); cells where it fails say so.
 
 ``fwd`` is inference (no tensor requires grad). ``fwd+bwd`` is forward and
@@ -50,7 +53,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _machine import machine_line
+from _machine import machine_line, tuning_line
 
 import rotstn
 from rotstn import _kernels
@@ -210,7 +213,14 @@ def ms(seconds: float, clean: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="only B=64, 128x128, C in {1, 3}")
+    parser.add_argument("--quick", action="store_true", help="only B=64, 128x128, C in {1, 3}, float32")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64], help="batch sizes B")
+    parser.add_argument("--channels", type=int, nargs="+", default=[1, 2, 3, 4], help="channel counts C")
+    parser.add_argument(
+        "--sizes", nargs="+", default=["127", "128", "250x333", "512"], help="image sizes: 128 or HxW"
+    )
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=("float32", "float64"))
+    parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=("fwd", "fwd+bwd"))
     parser.add_argument(
         "--threads", default="2", help="torch.set_num_threads (CPU): a number, or 'all' for every CPU thread"
     )
@@ -220,8 +230,14 @@ def main() -> None:
         default=10.0,
         help="most seconds per cell and pass spent collecting clean calls",
     )
-    parser.add_argument("--max-pixels", type=int, default=64 * 256 * 256, help="skip cells with B*H*W above")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile column")
+    parser.add_argument("--max-pixels", type=int, default=64 * 512 * 512, help="skip cells with B*H*W above")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["plain", "rotstn", "kornia"],
+        choices=("plain", "rotstn", "reference", "kornia", "compiled"),
+        help="columns (plain always; add reference and compiled = torch.compile(plain) for more)",
+    )
     parser.add_argument("--breakdown", action="store_true", help="time the pieces instead (CPU)")
     parser.add_argument(
         "--clock",
@@ -239,15 +255,18 @@ def main() -> None:
 
     cuda = torch.cuda.is_available() and args.clock == "wall"
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
-    batches, channels, sizes = (
-        ((64,), (1, 3), (128,)) if args.quick else ((1, 64, 256), (1, 3), (64, 128, 256, 512))
-    )
-    names = ["plain", "rotstn", "reference", "kornia"] + ([] if args.no_compile else ["compiled"])
+    batches, channels, sizes = args.batches, args.channels, [parse_size(s) for s in args.sizes]
+    cpu_dtypes = [getattr(torch, name) for name in args.dtypes]
+    if args.quick:
+        batches, channels, sizes, cpu_dtypes = (64,), (1, 3), ((128, 128),), [torch.float32]
+    passes = [p == "fwd+bwd" for p in args.passes]
+    names = ["plain"] + [n for n in ("rotstn", "reference", "kornia", "compiled") if n in args.methods]
     print(machine_line())
+    print(tuning_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.clock} clock")
     skipped = []
     for device in devices:
-        dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
+        dtypes = cpu_dtypes + ([torch.float16] if device.type == "cuda" else [])
         for dtype in dtypes:
             print(f"\n### {device.type}, {str(dtype).removeprefix('torch.')}\n")
             header = "| B | C | H×W | pass | copy ms | " + " | ".join(f"{n} ms" for n in names)
@@ -256,15 +275,25 @@ def main() -> None:
             print("|" + "---|" * (header.count("|") - 1))
             for b in batches:
                 for c in channels:
-                    for s in sizes:
-                        if b * s * s > args.max_pixels:
-                            skipped.append(f"{device.type} {dtype} B={b} C={c} {s}²")
+                    for hw in sizes:
+                        if b * hw[0] * hw[1] > args.max_pixels:
+                            skipped.append(f"{device.type} {dtype} B={b} C={c} {size_label(*hw)}")
                             continue
-                        run_cell(device, dtype, b, c, s, names, args.budget, clock)
+                        run_cell(device, dtype, b, c, hw, names, args.budget, clock, passes)
     if args.clock == "wall":
         print("\n* fewer than 7 calls ran without waiting for a CPU: median of all calls, less reliable.")
     if skipped:
         print(f"Skipped (B·H·W above --max-pixels={args.max_pixels}): " + ", ".join(skipped))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``128`` (square) or ``250x333`` (H×W)."""
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def size_label(h: int, w: int) -> str:
+    return f"{h}²" if h == w else f"{h}×{w}"
 
 
 def run_cell(
@@ -272,22 +301,24 @@ def run_cell(
     dtype: torch.dtype,
     b: int,
     c: int,
-    s: int,
+    hw: tuple[int, int],
     names: list[str],
     budget: float,
     clock: Callable[[], float],
+    passes: list[bool],
 ) -> None:
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(b, c, s, s, generator=gen).to(device, dtype)
-    angle = (torch.rand(b, generator=gen) * 6 - 3).to(device)
-    degrees = torch.rad2deg(angle).to(dtype)
-    for backward in (False, True):
-        methods: dict[str, tuple[Method, torch.Tensor]] = {
+    x = torch.rand(b, c, *hw, generator=gen).to(device, dtype)
+    angle = (torch.rand(b, generator=gen) * 6 - 3).to(device, dtype)
+    degrees = torch.rad2deg(angle)
+    for backward in passes:
+        every: dict[str, tuple[Method, torch.Tensor]] = {
             "plain": (plain, angle),
             "rotstn": (fast, angle),
             "reference": (reference, angle),
             "kornia": (kornia_rotate, degrees),
         }
+        methods = {name: every[name] for name in names if name in every}
         if "compiled" in names:
             torch._dynamo.reset()
             methods["compiled"] = (torch.compile(plain, dynamic=False), angle)
@@ -312,8 +343,8 @@ def run_cell(
             else "–"
             for n in names[1:]
         ]
-        gbs = [f"{traffic / med[n] / 1e9:.1f}" for n in ("rotstn", "plain")]
-        row = [str(b), str(c), f"{s}²", "fwd+bwd" if backward else "fwd", ms(*timed["copy"]), *cells]
+        gbs = [f"{traffic / med[n] / 1e9:.1f}" if n in med else "–" for n in ("rotstn", "plain")]
+        row = [str(b), str(c), size_label(*hw), "fwd+bwd" if backward else "fwd", ms(*timed["copy"]), *cells]
         row += [*ratios, *gbs]
         print("| " + " | ".join(row) + " |", flush=True)
 

@@ -87,3 +87,20 @@ def test_quick_run(bench):
     )
     rows = [line for line in out.splitlines() if line.startswith("| clean 128² |")]
     assert len(rows) == len(methods)
+
+
+def test_warp_benchmark_subset_names_the_machine_first():
+    # benchmarks/warp.py: CPU model and kernel variant first, then one row per cell and pass asked for.
+    script = ROOT / "benchmarks" / "warp.py"
+    args = ["--batches", "2", "--sizes", "9x13", "--channels", "2", "--dtypes", "float64"]
+    args += ["--passes", "fwd", "fwd+bwd", "--budget", "0", "--methods", "plain", "rotstn"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("CPU: ") and "kernel variant" in lines[0] and lines[1].startswith("caches (")
+    rows = [line for line in lines if line.startswith("| 2 | 2 | 9×13 |")]
+    assert [row.split(" | ")[3] for row in rows] == ["fwd", "fwd+bwd"]
+    assert "### cpu, float64" in done.stdout and "float32" not in done.stdout.split("###", 1)[1]

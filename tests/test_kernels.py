@@ -407,6 +407,22 @@ def test_every_variant_matches_reference(isa, dtype, align_corners):
                     assert_close_scaled(g, r, rtol=tol * 10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 8])
+def test_every_variant_every_channel_count_and_odd_widths(isa, dtype, channels):
+    # Widths just above and below whole vector steps (16 / 8 / 4 lanes): a row ends with a step
+    # that overlaps the one before (its first lanes masked off in the backward), or is narrower
+    # than one step (scalar); rows split over threads (one sample) and samples over threads.
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for (h, w), batch in [((19, 17), 2), ((12, 31), 1), ((7, 9), 2)]:
+        image, angle, center, source, grad_out = rigid_inputs(h, w, batch, channels, dtype, seed=w + channels)
+        got = run_warp("cpu", image, angle, center, source, grad_out)
+        ref = run_warp("reference", image, angle, center, source, grad_out)
+        torch.testing.assert_close(got[0], ref[0], rtol=0, atol=tol)
+        for g, r in zip(got[1:], ref[1:], strict=True):
+            assert_close_scaled(g, r, rtol=tol * 10)
+
+
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_every_variant_gradcheck(isa, align_corners):
     # float64 derivatives to image, angle, centre and source point: a rigid warp and a rotation.
@@ -523,3 +539,52 @@ def test_source_and_centre_gradients_gradcheck(kernel, monkeypatch):
                 return _kernels.warp(x, a, c, s, mode, padding, True)
 
             assert gradcheck(f, (x, a, c, s))
+
+
+def test_cache_sizes_are_read_from_sysfs_and_set_the_limits(tmp_path, monkeypatch):
+    # A fake cpu0/cache: L1D and L2 per core (shared by two hyperthreads), an L3 for 16 CPUs.
+    from rotstn._kernels import machine
+
+    for name, level, kind, size, cpus in [
+        ("index0", 1, "Data", "48K", "0,8"),
+        ("index1", 1, "Instruction", "32K", "0,8"),
+        ("index2", 2, "Unified", "2048K", "0,8"),
+        ("index3", 3, "Unified", "107520K", "0-15"),
+    ]:
+        (tmp_path / name).mkdir()
+        for field, value in [("level", level), ("type", kind), ("size", size), ("shared_cpu_list", cpus)]:
+            (tmp_path / name / field).write_text(f"{value}\n")
+    found = machine.from_sysfs(tmp_path)
+    assert found == machine.Caches(24 * 2**10, 2**20, 105 * 2**20, "sysfs")
+    chosen = machine.limits_for(found)
+    assert chosen.prefetch_max_bytes == 2**19 and chosen.derivatives_max_bytes == 3 * 105 * 2**20 // 4
+    # No L3: the derivatives are kept only while they fit the L2.
+    assert machine.limits_for(machine.Caches(2**15, 2**20, 0, "x")).derivatives_max_bytes == 3 * 2**18
+    assert machine.from_sysfs(tmp_path / "missing") is None
+    machine.caches.cache_clear()
+    try:
+        monkeypatch.setenv("ROTSTN_CPU_CACHES", "32K,1M,32M")
+        assert machine.caches() == machine.Caches(2**15, 2**20, 2**25, "ROTSTN_CPU_CACHES")
+        machine.caches.cache_clear()
+        monkeypatch.setenv("ROTSTN_CPU_CACHES", "lots")
+        with pytest.raises(ValueError, match="ROTSTN_CPU_CACHES"):
+            machine.caches()
+    finally:
+        machine.caches.cache_clear()
+
+
+def test_saved_derivatives_follow_the_last_level_cache(monkeypatch):
+    # The forward keeps ∂out/∂x, ∂out/∂y only while they fit the limit the caches give.
+    from rotstn._kernels import machine
+
+    if _kernels.cpu.compiled.library() is None:
+        pytest.skip("no C compiler here (or ROTSTN_NO_COMPILE=1)")
+    image = torch.rand(2, 1, 32, 32, requires_grad=True)  # derivatives: 2 · 2 · 32 · 32 · 4 = 16 KiB
+    angle = torch.tensor([0.3, -1.0], requires_grad=True)
+    kept = []
+    for limit in (16 * 2**10, 16 * 2**10 - 1):
+        monkeypatch.setattr(machine, "limits", lambda limit=limit: machine.Limits(2**19, limit))
+        with _kernels.use_backend("cpu"):
+            out = _kernels.warp(image, angle, torch.full((2, 2), 15.5), None, "bilinear", "zeros", False)
+        kept.append(out.grad_fn.deriv is not None)
+    assert kept == [True, False]

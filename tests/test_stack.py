@@ -319,6 +319,53 @@ def test_tracked_equals_searched(walk, searched):
     assert torch.allclose(tracked.score, full.score, atol=1e-3)
 
 
+def _noisy_retina(n=12, size=192, turn_at=9, turn=71.0, seed=1):
+    """Frames of the retina picture with σ 0.05 noise and a random gamma, contrast and offset each
+    (as ``rotated_pairs(photometric=True)``), a walk with a sudden turn, and the true maps."""
+    picture = bundled_image("retina")
+    rng = np.random.default_rng(seed)
+    angles, shifts = _walk(n, turn_at, seed)
+    angles[turn_at:] += math.radians(turn - 150)
+    frames, to_picture = [], []
+    for a, t in zip(angles, shifts, strict=True):
+        c, s = math.cos(a), math.sin(a)
+        m = np.eye(3)
+        m[:2, :2] = [[c, -s], [s, c]]
+        m[:2, 2] = np.array(picture.shape[::-1]) / 2 - 0.5 - m[:2, :2] @ (np.full(2, (size - 1) / 2) + t)
+        frame = ndimage.affine_transform(
+            picture, m[:2, :2][::-1, ::-1], offset=m[:2, 2][::-1], output_shape=(size, size), order=3
+        )
+        gamma = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
+        frame = rng.uniform(0.6, 1.0) * np.clip(frame, 0, 1) ** gamma + rng.uniform(0, 0.2)
+        frames.append(frame + rng.normal(0, 0.05, frame.shape))
+        to_picture.append(m)
+    truth = np.stack([np.linalg.inv(m) @ to_picture[0] for m in to_picture])
+    return torch.tensor(np.stack(frames), dtype=torch.float32), truth
+
+
+def test_noisy_frames_under_trust_are_tracked_not_searched_again(searched):
+    # Noise and a gamma per frame put most right results under TRUST; where the refinement stayed
+    # near its prediction and matches the reference significantly it is kept, not searched again:
+    # only the sudden turn is searched, and every frame is as close to the truth as a search of
+    # every frame (track=False) puts it, to a third of a pixel (about the noise of either here).
+    from rotstn.registration import TRUST
+
+    frames, truth = _noisy_retina()
+    size = frames.shape[-1]
+    corners = np.array([[0, 0, 1], [size - 1, 0, 1], [0, size - 1, 1], [size - 1, size - 1, 1]], float).T
+
+    def displacement(result):
+        return np.linalg.norm(result.matrix.numpy() @ corners - truth[:, :2] @ corners, axis=1).max(1)
+
+    tracked = register_stack(frames, batch_size=8)
+    assert sum(searched) == 1
+    assert int((tracked.score < TRUST).sum()) >= len(frames) // 2
+    full = register_stack(frames, batch_size=8, track=False)
+    assert sum(searched) == 1 + len(frames)
+    d, d_full = displacement(tracked), displacement(full)
+    assert np.median(d) < 1.5 and bool((d <= d_full + 0.3).all()), (d, d_full)
+
+
 def test_polish_bounds_the_drift_of_previous():
     frames, truth = _scipy_frames(*_walk(40, 19), noise=0.05, seed=1)
     chain = _displacement(register_stack(frames, reference="previous", polish=False).matrix, truth)

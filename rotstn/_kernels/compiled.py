@@ -40,6 +40,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from . import machine
+
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("rotate_cpu.c", "register_cpu.c"))
 # No -march=native: the cache may be shared between machines, so each variant names its ISA;
 # -fno-math-errno lets floor() inline, without -ffast-math's reassociation; -fopenmp-simd lets the sums
@@ -132,6 +134,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
             *(_c_dptr, ctypes.c_double, ctypes.c_double, _c_int64, _c_dptr, _c_dptr, _c_int64, _c_int),
         ]
         refine.restype = _c_int
+    lib.rotstn_set_limits.argtypes = [_c_int64]
+    lib.rotstn_set_limits.restype = None
     lib.rotstn_isa.restype = ctypes.c_char_p
     lib.rotstn_cpu_features.restype = _c_int
     lib.rotstn_openmp.restype = _c_int
@@ -167,6 +171,7 @@ def _build(isa: str) -> ctypes.CDLL:
     built = lib.rotstn_isa().decode()
     if built != isa:  # e.g. a compiler that accepts the flags but lacks the intrinsics' macros
         raise RuntimeError(f"the {isa} build compiled as {built!r}")
+    lib.rotstn_set_limits(machine.limits().prefetch_max_bytes)
     return lib
 
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import compiled, reference
+from . import compiled, machine, reference
 
 # aten's integer codes for grid_sampler_2d's interpolation and padding modes.
 _MODE = {"bilinear": 0, "nearest": 1, "bicubic": 2}
@@ -239,13 +239,6 @@ def _center_and_source_grads(angle: Tensor, total: Tensor) -> tuple[Tensor, Tens
     return grad_center, total
 
 
-# Largest (B, 2, C, H, W) derivative tensor the forward keeps for the backward. Measured on a Zen 4
-# EPYC with a 32 MiB L3 (docs/speed.md): forward + backward 13-18 % faster at 8 and 24 MiB
-# (B = 64, 128², C = 1 and 3), 20-25 % slower at 32 and 96 MiB, where writing and reading the
-# derivatives through memory costs more than loading the image's corners again.
-_DERIVATIVES_MAX_BYTES = 24 * 2**20
-
-
 class _Warp(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -267,11 +260,16 @@ class _Warp(torch.autograd.Function):
             ctx.save_for_backward(image, angle, center, None if ctx.rotation else source, None)
             # With a gradient to the angle or a point, the forward also writes ∂out/∂x, ∂out/∂y
             # (2 values per output value, freed after the backward) so that the backward's sums
-            # need not read the image's corners again; only up to _DERIVATIVES_MAX_BYTES, and
+            # need not read the image's corners again; only while they fit three quarters of the
+            # last-level cache (machine.limits: beyond it they go through memory both ways), and
             # ROTSTN_CPU_LOW_MEMORY=1 turns it off.
             geo = any(ctx.needs_input_grad[1:4])
             size = 2 * image.numel() * (8 if angle.dtype == torch.float64 else 4)
-            keep = geo and size <= _DERIVATIVES_MAX_BYTES and os.environ.get("ROTSTN_CPU_LOW_MEMORY") != "1"
+            keep = (
+                geo
+                and size <= machine.limits().derivatives_max_bytes
+                and os.environ.get("ROTSTN_CPU_LOW_MEMORY") != "1"
+            )
             out, ctx.par, ctx.deriv = _kernel_forward(image, angle, center, source, keep)
             return out
         ctx.kernel = False

@@ -31,6 +31,11 @@
  * than threads and no image gradient, over rows. The backward's per-row sums
  * go to a (B, H, 4) buffer that is reduced in a fixed order, so results do not
  * depend on the thread count.
+ *
+ * Layout, one part per stage: 1. sampling (coordinates, corners, the vector helpers of each
+ * instruction set, the prefetch), 2. forward, 3. backward, 4. threading, 5. the entry points.
+ * Each of the forward and backward has its scalar pixel code (the generic build, and the rows
+ * of the vector builds narrower than one step), its vector step and row, and its worker.
  */
 #include <math.h>
 #include <pthread.h>
@@ -118,16 +123,16 @@ typedef struct {
 /* The row functions' scratch: x0, y0, wx, wy of one row (the generic build's coordinate pass). */
 #define ROW_BUFFERS(T) int32_t *restrict rx0, int32_t *restrict ry0, T *restrict rwx, T *restrict rwy
 
-static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
-    if (j->by_rows) {
-        *r0 = j->H * j->tid / j->nthreads;
-        *r1 = j->H * (j->tid + 1) / j->nthreads;
-    } else {
-        *r0 = 0;
-        *r1 = j->H;
-    }
-}
+/* Threading (part 4) decides which rows and samples a share computes. */
+static void row_range(const job_t *j, int64_t *r0, int64_t *r1);
+static int next_b(const job_t *jb, int64_t *b);
 
+/* ================================================================================================
+ * 1. Sampling: source coordinates, corners, the vector helpers of each instruction set, and the
+ * prefetch of a sample's image. Shared by the forward and the backward.
+ * ================================================================================================ */
+
+#if !defined(ROTSTN_AVX512) && !defined(ROTSTN_AVX2)
 /* The corners of one row i of output pixels, in a pass of its own so that it vectorises:
  * x0, y0 = floor of the source coordinates (clamped to [-2, W+1] × [-2, H+1], where every
  * corner is already outside; NaN goes to -2) and the bilinear weights wx = x - x0,
@@ -158,6 +163,7 @@ static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
 
 DEFINE_ROW_COORDS(float, f32)
 DEFINE_ROW_COORDS(double, f64)
+#endif
 
 /* The same for one pixel (the vector builds' row tails). */
 static inline void pixel_coords(int64_t W, int64_t H, const double *par, int64_t i, int64_t j, int32_t *x0,
@@ -198,146 +204,6 @@ static void corners(int32_t x0, int32_t y0, double wx, double wy, int64_t H, int
             off[k] = 0;
         }
 }
-
-/* One output pixel, scalar: the generic build's loop body and the vector builds' row tails.
- * o points at output pixel (i, j) of channel 0; g at its output gradient. */
-#define DEFINE_PIXEL(T, SUFFIX)                                                                         \
-    ALWAYS_INLINE void forward_px_##SUFFIX(const T *img, T *o, const int64_t C, const int64_t H,        \
-                                           const int64_t W, const int32_t x0, const int32_t y0,         \
-                                           const T wx, const T wy) {                                    \
-        const int64_t HW = H * W;                                                                       \
-        if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {                     \
-            const T *p = img + (int64_t)y0 * W + x0;                                                    \
-            int64_t ch = 0;                                                                             \
-            do {                                                                                        \
-                const T top = p[0] + wx * (p[1] - p[0]);                                                \
-                const T bottom = p[W] + wx * (p[W + 1] - p[W]);                                         \
-                o[ch * HW] = top + wy * (bottom - top);                                                 \
-                p += HW;                                                                                \
-            } while (++ch < C);                                                                         \
-            return;                                                                                     \
-        }                                                                                               \
-        double w[4];                                                                                    \
-        int64_t off[4];                                                                                 \
-        int valid[4];                                                                                   \
-        corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                                   \
-        for (int64_t ch = 0; ch < C; ch++) {                                                            \
-            const T *p = img + ch * HW;                                                                 \
-            o[ch * HW] = (T)w[0] * p[off[0]] + (T)w[1] * p[off[1]] + (T)w[2] * p[off[2]] +              \
-                         (T)w[3] * p[off[3]];                                                           \
-        }                                                                                               \
-    }                                                                                                   \
-                                                                                                        \
-    /* Adds this pixel's dL/dx, dL/dy (over channels) to *gx, *gy and scatters into gimg. */           \
-    ALWAYS_INLINE void backward_px_core_##SUFFIX(const T *img, const T *g, T *gimg, const int64_t C,         \
-                                            const int64_t H, const int64_t W, const int32_t x0,         \
-                                            const int32_t y0, const T wx, const T wy, const int do_img, \
-                                            const int do_geo, T *gx_out, T *gy_out) {                   \
-        const int64_t HW = H * W;                                                                       \
-        T gx = 0, gy = 0;                                                                               \
-        if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {                     \
-            const int64_t at = (int64_t)y0 * W + x0;                                                    \
-            const T w0 = (1 - wx) * (1 - wy), w1 = wx * (1 - wy);                                       \
-            const T w2 = (1 - wx) * wy, w3 = wx * wy;                                                   \
-            for (int64_t ch = 0; ch < C; ch++) {                                                        \
-                const T gc = g[ch * HW];                                                                \
-                if (do_img) {                                                                           \
-                    T *q = gimg + ch * HW + at;                                                         \
-                    q[0] += gc * w0;                                                                    \
-                    q[1] += gc * w1;                                                                    \
-                    q[W] += gc * w2;                                                                    \
-                    q[W + 1] += gc * w3;                                                                \
-                }                                                                                       \
-                if (do_geo) {                                                                           \
-                    const T *p = img + ch * HW + at;                                                    \
-                    const T i00 = p[0], i01 = p[1], i10 = p[W], i11 = p[W + 1];                         \
-                    const T dx0 = i01 - i00, dy0 = i10 - i00;                                           \
-                    gx += gc * (dx0 + wy * (i11 - i10 - dx0));                                          \
-                    gy += gc * (dy0 + wx * (i11 - i01 - dy0));                                          \
-                }                                                                                       \
-            }                                                                                           \
-        } else {                                                                                        \
-            double w[4];                                                                                \
-            int64_t off[4];                                                                             \
-            int valid[4];                                                                               \
-            corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                               \
-            if (!(valid[0] | valid[1] | valid[2] | valid[3])) {                                         \
-                *gx_out = *gy_out = 0;                                                                  \
-                return;                                                                                 \
-            }                                                                                           \
-            for (int64_t ch = 0; ch < C; ch++) {                                                        \
-                const T gc = g[ch * HW];                                                                \
-                if (do_img) {                                                                           \
-                    /* Invalid corners have weight 0 and offset 0: adding 0 is harmless. */             \
-                    T *q = gimg + ch * HW;                                                              \
-                    for (int k = 0; k < 4; k++)                                                         \
-                        q[off[k]] += gc * (T)w[k];                                                      \
-                }                                                                                       \
-                if (do_geo) {                                                                           \
-                    const T *p = img + ch * HW;                                                         \
-                    const T i00 = valid[0] ? p[off[0]] : 0, i01 = valid[1] ? p[off[1]] : 0;             \
-                    const T i10 = valid[2] ? p[off[2]] : 0, i11 = valid[3] ? p[off[3]] : 0;             \
-                    gx += gc * ((1 - wy) * (i01 - i00) + wy * (i11 - i10));                             \
-                    gy += gc * ((1 - wx) * (i10 - i00) + wx * (i11 - i01));                             \
-                }                                                                                       \
-            }                                                                                           \
-        }                                                                                               \
-        *gx_out = gx;                                                                                   \
-        *gy_out = gy;                                                                                   \
-    }                                                                                                   \
-                                                                                                        \
-    /* ∂out/∂x, ∂out/∂y of one pixel, per channel, as backward_px_core computes them: d[ch·HW] and      \
-     * d[(C + ch)·HW] (the forward's saved derivatives, which spare the backward the corners). */       \
-    ALWAYS_INLINE void deriv_px_##SUFFIX(const T *img, T *dv, const int64_t C, const int64_t H,         \
-                                         const int64_t W, const int32_t x0, const int32_t y0, const T wx,\
-                                         const T wy) {                                                  \
-        const int64_t HW = H * W;                                                                       \
-        if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {                     \
-            for (int64_t ch = 0; ch < C; ch++) {                                                        \
-                const T *p = img + ch * HW + (int64_t)y0 * W + x0;                                      \
-                const T i00 = p[0], i01 = p[1], i10 = p[W], i11 = p[W + 1];                             \
-                const T dx0 = i01 - i00, dy0 = i10 - i00;                                               \
-                dv[ch * HW] = dx0 + wy * (i11 - i10 - dx0);                                             \
-                dv[(C + ch) * HW] = dy0 + wx * (i11 - i01 - dy0);                                       \
-            }                                                                                           \
-            return;                                                                                     \
-        }                                                                                               \
-        double w[4];                                                                                    \
-        int64_t off[4];                                                                                 \
-        int valid[4];                                                                                   \
-        corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                                   \
-        for (int64_t ch = 0; ch < C; ch++) {                                                            \
-            const T *p = img + ch * HW;                                                                 \
-            const T i00 = valid[0] ? p[off[0]] : 0, i01 = valid[1] ? p[off[1]] : 0;                     \
-            const T i10 = valid[2] ? p[off[2]] : 0, i11 = valid[3] ? p[off[3]] : 0;                     \
-            dv[ch * HW] = (1 - wy) * (i01 - i00) + wy * (i11 - i10);                                    \
-            dv[(C + ch) * HW] = (1 - wx) * (i10 - i00) + wx * (i11 - i01);                              \
-        }                                                                                               \
-    }                                                                                                   \
-                                                                                                        \
-    /* backward_px_core, with dL/dx, dL/dy from the forward's derivatives dv when there are some. */    \
-    ALWAYS_INLINE void backward_px_##SUFFIX(const T *img, const T *g, T *gimg, const T *dv,             \
-                                            const int64_t C, const int64_t H, const int64_t W,          \
-                                            const int32_t x0, const int32_t y0, const T wx, const T wy, \
-                                            const int do_img, const int do_geo, T *gx_out, T *gy_out) { \
-        if (!(dv && do_geo)) {                                                                          \
-            backward_px_core_##SUFFIX(img, g, gimg, C, H, W, x0, y0, wx, wy, do_img, do_geo, gx_out, gy_out);\
-            return;                                                                                     \
-        }                                                                                               \
-        const int64_t HW = H * W;                                                                       \
-        T gx = 0, gy = 0, unused_x, unused_y;                                                           \
-        for (int64_t ch = 0; ch < C; ch++) {                                                            \
-            gx += g[ch * HW] * dv[ch * HW];                                                             \
-            gy += g[ch * HW] * dv[(C + ch) * HW];                                                       \
-        }                                                                                               \
-        if (do_img)                                                                                     \
-            backward_px_core_##SUFFIX(img, g, gimg, C, H, W, x0, y0, wx, wy, 1, 0, &unused_x, &unused_y);\
-        *gx_out = gx;                                                                                   \
-        *gy_out = gy;                                                                                   \
-    }
-
-DEFINE_PIXEL(float, f32)
-DEFINE_PIXEL(double, f64)
 
 /* Double builds keep the masked gathers for steps across the border (BORDER_LOADS 0): never called. */
 #define DEFINE_BORDER_STUB(S, T, I)                                                                     \
@@ -394,6 +260,7 @@ static inline V_zf sub_zf(V_zf a, V_zf b) { return _mm512_sub_ps(a, b); }
 static inline V_zf mul_zf(V_zf a, V_zf b) { return _mm512_mul_ps(a, b); }
 static inline V_zf fma_zf(V_zf a, V_zf b, V_zf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline int kall_zf(K_zf k) { return k == 0xFFFF; }
+static inline K_zf tail_zf(int dead) { return (K_zf)(0xFFFFu << dead); } /* lanes >= dead */
 static inline void zip_zf(V_zf a, V_zf b, float *dst) {
     const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
@@ -515,6 +382,7 @@ static inline V_zd sub_zd(V_zd a, V_zd b) { return _mm512_sub_pd(a, b); }
 static inline V_zd mul_zd(V_zd a, V_zd b) { return _mm512_mul_pd(a, b); }
 static inline V_zd fma_zd(V_zd a, V_zd b, V_zd c) { return _mm512_fmadd_pd(a, b, c); }
 static inline int kall_zd(K_zd k) { return k == 0xFF; }
+static inline K_zd tail_zd(int dead) { return (K_zd)(0xFFu << dead); }
 static inline void zip_zd(V_zd a, V_zd b, double *dst) {
     _mm512_storeu_pd(dst, _mm512_permutex2var_pd(a, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), b));
     _mm512_storeu_pd(dst + 8, _mm512_permutex2var_pd(a, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), b));
@@ -586,6 +454,9 @@ static inline V_yf sub_yf(V_yf a, V_yf b) { return _mm256_sub_ps(a, b); }
 static inline V_yf mul_yf(V_yf a, V_yf b) { return _mm256_mul_ps(a, b); }
 static inline V_yf fma_yf(V_yf a, V_yf b, V_yf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline int kall_yf(K_yf k) { return _mm256_movemask_ps(_mm256_castsi256_ps(k)) == 0xFF; }
+static inline K_yf tail_yf(int dead) {
+    return _mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(dead - 1));
+}
 static inline void zip_yf(V_yf a, V_yf b, float *dst) {
     const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
     _mm256_storeu_ps(dst, _mm256_permute2f128_ps(lo, hi, 0x20));
@@ -695,6 +566,7 @@ static inline V_yd sub_yd(V_yd a, V_yd b) { return _mm256_sub_pd(a, b); }
 static inline V_yd mul_yd(V_yd a, V_yd b) { return _mm256_mul_pd(a, b); }
 static inline V_yd fma_yd(V_yd a, V_yd b, V_yd c) { return _mm256_fmadd_pd(a, b, c); }
 static inline int kall_yd(K_yd k) { return _mm_movemask_ps(_mm_castsi128_ps(k)) == 0xF; }
+static inline K_yd tail_yd(int dead) { return _mm_cmpgt_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(dead - 1)); }
 static inline void zip_yd(V_yd a, V_yd b, double *dst) {
     const __m256d lo = _mm256_unpacklo_pd(a, b), hi = _mm256_unpackhi_pd(a, b);
     _mm256_storeu_pd(dst, _mm256_permute2f128_pd(lo, hi, 0x20));
@@ -758,6 +630,42 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
  * bx = sx - c·cx - s·v, by = sy - s·cx + c·v formed in double and rounded once to T (for float the
  * same order of rounding as the reference path's float grid; at θ = 0 with source = centre, x is
  * exactly j). Clamped to [-2, W+1] × [-2, H+1] (NaN to -2), where every corner is outside. */
+#define DEFINE_ROW_CONSTANTS(T, S)                                                                      \
+    typedef struct {                                                                                    \
+        V_##S cv, sv, bxv, byv, iota;                                                                   \
+        T xmax, ymax;                                                                                   \
+    } row_##S;                                                                                          \
+    static inline row_##S row_setup_##S(const double *par, int64_t i, int64_t H, int64_t W) {           \
+        const double c = par[0], s = par[1], v = (double)i - par[3];                                    \
+        row_##S r = {set1_##S((T)c), set1_##S((T)s), set1_##S((T)(par[4] - c * par[2] - s * v)),       \
+                     set1_##S((T)(par[5] - s * par[2] + c * v)), iota_##S(), (T)W + 1, (T)H + 1};       \
+        return r;                                                                                       \
+    }
+#define DEFINE_ROW_CONSTANTS_(T, S) DEFINE_ROW_CONSTANTS(T, S)
+DEFINE_ROW_CONSTANTS_(float, SUFFIX_F32)
+DEFINE_ROW_CONSTANTS_(double, SUFFIX_F64)
+
+/* The step's coordinates, corner masks (k00 … k11: corner inside the image and lane live) and
+ * corner offsets, as locals of the step functions below. */
+#define STEP_SETUP(T, S)                                                                                \
+    const int32_t w32 = (int32_t)W, h32 = (int32_t)H;                                                   \
+    const V_##S jv = add_##S(set1_##S((T)j), rc->iota);                                                 \
+    const V_##S xs = clamp_##S(fma_##S(rc->cv, jv, rc->bxv), rc->xmax);                                \
+    const V_##S ys = clamp_##S(fma_##S(rc->sv, jv, rc->byv), rc->ymax);                                \
+    const V_##S fx = floor_##S(xs), fy = floor_##S(ys);                                                 \
+    const I_##S x0 = toint_##S(fx), y0 = toint_##S(fy);                                                 \
+    const V_##S wx = sub_##S(xs, fx), wy = sub_##S(ys, fy);                                             \
+    K_##S vx0 = inrange_##S(x0, w32), vx1 = inrange_##S(iaddc_##S(x0, 1), w32);                         \
+    if (!full) /* the overlapping last step of a row: lanes already done count as outside */           \
+        vx0 = kand_##S(vx0, live), vx1 = kand_##S(vx1, live);                                           \
+    const K_##S vy0 = inrange_##S(y0, h32), vy1 = inrange_##S(iaddc_##S(y0, 1), h32);                   \
+    const K_##S k00 = kand_##S(vx0, vy0), k01 = kand_##S(vx1, vy0);                                     \
+    const K_##S k10 = kand_##S(vx0, vy1), k11 = kand_##S(vx1, vy1);                                     \
+    const I_##S o00 = imad_##S(y0, w32, x0), o01 = iaddc_##S(o00, 1);                                   \
+    const I_##S o10 = iaddc_##S(o00, w32), o11 = iaddc_##S(o00, w32 + 1);                               \
+    const int interior = kall_##S(kand_##S(k00, k11));                                                  \
+    (void)o01, (void)o10, (void)o11;
+
 /* The four corners a (x0, y0), b (x0+1, y0), c (x0, y0+1), d (x0+1, y0+1) of a step's pixels in
  * channel plane p; corners outside the image read as 0. */
 #define CORNERS(S)                                                                                      \
@@ -779,58 +687,143 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
     if (interior) {                                                                                     \
         istore_##S(offs, o00);                                                                          \
         COMPILER_BARRIER();                                                                             \
-    } else {                                                                                            \
+    }
+#endif
+
+/* The whole image of the sample about to be sampled, into the caches (L1, spilling to L2), before
+ * its first row: a rotated walk over a fresh image defeats the hardware prefetchers, and each
+ * miss stalls a gather for the full L3 or memory latency, one after the other. Issued up front,
+ * the prefetches overlap (about 1000 lines for a 128² float image take a few µs) and the
+ * gathers then hit L1 or L2 (forward at C = 3 about 2× faster, backward 1.5× faster, B = 64,
+ * 128², against fetching the next sample's image a slice per row as before). Only images that
+ * fit half of a thread's L2 are fetched (prefetch_max_bytes, set from the caches the OS reports by
+ * rotstn_set_limits; 512 KiB until then); larger ones are left to the hardware. */
+static int64_t prefetch_max_bytes = 512 * 1024;
+
+/* The cache-dependent limits (rotstn/_kernels/machine.py computes them from the machine's caches). */
+void rotstn_set_limits(int64_t prefetch_bytes) {
+    if (prefetch_bytes >= 0)
+        prefetch_max_bytes = prefetch_bytes;
+}
+
+static inline void prefetch_image(const void *img, size_t bytes) {
+    if ((int64_t)bytes > prefetch_max_bytes)
+        return;
+    const char *p = (const char *)img;
+    for (size_t o = 0; o < bytes; o += 64)
+        __builtin_prefetch(p + o, 0, 3);
+}
+
+/* ================================================================================================
+ * 2. Forward: one pass over the output pixels, every channel, and the derivatives ∂out/∂x,
+ * ∂out/∂y the backward reads instead of the corners when the forward is asked for them.
+ * ================================================================================================ */
+
+/* One output pixel, scalar: the generic build's loop body and the vector builds' row tails.
+ * o points at output pixel (i, j) of channel 0. */
+#define DEFINE_PIXEL_FORWARD(T, SUFFIX)                                                                \
+    ALWAYS_INLINE void forward_px_##SUFFIX(const T *img, T *o, const int64_t C, const int64_t H,        \
+                                           const int64_t W, const int32_t x0, const int32_t y0,         \
+                                           const T wx, const T wy) {                                    \
+        const int64_t HW = H * W;                                                                       \
+        if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {                     \
+            const T *p = img + (int64_t)y0 * W + x0;                                                    \
+            int64_t ch = 0;                                                                             \
+            do {                                                                                        \
+                const T top = p[0] + wx * (p[1] - p[0]);                                                \
+                const T bottom = p[W] + wx * (p[W + 1] - p[W]);                                         \
+                o[ch * HW] = top + wy * (bottom - top);                                                 \
+                p += HW;                                                                                \
+            } while (++ch < C);                                                                         \
+            return;                                                                                     \
+        }                                                                                               \
+        double w[4];                                                                                    \
+        int64_t off[4];                                                                                 \
+        int valid[4];                                                                                   \
+        corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                                   \
+        for (int64_t ch = 0; ch < C; ch++) {                                                            \
+            const T *p = img + ch * HW;                                                                 \
+            o[ch * HW] = (T)w[0] * p[off[0]] + (T)w[1] * p[off[1]] + (T)w[2] * p[off[2]] +              \
+                         (T)w[3] * p[off[3]];                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+                                                                                                        \
+    /* ∂out/∂x, ∂out/∂y of one pixel, per channel, as backward_px_core computes them: d[ch·HW] and      \
+     * d[(C + ch)·HW] (the forward's saved derivatives, which spare the backward the corners). */       \
+    ALWAYS_INLINE void deriv_px_##SUFFIX(const T *img, T *dv, const int64_t C, const int64_t H,         \
+                                         const int64_t W, const int32_t x0, const int32_t y0, const T wx,\
+                                         const T wy) {                                                  \
+        const int64_t HW = H * W;                                                                       \
+        if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {                     \
+            for (int64_t ch = 0; ch < C; ch++) {                                                        \
+                const T *p = img + ch * HW + (int64_t)y0 * W + x0;                                      \
+                const T i00 = p[0], i01 = p[1], i10 = p[W], i11 = p[W + 1];                             \
+                const T dx0 = i01 - i00, dy0 = i10 - i00;                                               \
+                dv[ch * HW] = dx0 + wy * (i11 - i10 - dx0);                                             \
+                dv[(C + ch) * HW] = dy0 + wx * (i11 - i01 - dy0);                                       \
+            }                                                                                           \
+            return;                                                                                     \
+        }                                                                                               \
+        double w[4];                                                                                    \
+        int64_t off[4];                                                                                 \
+        int valid[4];                                                                                   \
+        corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                                   \
+        for (int64_t ch = 0; ch < C; ch++) {                                                            \
+            const T *p = img + ch * HW;                                                                 \
+            const T i00 = valid[0] ? p[off[0]] : 0, i01 = valid[1] ? p[off[1]] : 0;                     \
+            const T i10 = valid[2] ? p[off[2]] : 0, i11 = valid[3] ? p[off[3]] : 0;                     \
+            dv[ch * HW] = (1 - wy) * (i01 - i00) + wy * (i11 - i10);                                    \
+            dv[(C + ch) * HW] = (1 - wx) * (i10 - i00) + wx * (i11 - i01);                              \
+        }                                                                                               \
     }
 
-#define ROW_SETUP(T, S)                                                                                 \
-    const double c_ = par[0], s_ = par[1], v_ = (double)i - par[3];                                     \
-    const V_##S cv = set1_##S((T)c_), sv = set1_##S((T)s_), iota = iota_##S();                         \
-    const V_##S bxv = set1_##S((T)(par[4] - c_ * par[2] - s_ * v_));                                    \
-    const V_##S byv = set1_##S((T)(par[5] - s_ * par[2] + c_ * v_));                                    \
-    const T xmax = (T)W + 1, ymax = (T)H + 1;
-#define STEP_COORDS(T, S)                                                                               \
-    const V_##S jv = add_##S(set1_##S((T)j), iota);                                                     \
-    const V_##S xs = clamp_##S(fma_##S(cv, jv, bxv), xmax), ys = clamp_##S(fma_##S(sv, jv, byv), ymax); \
-    const V_##S fx = floor_##S(xs), fy = floor_##S(ys);                                                 \
-    const I_##S x0 = toint_##S(fx), y0 = toint_##S(fy);                                                 \
-    const V_##S wx = sub_##S(xs, fx), wy = sub_##S(ys, fy);
+DEFINE_PIXEL_FORWARD(float, f32)
+DEFINE_PIXEL_FORWARD(double, f64)
 
-/* The vector row loops, N pixels a step; the tail of a row goes through the scalar pixel code.
- * Corners outside the image are masked out of the gathers (read as 0, never touched), which is
- * the zero padding; in the scatter their contribution is 0 at offset 0. */
-#define DEFINE_VECTOR_ROWS_(T, S, SS)                                                                   \
+#if defined(ROTSTN_AVX512) || defined(ROTSTN_AVX2)
+/* One step of N output pixels from column j: every channel's value and, with deriv, ∂out/∂x and
+ * ∂out/∂y as the backward computes them. Writing a lane twice (the overlapping last step of a
+ * row) writes the same bits, so the forward needs no lane mask (full = 1 always). */
+#define DEFINE_VECTOR_FORWARD_(T, S, SS)                                                                \
+    ALWAYS_INLINE void forward_step_##SS(const T *img, T *out, T *deriv, const int64_t C,               \
+                                         const int64_t H, const int64_t W, const int64_t i,             \
+                                         const int64_t j, const row_##S *rc) {                          \
+        const int full = 1;                                                                             \
+        const K_##S live = tail_##S(0);                                                                 \
+        const int64_t HW = H * W, at = i * W + j;                                                       \
+        int32_t offs[N_##S], border_off[2 * N_##S];                                                     \
+        STEP_SETUP(T, S)                                                                                \
+        (void)live;                                                                                     \
+        STORE_OFFSETS(S)                                                                                \
+        for (int64_t ch = 0; ch < C; ch++) {                                                            \
+            const T *p = img + ch * HW;                                                                 \
+            V_##S a, b, c, d;                                                                           \
+            CORNERS(S)                                                                                  \
+            if (deriv) {                                                                                \
+                const V_##S dx0 = sub_##S(b, a), dy0 = sub_##S(c, a);                                   \
+                nstore_##S(deriv + ch * HW + at, fma_##S(wy, sub_##S(sub_##S(d, c), dx0), dx0));        \
+                nstore_##S(deriv + (C + ch) * HW + at, fma_##S(wx, sub_##S(sub_##S(d, b), dy0), dy0));  \
+            }                                                                                           \
+            const V_##S top = fma_##S(wx, sub_##S(b, a), a);                                            \
+            const V_##S bottom = fma_##S(wx, sub_##S(d, c), c);                                         \
+            store_##S(out + ch * HW + at, fma_##S(wy, sub_##S(bottom, top), top));                      \
+        }                                                                                               \
+    }                                                                                                   \
+                                                                                                        \
+    /* Row i: N pixels a step; a row that is not a whole number of steps ends with one more step      \
+     * over its last N pixels (overlapping the one before), so odd widths stay vectorised; rows       \
+     * narrower than one step go through the scalar pixel code. */                                    \
     ALWAYS_INLINE void forward_row_##SS(const T *img, T *out, T *deriv, const int64_t C, const int64_t H, \
                                         const int64_t W, const int64_t i, const double *par,             \
                                         ROW_BUFFERS(T)) {                                               \
-        const int64_t HW = H * W;                                                                       \
-        const int32_t w32 = (int32_t)W, h32 = (int32_t)H;                                               \
-        ROW_SETUP(T, S)                                                                                 \
-        int32_t offs[N_##S], border_off[2 * N_##S];                                                     \
+        (void)rx0, (void)ry0, (void)rwx, (void)rwy;                                                     \
+        const row_##S rc = row_setup_##S(par, i, H, W);                                                 \
         int64_t j = 0;                                                                                  \
-        for (; j + N_##S <= W; j += N_##S) {                                                            \
-            STEP_COORDS(T, S)                                                                           \
-            const K_##S vx0 = inrange_##S(x0, w32), vx1 = inrange_##S(iaddc_##S(x0, 1), w32);           \
-            const K_##S vy0 = inrange_##S(y0, h32), vy1 = inrange_##S(iaddc_##S(y0, 1), h32);           \
-            const K_##S k00 = kand_##S(vx0, vy0), k01 = kand_##S(vx1, vy0);                             \
-            const K_##S k10 = kand_##S(vx0, vy1), k11 = kand_##S(vx1, vy1);                             \
-            const I_##S o00 = imad_##S(y0, w32, x0), o01 = iaddc_##S(o00, 1);                           \
-            const I_##S o10 = iaddc_##S(o00, w32), o11 = iaddc_##S(o00, w32 + 1);                       \
-            const int interior = kall_##S(kand_##S(k00, k11));                                         \
-            STORE_OFFSETS(S)                                                                            \
-            for (int64_t ch = 0; ch < C; ch++) {                                                        \
-                const T *p = img + ch * HW;                                                             \
-                V_##S a, b, c, d;                                                                       \
-                CORNERS(S)                                                                              \
-                if (deriv) { /* ∂out/∂x, ∂out/∂y for the backward, as it computes them */               \
-                    const V_##S dx0 = sub_##S(b, a), dy0 = sub_##S(c, a);                               \
-                    nstore_##S(deriv + ch * HW + i * W + j, fma_##S(wy, sub_##S(sub_##S(d, c), dx0), dx0)); \
-                    nstore_##S(deriv + (C + ch) * HW + i * W + j,                                       \
-                              fma_##S(wx, sub_##S(sub_##S(d, b), dy0), dy0));                           \
-                }                                                                                       \
-                const V_##S top = fma_##S(wx, sub_##S(b, a), a);                                        \
-                const V_##S bottom = fma_##S(wx, sub_##S(d, c), c);                                     \
-                store_##S(out + ch * HW + i * W + j, fma_##S(wy, sub_##S(bottom, top), top));           \
-            }                                                                                           \
+        for (; j + N_##S <= W; j += N_##S)                                                              \
+            forward_step_##SS(img, out, deriv, C, H, W, i, j, &rc);                                     \
+        if (j < W && W >= N_##S) {                                                                      \
+            forward_step_##SS(img, out, deriv, C, H, W, i, W - N_##S, &rc);                             \
+            return;                                                                                     \
         }                                                                                               \
         for (; j < W; j++) {                                                                            \
             int32_t x0, y0;                                                                             \
@@ -840,108 +833,267 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
             if (deriv)                                                                                  \
                 deriv_px_##SS(img, deriv + i * W + j, C, H, W, x0, y0, (T)wx, (T)wy);                   \
         }                                                                                               \
-    }                                                                                                   \
-                                                                                                        \
-    /* r = Σ_j gx, Σ_j gy, Σ_j gx·u, Σ_j gy·u over row i, with (gx, gy) = dL/d(x, y) of a pixel. */    \
-    ALWAYS_INLINE void backward_row_##SS(const T *img, const T *gout, T *gimg, const T *deriv,          \
-                                         const int64_t C,                                               \
-                                         const int64_t H, const int64_t W, const int64_t i,             \
-                                         const double *par, ROW_BUFFERS(T), const int do_img,           \
-                                         const int do_geo, double r[4]) {                               \
+    }
+#define DEFINE_VECTOR_FORWARD(T, S, SS) DEFINE_VECTOR_FORWARD_(T, S, SS)
+DEFINE_VECTOR_FORWARD(float, SUFFIX_F32, f32)
+DEFINE_VECTOR_FORWARD(double, SUFFIX_F64, f64)
+#else
+/* Generic build: the scalar pixel code, one pixel at a time, after the row's coordinate pass. */
+#define DEFINE_SCALAR_FORWARD(T, SS)                                                                   \
+    ALWAYS_INLINE void forward_row_##SS(const T *img, T *out, T *deriv, const int64_t C, const int64_t H, \
+                                        const int64_t W, const int64_t i, const double *par,             \
+                                        ROW_BUFFERS(T)) {                                               \
+        row_coords_##SS(W, H, par, i, rx0, ry0, rwx, rwy);                                              \
+        for (int64_t j = 0; j < W; j++) {                                                               \
+            forward_px_##SS(img, out + i * W + j, C, H, W, rx0[j], ry0[j], rwx[j], rwy[j]);             \
+            if (deriv)                                                                                  \
+                deriv_px_##SS(img, deriv + i * W + j, C, H, W, rx0[j], ry0[j], rwx[j], rwy[j]);         \
+        }                                                                                               \
+    }
+
+DEFINE_SCALAR_FORWARD(float, f32)
+DEFINE_SCALAR_FORWARD(double, f64)
+#endif
+
+#define WORKER_SETUP(T)                                                                                 \
+    const job_t *jb = (const job_t *)arg;                                                               \
+    const int64_t C = jb->C, H = jb->H, W = jb->W, HW = H * W;                                          \
+    T *rwx = (T *)(jb->scratch + (size_t)jb->tid * jb->scratch_bytes), *rwy = rwx + W;                  \
+    int32_t *rx0 = (int32_t *)(rwy + W), *ry0 = rx0 + W;                                                \
+    int64_t r0, r1;                                                                                     \
+    row_range(jb, &r0, &r1);                                                                            \
+    int64_t b = -1; /* the sample in hand (next_b) */
+
+/* One share of the forward: samples (or rows) one after the other, each image prefetched first. */
+#define DEFINE_FORWARD_WORKER(T, SUFFIX)                                                               \
+    static void *forward_worker_##SUFFIX(void *arg) {                                                   \
+        WORKER_SETUP(T)                                                                                 \
+        while (next_b(jb, &b)) {                                                                        \
+            const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
+            T *out = (T *)jb->out + b * C * HW;                                                         \
+            T *dv = jb->deriv ? (T *)jb->deriv + b * 2 * C * HW : NULL;                                 \
+            const double *par = jb->par + 6 * b;                                                        \
+            prefetch_image(img, (size_t)(C * HW) * sizeof(T));                                         \
+            for (int64_t i = r0; i < r1; i++) {                                                         \
+                if (C == 1)                                                                             \
+                    forward_row_##SUFFIX(img, out, dv, 1, H, W, i, par, rx0, ry0, rwx, rwy);            \
+                else                                                                                    \
+                    forward_row_##SUFFIX(img, out, dv, C, H, W, i, par, rx0, ry0, rwx, rwy);            \
+            }                                                                                           \
+        }                                                                                               \
+        STREAM_FENCE(); /* the derivatives' streaming stores done before the call returns */            \
+        return NULL;                                                                                    \
+    }
+
+DEFINE_FORWARD_WORKER(float, f32)
+DEFINE_FORWARD_WORKER(double, f64)
+
+/* ================================================================================================
+ * 3. Backward: the image-gradient scatter and the per-row sums that give dθ and the source point's
+ * gradient, reduced per sample in a fixed order.
+ * ================================================================================================ */
+
+/* One pixel of the backward, scalar (the generic build's loop body and the vector builds' row
+ * tails); g points at its output gradient. */
+#define DEFINE_PIXEL_BACKWARD(T, SUFFIX)                                                               \
+    /* Adds this pixel's dL/dx, dL/dy (over channels) to *gx, *gy and scatters into gimg. */           \
+    ALWAYS_INLINE void backward_px_core_##SUFFIX(const T *img, const T *g, T *gimg, const int64_t C,         \
+                                            const int64_t H, const int64_t W, const int32_t x0,         \
+                                            const int32_t y0, const T wx, const T wy, const int do_img, \
+                                            const int do_geo, T *gx_out, T *gy_out) {                   \
         const int64_t HW = H * W;                                                                       \
-        const int32_t w32 = (int32_t)W, h32 = (int32_t)H;                                               \
-        const double cx = par[2];                                                                       \
-        ROW_SETUP(T, S)                                                                                 \
-        CAT(D_, DZ) acc[4] = {CAT(dzero_, DZ)(), CAT(dzero_, DZ)(), CAT(dzero_, DZ)(), CAT(dzero_, DZ)()}; \
-        int32_t off[4][N_##S];                                                                          \
-        T add[2][2 * N_##S]; /* interleaved corner pairs: (x0, x0+1) of row y0 in add[0], y0+1 in add[1] */ \
-        const V_##S one = set1_##S((T)1);                                                               \
-        int32_t *const offs = off[0], border_off[2 * N_##S];                                            \
-        int64_t j = 0;                                                                                  \
-        for (; j + N_##S <= W; j += N_##S) {                                                            \
-            STEP_COORDS(T, S)                                                                           \
-            const K_##S vx0 = inrange_##S(x0, w32), vx1 = inrange_##S(iaddc_##S(x0, 1), w32);           \
-            const K_##S vy0 = inrange_##S(y0, h32), vy1 = inrange_##S(iaddc_##S(y0, 1), h32);           \
-            const K_##S k00 = kand_##S(vx0, vy0), k01 = kand_##S(vx1, vy0);                             \
-            const K_##S k10 = kand_##S(vx0, vy1), k11 = kand_##S(vx1, vy1);                             \
-            const I_##S o00 = imad_##S(y0, w32, x0), o01 = iaddc_##S(o00, 1);                           \
-            const I_##S o10 = iaddc_##S(o00, w32), o11 = iaddc_##S(o00, w32 + 1);                       \
-            V_##S w00 = zero_##S(), w01 = w00, w10 = w00, w11 = w00;                                    \
-            /* Every corner of every lane inside: the scatter adds row pairs (x0, x0+1) at once. */     \
-            const int interior = kall_##S(kand_##S(k00, k11));                                         \
-            const unsigned inside = kbits_##S(kand_##S(k00, k11));                                     \
-            const unsigned touched = kbits_##S(kor_##S(kor_##S(k00, k01), kor_##S(k10, k11)));         \
-            if (do_img) {                                                                               \
-                const V_##S ux = sub_##S(one, wx), uy = sub_##S(one, wy);                               \
-                w00 = maskz_##S(k00, mul_##S(ux, uy));                                                  \
-                w01 = maskz_##S(k01, mul_##S(wx, uy));                                                  \
-                w10 = maskz_##S(k10, mul_##S(ux, wy));                                                  \
-                w11 = maskz_##S(k11, mul_##S(wx, wy));                                                  \
-                if (interior) {                                                                         \
-                    istore_##S(off[0], o00);                                                            \
-                } else {                                                                                \
-                    istore_##S(off[0], imaskz_##S(k00, o00));                                           \
-                    istore_##S(off[1], imaskz_##S(k01, o01));                                           \
-                    istore_##S(off[2], imaskz_##S(k10, o10));                                           \
-                    istore_##S(off[3], imaskz_##S(k11, o11));                                           \
+        T gx = 0, gy = 0;                                                                               \
+        if ((uint32_t)x0 < (uint32_t)(W - 1) && (uint32_t)y0 < (uint32_t)(H - 1)) {                     \
+            const int64_t at = (int64_t)y0 * W + x0;                                                    \
+            const T w0 = (1 - wx) * (1 - wy), w1 = wx * (1 - wy);                                       \
+            const T w2 = (1 - wx) * wy, w3 = wx * wy;                                                   \
+            for (int64_t ch = 0; ch < C; ch++) {                                                        \
+                const T gc = g[ch * HW];                                                                \
+                if (do_img) {                                                                           \
+                    T *q = gimg + ch * HW + at;                                                         \
+                    q[0] += gc * w0;                                                                    \
+                    q[1] += gc * w1;                                                                    \
+                    q[W] += gc * w2;                                                                    \
+                    q[W + 1] += gc * w3;                                                                \
+                }                                                                                       \
+                if (do_geo) {                                                                           \
+                    const T *p = img + ch * HW + at;                                                    \
+                    const T i00 = p[0], i01 = p[1], i10 = p[W], i11 = p[W + 1];                         \
+                    const T dx0 = i01 - i00, dy0 = i10 - i00;                                           \
+                    gx += gc * (dx0 + wy * (i11 - i10 - dx0));                                          \
+                    gy += gc * (dy0 + wx * (i11 - i01 - dy0));                                          \
                 }                                                                                       \
             }                                                                                           \
-            V_##S gx = zero_##S(), gy = zero_##S();                                                     \
-            if (do_geo && !deriv && !do_img) { /* else off[0] holds them already (the scatter's) */   \
-                STORE_OFFSETS(S)                                                                        \
+        } else {                                                                                        \
+            double w[4];                                                                                \
+            int64_t off[4];                                                                             \
+            int valid[4];                                                                               \
+            corners(x0, y0, (double)wx, (double)wy, H, W, w, off, valid);                               \
+            if (!(valid[0] | valid[1] | valid[2] | valid[3])) {                                         \
+                *gx_out = *gy_out = 0;                                                                  \
+                return;                                                                                 \
             }                                                                                           \
             for (int64_t ch = 0; ch < C; ch++) {                                                        \
-                const V_##S g = load_##S(gout + ch * HW + i * W + j);                                   \
-                if (do_geo && deriv) { /* the forward's ∂out/∂x, ∂out/∂y: no corners needed */          \
-                    gx = fma_##S(g, load_##S(deriv + ch * HW + i * W + j), gx);                         \
-                    gy = fma_##S(g, load_##S(deriv + (C + ch) * HW + i * W + j), gy);                   \
-                } else if (do_geo) {                                                                    \
-                    const T *p = img + ch * HW;                                                         \
-                    V_##S a, b, c, d;                                                                   \
-                    CORNERS(S)                                                                          \
-                    const V_##S dx0 = sub_##S(b, a), dy0 = sub_##S(c, a);                               \
-                    const V_##S dx = fma_##S(wy, sub_##S(sub_##S(d, c), dx0), dx0);                     \
-                    const V_##S dy = fma_##S(wx, sub_##S(sub_##S(d, b), dy0), dy0);                     \
-                    gx = fma_##S(g, dx, gx);                                                            \
-                    gy = fma_##S(g, dy, gy);                                                            \
-                }                                                                                       \
+                const T gc = g[ch * HW];                                                                \
                 if (do_img) {                                                                           \
-                    /* No vector scatter: neighbouring pixels share corners (conflicting lanes). The    \
-                     * lanes go in the order 0, 3, 6, ..., 1, 4, ...: pixels three apart never share a    \
-                     * corner, so an update rarely waits for the one just stored (store forwarding). */    \
+                    /* Invalid corners have weight 0 and offset 0: adding 0 is harmless. */             \
                     T *q = gimg + ch * HW;                                                              \
-                    if (interior) {                                                                     \
-                        zip_##S(mul_##S(g, w00), mul_##S(g, w01), add[0]);                              \
-                        zip_##S(mul_##S(g, w10), mul_##S(g, w11), add[1]);                              \
-                        COMPILER_BARRIER();                                                             \
-                        for (int k = 0; k < N_##S; k++) {                                               \
-                            const int l = lane_order_##S[k];                                            \
-                            pair_add_##SS(q + off[0][l], add[0] + 2 * l);                               \
-                            pair_add_##SS(q + off[0][l] + W, add[1] + 2 * l);                           \
-                        }                                                                               \
-                        continue;                                                                       \
-                    }                                                                                   \
-                    /* A step across the border: lanes inside as above, lanes with some corners      \
-                     * inside corner by corner, lanes with none skipped. */                              \
-                    zip_##S(mul_##S(g, w00), mul_##S(g, w01), add[0]);                                  \
-                    zip_##S(mul_##S(g, w10), mul_##S(g, w11), add[1]);                                  \
-                    COMPILER_BARRIER();                                                                 \
-                    for (int k = 0; k < N_##S; k++) {                                                   \
-                        const int l = lane_order_##S[k];                                                \
-                        if (inside >> l & 1) {                                                          \
-                            pair_add_##SS(q + off[0][l], add[0] + 2 * l);                               \
-                            pair_add_##SS(q + off[0][l] + W, add[1] + 2 * l);                           \
-                        } else if (touched >> l & 1) {                                                  \
-                            q[off[0][l]] += add[0][2 * l];                                              \
-                            q[off[1][l]] += add[0][2 * l + 1];                                          \
-                            q[off[2][l]] += add[1][2 * l];                                              \
-                            q[off[3][l]] += add[1][2 * l + 1];                                          \
-                        }                                                                               \
-                    }                                                                                   \
+                    for (int k = 0; k < 4; k++)                                                         \
+                        q[off[k]] += gc * (T)w[k];                                                      \
+                }                                                                                       \
+                if (do_geo) {                                                                           \
+                    const T *p = img + ch * HW;                                                         \
+                    const T i00 = valid[0] ? p[off[0]] : 0, i01 = valid[1] ? p[off[1]] : 0;             \
+                    const T i10 = valid[2] ? p[off[2]] : 0, i11 = valid[3] ? p[off[3]] : 0;             \
+                    gx += gc * ((1 - wy) * (i01 - i00) + wy * (i11 - i10));                             \
+                    gy += gc * ((1 - wx) * (i10 - i00) + wx * (i11 - i01));                             \
                 }                                                                                       \
             }                                                                                           \
-            if (do_geo)                                                                                 \
-                accum_##S(gx, gy, (double)j - cx, acc);                                                 \
+        }                                                                                               \
+        *gx_out = gx;                                                                                   \
+        *gy_out = gy;                                                                                   \
+    }                                                                                                   \
+                                                                                                        \
+    /* backward_px_core, with dL/dx, dL/dy from the forward's derivatives dv when there are some. */    \
+    ALWAYS_INLINE void backward_px_##SUFFIX(const T *img, const T *g, T *gimg, const T *dv,             \
+                                            const int64_t C, const int64_t H, const int64_t W,          \
+                                            const int32_t x0, const int32_t y0, const T wx, const T wy, \
+                                            const int do_img, const int do_geo, T *gx_out, T *gy_out) { \
+        if (!(dv && do_geo)) {                                                                          \
+            backward_px_core_##SUFFIX(img, g, gimg, C, H, W, x0, y0, wx, wy, do_img, do_geo, gx_out, gy_out);\
+            return;                                                                                     \
+        }                                                                                               \
+        const int64_t HW = H * W;                                                                       \
+        T gx = 0, gy = 0, unused_x, unused_y;                                                           \
+        for (int64_t ch = 0; ch < C; ch++) {                                                            \
+            gx += g[ch * HW] * dv[ch * HW];                                                             \
+            gy += g[ch * HW] * dv[(C + ch) * HW];                                                       \
+        }                                                                                               \
+        if (do_img)                                                                                     \
+            backward_px_core_##SUFFIX(img, g, gimg, C, H, W, x0, y0, wx, wy, 1, 0, &unused_x, &unused_y);\
+        *gx_out = gx;                                                                                   \
+        *gy_out = gy;                                                                                   \
+    }
+
+DEFINE_PIXEL_BACKWARD(float, f32)
+DEFINE_PIXEL_BACKWARD(double, f64)
+
+#if defined(ROTSTN_AVX512) || defined(ROTSTN_AVX2)
+/* The image-gradient scatter of one channel of a step: no vector scatter, since neighbouring pixels
+ * share corners (conflicting lanes). add holds the weighted output gradient interleaved into row
+ * pairs (x0, x0+1) of rows y0 (add[0]) and y0+1 (add[1]). Lanes go in the order 0, 3, 6, …, 1, 4, …:
+ * pixels three apart never share a corner, so an update rarely waits for the one just stored
+ * (store forwarding). Across the border: lanes inside by pairs, lanes partly inside corner by
+ * corner, lanes wholly outside skipped. */
+#define DEFINE_SCATTER(T, S, SS)                                                                        \
+    ALWAYS_INLINE void scatter_step_##SS(T *q, T add[2][2 * N_##S], int32_t off[4][N_##S],              \
+                                         const int64_t W, const int interior, const unsigned inside,    \
+                                         const unsigned touched) {                                      \
+        COMPILER_BARRIER();                                                                             \
+        if (interior) {                                                                                 \
+            for (int k = 0; k < N_##S; k++) {                                                           \
+                const int l = lane_order_##S[k];                                                        \
+                pair_add_##SS(q + off[0][l], add[0] + 2 * l);                                           \
+                pair_add_##SS(q + off[0][l] + W, add[1] + 2 * l);                                       \
+            }                                                                                           \
+            return;                                                                                     \
+        }                                                                                               \
+        for (int k = 0; k < N_##S; k++) {                                                               \
+            const int l = lane_order_##S[k];                                                            \
+            if (inside >> l & 1) {                                                                      \
+                pair_add_##SS(q + off[0][l], add[0] + 2 * l);                                           \
+                pair_add_##SS(q + off[0][l] + W, add[1] + 2 * l);                                       \
+            } else if (touched >> l & 1) {                                                              \
+                q[off[0][l]] += add[0][2 * l];                                                          \
+                q[off[1][l]] += add[0][2 * l + 1];                                                      \
+                q[off[2][l]] += add[1][2 * l];                                                          \
+                q[off[3][l]] += add[1][2 * l + 1];                                                      \
+            }                                                                                           \
+        }                                                                                               \
+    }
+#define DEFINE_SCATTER_(T, S, SS) DEFINE_SCATTER(T, S, SS)
+DEFINE_SCATTER_(float, SUFFIX_F32, f32)
+DEFINE_SCATTER_(double, SUFFIX_F64, f64)
+
+/* One step of N pixels from column j of the backward: the scatter into gimg (do_img) and the row
+ * sums Σ gx, Σ gy, Σ gx·u, Σ gy·u into acc (do_geo), with (gx, gy) = dL/d(x, y) of a pixel, from
+ * the forward's derivatives when there are some, else from the image's corners. Only the lanes
+ * in live count (full = 0: the overlapping last step of a row, whose first lanes are done). */
+#define DEFINE_VECTOR_BACKWARD_(T, S, SS)                                                               \
+    ALWAYS_INLINE void backward_step_##SS(const T *img, const T *gout, T *gimg, const T *deriv,         \
+                                          const int64_t C, const int64_t H, const int64_t W,            \
+                                          const int64_t i, const int64_t j, const row_##S *rc,          \
+                                          const double cx, const int do_img, const int do_geo,          \
+                                          const K_##S live, const int full, CAT(D_, DZ) acc[4]) {       \
+        const int64_t HW = H * W, at = i * W + j;                                                       \
+        int32_t off[4][N_##S], *const offs = off[0], border_off[2 * N_##S];                             \
+        T add[2][2 * N_##S];                                                                            \
+        STEP_SETUP(T, S)                                                                                \
+        V_##S w00 = zero_##S(), w01 = w00, w10 = w00, w11 = w00;                                        \
+        const unsigned inside = kbits_##S(kand_##S(k00, k11));                                         \
+        const unsigned touched = kbits_##S(kor_##S(kor_##S(k00, k01), kor_##S(k10, k11)));             \
+        if (do_img) {                                                                                   \
+            const V_##S one = set1_##S((T)1), ux = sub_##S(one, wx), uy = sub_##S(one, wy);             \
+            w00 = maskz_##S(k00, mul_##S(ux, uy));                                                      \
+            w01 = maskz_##S(k01, mul_##S(wx, uy));                                                      \
+            w10 = maskz_##S(k10, mul_##S(ux, wy));                                                      \
+            w11 = maskz_##S(k11, mul_##S(wx, wy));                                                      \
+            istore_##S(off[0], interior ? o00 : imaskz_##S(k00, o00));                                  \
+            if (!interior) {                                                                            \
+                istore_##S(off[1], imaskz_##S(k01, o01));                                               \
+                istore_##S(off[2], imaskz_##S(k10, o10));                                               \
+                istore_##S(off[3], imaskz_##S(k11, o11));                                               \
+            }                                                                                           \
+        }                                                                                               \
+        V_##S gx = zero_##S(), gy = zero_##S();                                                         \
+        if (do_geo && !deriv && !do_img) { /* else off[0] holds them already (the scatter's) */       \
+            STORE_OFFSETS(S)                                                                            \
+        }                                                                                               \
+        for (int64_t ch = 0; ch < C; ch++) {                                                            \
+            const V_##S g = load_##S(gout + ch * HW + at);                                              \
+            if (do_geo && deriv) { /* the forward's ∂out/∂x, ∂out/∂y: no corners needed */              \
+                gx = fma_##S(g, load_##S(deriv + ch * HW + at), gx);                                    \
+                gy = fma_##S(g, load_##S(deriv + (C + ch) * HW + at), gy);                              \
+            } else if (do_geo) {                                                                        \
+                const T *p = img + ch * HW;                                                             \
+                V_##S a, b, c, d;                                                                       \
+                CORNERS(S)                                                                              \
+                const V_##S dx0 = sub_##S(b, a), dy0 = sub_##S(c, a);                                   \
+                gx = fma_##S(g, fma_##S(wy, sub_##S(sub_##S(d, c), dx0), dx0), gx);                     \
+                gy = fma_##S(g, fma_##S(wx, sub_##S(sub_##S(d, b), dy0), dy0), gy);                     \
+            }                                                                                           \
+            if (do_img) {                                                                               \
+                zip_##S(mul_##S(g, w00), mul_##S(g, w01), add[0]);                                      \
+                zip_##S(mul_##S(g, w10), mul_##S(g, w11), add[1]);                                      \
+                scatter_step_##SS(gimg + ch * HW, add, off, W, interior, inside, touched);              \
+            }                                                                                           \
+        }                                                                                               \
+        if (do_geo) {                                                                                   \
+            if (!full)                                                                                  \
+                gx = maskz_##S(live, gx), gy = maskz_##S(live, gy);                                     \
+            accum_##S(gx, gy, (double)j - cx, acc);                                                     \
+        }                                                                                               \
+    }                                                                                                   \
+                                                                                                        \
+    /* r = Σ_j gx, Σ_j gy, Σ_j gx·u, Σ_j gy·u over row i. Steps as in forward_row; the overlapping    \
+     * last step masks off the lanes the step before has done. */                                     \
+    ALWAYS_INLINE void backward_row_##SS(const T *img, const T *gout, T *gimg, const T *deriv,          \
+                                         const int64_t C, const int64_t H, const int64_t W,             \
+                                         const int64_t i, const double *par, ROW_BUFFERS(T),            \
+                                         const int do_img, const int do_geo, double r[4]) {             \
+        (void)rx0, (void)ry0, (void)rwx, (void)rwy;                                                     \
+        const double cx = par[2];                                                                       \
+        const row_##S rc = row_setup_##S(par, i, H, W);                                                 \
+        const K_##S all = tail_##S(0);                                                                  \
+        CAT(D_, DZ) acc[4] = {CAT(dzero_, DZ)(), CAT(dzero_, DZ)(), CAT(dzero_, DZ)(), CAT(dzero_, DZ)()}; \
+        int64_t j = 0;                                                                                  \
+        for (; j + N_##S <= W; j += N_##S)                                                              \
+            backward_step_##SS(img, gout, gimg, deriv, C, H, W, i, j, &rc, cx, do_img, do_geo, all, 1, acc); \
+        if (j < W && W >= N_##S) {                                                                      \
+            const int64_t last = W - N_##S;                                                             \
+            backward_step_##SS(img, gout, gimg, deriv, C, H, W, i, last, &rc, cx, do_img, do_geo,       \
+                               tail_##S((int)(j - last)), 0, acc);                                      \
+            j = W;                                                                                      \
         }                                                                                               \
         double rx = CAT(hsum_, DZ)(acc[0]), ry = CAT(hsum_, DZ)(acc[1]);                                \
         double rxu = CAT(hsum_, DZ)(acc[2]), ryu = CAT(hsum_, DZ)(acc[3]);                              \
@@ -950,9 +1102,8 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
             int32_t x0, y0;                                                                             \
             double wx, wy;                                                                              \
             pixel_coords(W, H, par, i, j, &x0, &y0, &wx, &wy);                                          \
-            backward_px_##SS(img, gout + i * W + j, gimg, deriv ? deriv + i * W + j : NULL, C, H, W, x0, y0, \
-                             (T)wx, (T)wy, do_img, do_geo,                                              \
-                             &gx, &gy);                                                                 \
+            backward_px_##SS(img, gout + i * W + j, gimg, deriv ? deriv + i * W + j : NULL, C, H, W,   \
+                             x0, y0, (T)wx, (T)wy, do_img, do_geo, &gx, &gy);                           \
             const double u = (double)j - cx;                                                            \
             rx += gx;                                                                                   \
             ry += gy;                                                                                   \
@@ -964,26 +1115,12 @@ static inline void pair_add_f64(double *q, const double *a) { _mm_storeu_pd(q, _
         r[2] = rxu;                                                                                     \
         r[3] = ryu;                                                                                     \
     }
-
-/* Arguments are expanded (SUFFIX_F32 -> zf) before DEFINE_VECTOR_ROWS_ pastes them. */
-#define DEFINE_VECTOR_ROWS(T, S, SS) DEFINE_VECTOR_ROWS_(T, S, SS)
-DEFINE_VECTOR_ROWS(float, SUFFIX_F32, f32)
-DEFINE_VECTOR_ROWS(double, SUFFIX_F64, f64)
-
+#define DEFINE_VECTOR_BACKWARD(T, S, SS) DEFINE_VECTOR_BACKWARD_(T, S, SS)
+DEFINE_VECTOR_BACKWARD(float, SUFFIX_F32, f32)
+DEFINE_VECTOR_BACKWARD(double, SUFFIX_F64, f64)
 #else
-/* Generic build: the scalar pixel code, one pixel at a time. */
-#define DEFINE_SCALAR_ROWS(T, SS)                                                                       \
-    ALWAYS_INLINE void forward_row_##SS(const T *img, T *out, T *deriv, const int64_t C, const int64_t H, \
-                                        const int64_t W, const int64_t i, const double *par,             \
-                                        ROW_BUFFERS(T)) {                                               \
-        row_coords_##SS(W, H, par, i, rx0, ry0, rwx, rwy);                                              \
-        for (int64_t j = 0; j < W; j++) {                                                               \
-            forward_px_##SS(img, out + i * W + j, C, H, W, rx0[j], ry0[j], rwx[j], rwy[j]);             \
-            if (deriv)                                                                                  \
-                deriv_px_##SS(img, deriv + i * W + j, C, H, W, rx0[j], ry0[j], rwx[j], rwy[j]);         \
-        }                                                                                               \
-    }                                                                                                   \
-                                                                                                        \
+/* Generic build: the scalar pixel code, one pixel at a time, after the row's coordinate pass. */
+#define DEFINE_SCALAR_BACKWARD(T, SS)                                                                  \
     ALWAYS_INLINE void backward_row_##SS(const T *img, const T *gout, T *gimg, const T *deriv,          \
                                          const int64_t C,                                               \
                                          const int64_t H, const int64_t W, const int64_t i,             \
@@ -1009,72 +1146,13 @@ DEFINE_VECTOR_ROWS(double, SUFFIX_F64, f64)
         r[3] = ryu;                                                                                     \
     }
 
-DEFINE_SCALAR_ROWS(float, f32)
-DEFINE_SCALAR_ROWS(double, f64)
+DEFINE_SCALAR_BACKWARD(float, f32)
+DEFINE_SCALAR_BACKWARD(double, f64)
 #endif
 
-/* The whole image of the sample about to be sampled, into the caches (L1, spilling to L2), before
- * its first row: a rotated walk over a fresh image defeats the hardware prefetchers, and each
- * miss stalls a gather for the full L3 or memory latency, one after the other. Issued up front,
- * the prefetches overlap (about 1000 lines for a 128² float image take a few µs) and the
- * gathers then hit L1 or L2 (forward at C = 3 about 2× faster, backward 1.5× faster, B = 64,
- * 128², against fetching the next sample's image a slice per row as before). Only images that
- * fit a typical L2 share (PREFETCH_MAX_BYTES) are fetched; larger ones are left to the hardware. */
-#define PREFETCH_MAX_BYTES (512 * 1024)
-static inline void prefetch_image(const void *img, size_t bytes) {
-    if (bytes > PREFETCH_MAX_BYTES)
-        return;
-    const char *p = (const char *)img;
-    for (size_t o = 0; o < bytes; o += 64)
-        __builtin_prefetch(p + o, 0, 3);
-}
-
-/* The next sample for this share, or 0 when none is left. Split over rows, every share walks all
- * samples. Split over samples, each share takes the next one not yet taken (an atomic counter):
- * a share whose thread loses its core to another process for a while (a shared machine) leaves
- * its samples to the others instead of holding up the call. Which thread computes a sample does
- * not change its result, so results stay independent of the thread count and of the timing. */
-static int next_b(const job_t *jb, int64_t *b) {
-    if (jb->by_rows)
-        *b += 1;
-    else
-#if defined(__GNUC__)
-        *b = __atomic_fetch_add(jb->next_sample, 1, __ATOMIC_RELAXED);
-#else /* no atomics: fixed shares (t, t + n, t + 2n, ...) */
-        *b = *b < 0 ? jb->tid : *b + jb->nthreads;
-#endif
-    return *b < jb->B;
-}
-
-#define WORKER_SETUP(T)                                                                                 \
-    const job_t *jb = (const job_t *)arg;                                                               \
-    const int64_t C = jb->C, H = jb->H, W = jb->W, HW = H * W;                                          \
-    T *rwx = (T *)(jb->scratch + (size_t)jb->tid * jb->scratch_bytes), *rwy = rwx + W;                  \
-    int32_t *rx0 = (int32_t *)(rwy + W), *ry0 = rx0 + W;                                                \
-    int64_t r0, r1;                                                                                     \
-    row_range(jb, &r0, &r1);                                                                            \
-    int64_t b = -1; /* the sample in hand (next_b) */
-
-#define DEFINE_WORKERS(T, SUFFIX)                                                                       \
-    static void *forward_worker_##SUFFIX(void *arg) {                                                   \
-        WORKER_SETUP(T)                                                                                 \
-        while (next_b(jb, &b)) {                                                                        \
-            const T *img = (const T *)jb->img + b * jb->img_bstride;                                    \
-            T *out = (T *)jb->out + b * C * HW;                                                         \
-            T *dv = jb->deriv ? (T *)jb->deriv + b * 2 * C * HW : NULL;                                 \
-            const double *par = jb->par + 6 * b;                                                        \
-            prefetch_image(img, (size_t)(C * HW) * sizeof(T));                                         \
-            for (int64_t i = r0; i < r1; i++) {                                                         \
-                if (C == 1)                                                                             \
-                    forward_row_##SUFFIX(img, out, dv, 1, H, W, i, par, rx0, ry0, rwx, rwy);            \
-                else                                                                                    \
-                    forward_row_##SUFFIX(img, out, dv, C, H, W, i, par, rx0, ry0, rwx, rwy);            \
-            }                                                                                           \
-        }                                                                                               \
-        STREAM_FENCE(); /* the derivatives' streaming stores done before the call returns */            \
-        return NULL;                                                                                    \
-    }                                                                                                   \
-                                                                                                        \
+/* One share of the backward: the image gradient of a sample zeroed, then its rows, each with the
+ * row call that the flags and channel count specialise. */
+#define DEFINE_BACKWARD_WORKER(T, SUFFIX)                                                              \
     static void *backward_worker_##SUFFIX(void *arg) {                                                  \
         WORKER_SETUP(T)                                                                                 \
         const int want_geo = jb->rows != NULL;                                                          \
@@ -1110,8 +1188,64 @@ static int next_b(const job_t *jb, int64_t *b) {
         return NULL;                                                                                    \
     }
 
-DEFINE_WORKERS(float, f32)
-DEFINE_WORKERS(double, f64)
+DEFINE_BACKWARD_WORKER(float, f32)
+DEFINE_BACKWARD_WORKER(double, f64)
+
+/* dθ, Σ dL/dx, Σ dL/dy of each sample (geo, B × 3) from its rows' sums (rows, B × H × 4: Σ gx, Σ gy,
+ * Σ gx·u, Σ gy·u), the rows in order, so the result does not depend on which thread did a row. */
+static void reduce_rows(const double *rows, const double *par, int64_t B, int64_t H, double *geo) {
+    for (int64_t b = 0; b < B; b++) {
+        /* Σ gx, Σ gy, Σ gx·u, Σ gx·v, Σ gy·u, Σ gy·v over the sample. */
+        double a[6] = {0, 0, 0, 0, 0, 0};
+        const double cy = par[6 * b + 3];
+        for (int64_t i = 0; i < H; i++) {
+            const double *r = rows + 4 * (b * H + i), v = (double)i - cy;
+            a[0] += r[0];
+            a[1] += r[1];
+            a[2] += r[2];
+            a[3] += r[0] * v;
+            a[4] += r[3];
+            a[5] += r[1] * v;
+        }
+        const double c = par[6 * b], s = par[6 * b + 1];
+        /* ∂x/∂θ = -s·u - c·v, ∂y/∂θ = c·u - s·v. */
+        geo[3 * b] = -s * a[2] - c * a[3] + c * a[4] - s * a[5];
+        geo[3 * b + 1] = a[0];
+        geo[3 * b + 2] = a[1];
+    }
+}
+
+/* ================================================================================================
+ * 4. Threading: which share computes which samples or rows, on torch's OpenMP pool or pthreads,
+ * and how many shares a call gets.
+ * ================================================================================================ */
+
+static void row_range(const job_t *j, int64_t *r0, int64_t *r1) {
+    if (j->by_rows) {
+        *r0 = j->H * j->tid / j->nthreads;
+        *r1 = j->H * (j->tid + 1) / j->nthreads;
+    } else {
+        *r0 = 0;
+        *r1 = j->H;
+    }
+}
+
+/* The next sample for this share, or 0 when none is left. Split over rows, every share walks all
+ * samples. Split over samples, each share takes the next one not yet taken (an atomic counter):
+ * a share whose thread loses its core to another process for a while (a shared machine) leaves
+ * its samples to the others instead of holding up the call. Which thread computes a sample does
+ * not change its result, so results stay independent of the thread count and of the timing. */
+static int next_b(const job_t *jb, int64_t *b) {
+    if (jb->by_rows)
+        *b += 1;
+    else
+#if defined(__GNUC__)
+        *b = __atomic_fetch_add(jb->next_sample, 1, __ATOMIC_RELAXED);
+#else /* no atomics: fixed shares (t, t + n, t + 2n, ...) */
+        *b = *b < 0 ? jb->tid : *b + jb->nthreads;
+#endif
+    return *b < jb->B;
+}
 
 /* Run worker on n shares. Built with -fopenmp, the shares go to an OpenMP team: loaded into a
  * process where torch has loaded libgomp.so.1, the dynamic linker hands this library the same
@@ -1198,6 +1332,10 @@ static size_t scratch_bytes(int64_t W, size_t elem) {
     return (bytes + 63) / 64 * 64;
 }
 
+/* ================================================================================================
+ * 5. Entry points (ctypes, rotstn/_kernels/cpu.py).
+ * ================================================================================================ */
+
 #define DEFINE_ENTRY(T, SUFFIX)                                                                         \
     int rotstn_forward_##SUFFIX(const T *img, int64_t img_bstride, T *out, T *deriv, const double *par, \
                                 int64_t B, int64_t C, int64_t H, int64_t W, int nthreads) {             \
@@ -1254,25 +1392,7 @@ static size_t scratch_bytes(int64_t W, size_t elem) {
         run(backward_worker_##SUFFIX, &job, n, by_rows);                                                \
         free(scratch);                                                                                  \
         if (geo) {                                                                                      \
-            for (int64_t b = 0; b < B; b++) {                                                           \
-                /* Σ gx, Σ gy, Σ gx·u, Σ gx·v, Σ gy·u, Σ gy·v over the sample, rows in order. */       \
-                double a[6] = {0, 0, 0, 0, 0, 0};                                                       \
-                const double cy = par[6 * b + 3];                                                       \
-                for (int64_t i = 0; i < H; i++) {                                                       \
-                    const double *r = rows + 4 * (b * H + i), v = (double)i - cy;                       \
-                    a[0] += r[0];                                                                       \
-                    a[1] += r[1];                                                                       \
-                    a[2] += r[2];                                                                       \
-                    a[3] += r[0] * v;                                                                   \
-                    a[4] += r[3];                                                                       \
-                    a[5] += r[1] * v;                                                                   \
-                }                                                                                       \
-                const double c = par[6 * b], s = par[6 * b + 1];                                        \
-                /* ∂x/∂θ = -s·u - c·v, ∂y/∂θ = c·u - s·v. */                                            \
-                geo[3 * b] = -s * a[2] - c * a[3] + c * a[4] - s * a[5];                                \
-                geo[3 * b + 1] = a[0];                                                                  \
-                geo[3 * b + 2] = a[1];                                                                  \
-            }                                                                                           \
+            reduce_rows(rows, par, B, H, geo);                                                          \
             free(rows);                                                                                 \
         }                                                                                               \
         return 0;                                                                                       \

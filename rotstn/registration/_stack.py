@@ -843,20 +843,53 @@ class _Tracker:
         """
         from . import TRUST
 
+        return (score >= TRUST) & self._near(maps, predictions, size)
+
+    def _near(self, maps: Tensor, predictions: list[Tensor], size: tuple[int, int] | None = None) -> Tensor:
+        """(n,) bool: ``maps`` within ``REACH`` pixels of the search level of their predictions."""
         h, w = self.size if size is None else size
         corners = torch.tensor(
             [[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], dtype=torch.float64
         ).T
         moved = (maps @ corners - torch.stack(predictions) @ corners)[:, :2].norm(dim=1).amax(1)
-        return (score >= TRUST) & (moved <= REACH * 2**self.levels)
+        return moved <= REACH * 2**self.levels
+
+    def _significant(self, moving: Any, maps: Tensor) -> Tensor:
+        """(n,) bool: ``maps`` of prepared frames ``moving`` match the reference on the search level
+        as clearly as the global search requires of its own answers (``_search.SWEEP_BELOW``)."""
+        from . import _refine, _search
+
+        angle, t = self._params(list(maps), self.size)
+        z = _refine.significance(
+            self.ref.levels[-1],
+            moving.levels[-1],
+            self.size,
+            self.frame_size,
+            angle[:, None],
+            t[:, None],
+            self.s["max_points"],
+            self.s["min_overlap"],
+        )[:, 0].cpu()
+        return z >= _search.SWEEP_BELOW
 
     def _try(self, state: _BatchState, frames: Any, ks: list[int], predictions: list[Tensor]) -> None:
-        """Refine frames ``ks`` on the reference from ``predictions``; keep those :meth:`_accept` takes."""
+        """Refine frames ``ks`` on the reference from ``predictions``; keep those :meth:`_accept` takes.
+
+        A refinement that scores under TRUST but stayed near its prediction and matches the
+        reference significantly on the search level is kept too: the prediction (the pairwise map
+        chained from a known one) and the refinement on the reference agree, and the global search
+        would only find the same map again. On noisy stacks most frames score under TRUST (the score
+        is calibrated for single pairs), and searching each of them again cost more than the whole
+        tracking; the score reported stays the one measured.
+        """
         like = frames.levels[0].image
-        maps, score, error = self._refine(
-            self.ref, frames.select(self._rows(ks, like)), predictions, self.size
-        )
+        moving = frames.select(self._rows(ks, like))
+        maps, score, error = self._refine(self.ref, moving, predictions, self.size)
         ok = self._accept(maps, score, predictions)
+        doubt = (~ok & self._near(maps, predictions)).nonzero()[:, 0]
+        if doubt.numel():
+            coarse = moving.select(doubt.to(like.device), slice(-1, None))
+            ok[doubt] = self._significant(coarse, maps[doubt])
         for j, k in enumerate(ks):
             if bool(ok[j]):
                 state.set(k, maps[j], score[j], True, error[j])
