@@ -149,6 +149,21 @@ class PolarCorrelationEncoder(nn.Module):
     (a parameter in feature space): the scores say how far to turn ``x`` to
     bring it to the canonical pose.
 
+    Identity start (``identity_start=True``, unpaired only): the template
+    starts at zero, so every score is 0, which a :class:`rotstn.heads.BinnedHead`
+    decodes as θ = 0 exactly, for any input. The template is the last layer
+    of this localisation net, and it starts at zero like the zero-initialised
+    regression layer of the spatial transformer paper: a downstream loss's
+    gradient at θ = 0 reaches every template entry from the first step
+    (``∂score_s/∂template`` is the input's feature map shifted by s, so the
+    template learns the turn each image needs), and the turns the STN makes
+    grow smoothly from 0 as the template does. The template is divided by its
+    norm only once that norm exceeds 1 (the input's features always are), so
+    a small template gives small, smooth scores instead of a random template's
+    arbitrary angles. ``identity_start=False`` starts from a random template
+    (PyTorch-style noise); a random template gives each image a fixed but
+    arbitrary canonical pose, and a downstream loss has to undo that first.
+
     Args:
         in_channels: C.
         paired: compare two images (True) or an image with a learned template.
@@ -156,6 +171,8 @@ class PolarCorrelationEncoder(nn.Module):
         radii: radial samples R, default 16.
         width: feature channels, default 16.
         depth: number of conv layers, default 3.
+        identity_start: unpaired: start the template at zero (θ = 0 for any
+            input, see above) instead of at random. Ignored when paired.
 
     Shape:
         ``forward(moving, fixed)`` (or ``forward(x)``), ``(B, C, H, W)`` any size
@@ -178,6 +195,7 @@ class PolarCorrelationEncoder(nn.Module):
         radii: int = 16,
         width: int = 16,
         depth: int = 3,
+        identity_start: bool = True,
     ) -> None:
         super().__init__()
         _check_channels(in_channels)
@@ -195,7 +213,13 @@ class PolarCorrelationEncoder(nn.Module):
         self.features = nn.Sequential(*layers)
         # Sharpness of the softmax over shifts; learned, in log space so it can grow fast.
         self.log_gain = nn.Parameter(torch.tensor(math.log(20.0)))
-        self.template = None if paired else nn.Parameter(torch.randn(width, radii, bins) * 0.1)
+        if not isinstance(identity_start, bool):
+            raise TypeError(f"identity_start must be a bool, got {identity_start!r}")
+        self.identity_start = identity_start
+        self.template = None
+        if not paired:
+            start = torch.zeros if identity_start else lambda *s: torch.randn(*s) * 0.1
+            self.template = nn.Parameter(start(width, radii, bins))
 
     def polar_features(self, x: Tensor) -> Tensor:
         """``(B, width, radii, bins)`` features of the polar image of ``x``."""
@@ -220,7 +244,11 @@ class PolarCorrelationEncoder(nn.Module):
         fm = fm - fm.mean(dim=-1, keepdim=True)
         ff = ff - ff.mean(dim=-1, keepdim=True)
         fm = fm / (fm.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-6)
-        ff = ff / (ff.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-6)
+        if self.paired:
+            ff = ff / (ff.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-6)
+        else:
+            # Not blown up while small: a zero template gives zero scores with a finite gradient.
+            ff = ff / ff.flatten(1).norm(dim=1).clamp(min=1.0).view(-1, 1, 1, 1)
         return torch.exp(self.log_gain) * _circular_correlation(fm, ff)
 
     def extra_repr(self) -> str:

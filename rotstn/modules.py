@@ -131,11 +131,23 @@ class RotationSTN(nn.Module):
     by a :class:`rotstn.heads.BinnedHead`; with another head the default is a
     :class:`rotstn.encoders.ConvEncoder` (paired: on both images stacked as channels).
     A fresh STN predicts θ = 0 for any input, i.e. starts as the identity, by
-    its initialisation (the head's last layer, see :mod:`rotstn.heads`), not
-    by a schedule: the module holds no counter, so ``forward`` is a function
-    of the inputs and the parameters, the same in every call, in training and
-    in evaluation, eager or compiled. ``state_dict`` holds the parameters and
-    the fixed ``center`` only.
+    its initialisation, not by a schedule: the module holds no counter, so
+    ``forward`` is a function of the inputs and the parameters, the same in
+    every call, in training and in evaluation, eager or compiled.
+    ``state_dict`` holds the parameters and the fixed ``center`` only.
+    Paired, the identity is the head's gain at 0 (:mod:`rotstn.heads`): the
+    correlation of the two images already points at the answer, and the
+    gain's gradient follows it. Unpaired with the default encoder, the
+    identity is the encoder's **zero template** and the head starts at gain 1
+    (:class:`rotstn.encoders.PolarCorrelationEncoder`): a gain of 0 in front
+    of a random template let a downstream loss's gradient reach one number
+    only, the gain, through the random template's opinion of each image,
+    which is noise (the gain took a random sign, negative for seed 0 on
+    rotated MNIST, and the STN never learnt to canonicalise from a class loss;
+    ``benchmarks/stcnn.py``). With the zero template that gradient reaches
+    every template entry from the first step, each image's feature map
+    weighted by the turn that image needs, as in the spatial transformer
+    paper's zero-initialised localisation layer.
 
     With ``steps=k`` it refines: predict, turn the input by the estimate,
     predict the residual, k times. The angles add up, and ``.warped`` is the
@@ -188,9 +200,17 @@ class RotationSTN(nn.Module):
         self.padding_mode = _validate.choice(padding_mode, _validate.PADDING_MODES, "padding_mode")
         if encoder is None:
             if head == "binned":
+                identity = head_kwargs.get("identity_start", True)
                 encoder = PolarCorrelationEncoder(
-                    in_channels, paired=paired, bins=head_kwargs.get("bins", 128)
+                    in_channels,
+                    paired=paired,
+                    bins=head_kwargs.get("bins", 128),
+                    identity_start=identity if isinstance(identity, bool) else True,
                 )
+                if not paired:
+                    # The zero template gives the identity and passes the gradient on; a gain
+                    # of 0 in the head as well would stop it (see the class docstring).
+                    head_kwargs = {**head_kwargs, "identity_start": False}
             elif paired:
                 encoder = ConcatEncoder(in_channels)
             else:

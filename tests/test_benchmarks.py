@@ -104,3 +104,30 @@ def test_warp_benchmark_subset_names_the_machine_first():
     rows = [line for line in lines if line.startswith("| 2 | 2 | 9×13 |")]
     assert [row.split(" | ")[3] for row in rows] == ["fwd", "fwd+bwd"]
     assert "### cpu, float64" in done.stdout and "float32" not in done.stdout.split("###", 1)[1]
+
+
+def test_stcnn_tables_read_back_the_per_seed_lines(tmp_path, capsys):
+    # benchmarks/stcnn.py --from-log: the tables of runs made one seed per process.
+    spec = importlib.util.spec_from_file_location("stcnn_benchmark", ROOT / "benchmarks" / "stcnn.py")
+    stcnn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stcnn)
+    runs = {
+        ("cnn", 0): {12: {"error": 8.0}, 25: {"error": 6.0}},
+        ("cnn", 1): {12: {"error": 10.0}, 25: {"error": 5.0}},
+        ("stcnn", 0): {
+            12: {"error": 4.0, "angle": 9.5, "raw": 100.0},
+            25: {"error": 3.0, "angle": 8.0, "raw": 1.0},
+        },
+        ("stcnn", 1): {
+            12: {"error": 6.0, "angle": 12.5, "raw": 2.0},
+            25: {"error": 2.0, "angle": 7.0, "raw": 3.0},
+        },
+    }
+    log = tmp_path / "run.log"
+    log.write_text("noise\n" + "\n".join(stcnn.per_seed_line(90, s, k, r) for (k, s), r in runs.items()))
+    found = stcnn.read_logs([str(log)])
+    assert found[90]["stcnn"][1][12] == runs[("stcnn", 1)][12]
+    stcnn.table(90, found[90])
+    out = capsys.readouterr().out
+    # median 5.00 / 9.00 = 0.56×, worst 6.00 / 10.00 = 0.60×; angle median of 9.5 and 12.5
+    assert "| 12 | ST-CNN | 4.00, 6.00 | 5.00 | 6.00 | 0.56× | 0.60× | 9.5, 12.5 | 11.0 |" in out
