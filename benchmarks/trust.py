@@ -111,14 +111,21 @@ def make_pairs(g: Group):
     )
 
 
+def true_errors(matrix, pairs) -> np.ndarray:
+    """(n,) largest displacement error over the true overlap of estimated (n, 2, 3) pixel maps."""
+    from registration import max_displacement
+
+    est, truth = np.asarray(matrix, dtype=np.float64), pairs.matrix.numpy()
+    shape_f, shape_m = pairs.fixed.shape[-2:], pairs.moving.shape[-2:]
+    return np.array([max_displacement(est[i], truth[i], shape_f, shape_m) for i in range(len(est))])
+
+
 def refined_from_truth(pairs) -> np.ndarray:
     """Largest displacement error of register's refinement started at the true map (no search).
 
     Where this is 1 px or more, the images' best normalised cross-correlation is itself that far from
     the truth (noise, gamma, too little texture): no search could have found a right answer by NCC.
     """
-    from registration import max_displacement
-
     from rotstn.registration import _n_levels, _prepare, _refine_from
     from rotstn.registration._stack import matrix_parameters
 
@@ -128,13 +135,11 @@ def refined_from_truth(pairs) -> np.ndarray:
     n_levels = _n_levels(size, moving_size, 64)
     with torch.no_grad():
         fit = _refine_from(_prepare(f, None, 1.0, n_levels), _prepare(m, None, 1.0, n_levels), angle, t)
-    est = rotstn.functional.rigid_matrix(fit.angle, fit.translation, size, moving_size).double().numpy()
-    truth = pairs.matrix.numpy()
-    return np.array([max_displacement(est[i], truth[i], size, moving_size) for i in range(len(est))])
+    return true_errors(rotstn.functional.rigid_matrix(fit.angle, fit.translation, size, moving_size), pairs)
 
 
 def run(groups: list[Group], fm_every: int, time_only: bool, from_truth: bool = False) -> list[Outcome]:
-    from registration import max_displacement, peer_fourier_mellin
+    from registration import peer_fourier_mellin
 
     warm = make_pairs(groups[0])
     rotstn.register(warm.fixed, warm.moving)  # first-call costs (kernel compilation) are not per pair
@@ -151,9 +156,7 @@ def run(groups: list[Group], fm_every: int, time_only: bool, from_truth: bool = 
         if time_only:
             out.append(Outcome(g, np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, bool), seconds))
             continue
-        truth, est = pairs.matrix.numpy(), result.matrix.double().numpy()
-        shape_f, shape_m = pairs.fixed.shape[-2:], pairs.moving.shape[-2:]
-        error = np.array([max_displacement(est[i], truth[i], shape_f, shape_m) for i in range(n)])
+        error = true_errors(result.matrix, pairs)
         predicted = getattr(result, "error_px", None)
         ambiguous = getattr(result, "ambiguous", None)
         o = Outcome(
@@ -172,9 +175,7 @@ def run(groups: list[Group], fm_every: int, time_only: bool, from_truth: bool = 
                 f, m = pairs.fixed[i, 0].double().numpy(), pairs.moving[i, 0].double().numpy()
                 fm.append(peer_fourier_mellin(f, m))
             o.fm_seconds = time.perf_counter() - start
-            o.fm_error = np.array(
-                [max_displacement(r.convert(), truth[i], shape_f, shape_m) for i, r in enumerate(fm)]
-            )
+            o.fm_error = true_errors([r.convert() for r in fm], pairs)
         out.append(o)
     return out
 

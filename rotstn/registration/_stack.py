@@ -793,7 +793,7 @@ class _Tracker:
 
     def _pairs(self, frames: Any, chain_fixed: Any, has_prev: list[bool], first: bool) -> list[Tensor | None]:
         """Coarse pairwise maps ``P_k`` from the identity (None: no predecessor, no match, no tracking)."""
-        from . import _refine, _search
+        from . import _refine
 
         pairs: list[Tensor | None] = [None] * len(has_prev)
         if first:
@@ -818,19 +818,10 @@ class _Tracker:
         )
         # A pair that does not match after those steps (a sudden turn) predicts nothing: its frame goes
         # to the fallback at once instead of being refined from a wrong start.
-        z = _refine.significance(
-            fixed.levels[-1],
-            moving.levels[-1],
-            self.frame_size,
-            self.frame_size,
-            angle[:, None],
-            t[:, None],
-            self.s["max_points"],
-            self.s["min_overlap"],
-        )[:, 0].cpu()
+        clear = self._clear(fixed.levels[-1], moving.levels[-1], self.frame_size, angle, t)
         maps = self._maps(angle, t, self.frame_size)
         for j, k in enumerate(ks):
-            if float(z[j]) >= _search.SWEEP_BELOW:
+            if bool(clear[j]):
                 pairs[k] = maps[j]
         return pairs
 
@@ -856,20 +847,19 @@ class _Tracker:
 
     def _significant(self, moving: Any, maps: Tensor) -> Tensor:
         """(n,) bool: ``maps`` of prepared frames ``moving`` match the reference on the search level
-        as clearly as the global search requires of its own answers (``_search.SWEEP_BELOW``)."""
+        as clearly as the global search requires of its own answers (:meth:`_clear`)."""
+        angle, t = self._params(list(maps), self.size)
+        return self._clear(self.ref.levels[-1], moving.levels[-1], self.size, angle, t)
+
+    def _clear(self, fixed: Any, moving: Any, size: tuple[int, int], angle: Tensor, t: Tensor) -> Tensor:
+        """(n,) bool on the CPU: one rigid map per pair of levels is as significant as the global
+        search requires of its own answers (``_search.SWEEP_BELOW``); ``size`` is the fixed side's."""
         from . import _refine, _search
 
-        angle, t = self._params(list(maps), self.size)
         z = _refine.significance(
-            self.ref.levels[-1],
-            moving.levels[-1],
-            self.size,
-            self.frame_size,
-            angle[:, None],
-            t[:, None],
-            self.s["max_points"],
-            self.s["min_overlap"],
-        )[:, 0].cpu()
+            fixed, moving, size, self.frame_size, angle[:, None], t[:, None],
+            self.s["max_points"], self.s["min_overlap"],
+        )[:, 0].cpu()  # fmt: skip
         return z >= _search.SWEEP_BELOW
 
     def _try(self, state: _BatchState, frames: Any, ks: list[int], predictions: list[Tensor]) -> None:
