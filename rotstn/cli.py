@@ -99,6 +99,7 @@ def _register(args: argparse.Namespace) -> int:
         ),
         channel=args.channel,
         smooth=args.smooth,
+        metric=args.metric,
     )
     tx, ty = (float(v) for v in result.translation[0])
     score = float(result.score[0])
@@ -245,6 +246,7 @@ def _register_stack(args: argparse.Namespace) -> int:
                 part_size=args.part_size,
                 client=client if client is not None else False,
                 smooth=args.smooth,
+                metric=args.metric,
             )
         finally:
             if writer is not None:
@@ -335,6 +337,13 @@ def _parser() -> argparse.ArgumentParser:
         "--smooth", type=float, default=1.0, help="Gaussian blur (pixels) before estimating (default 1)"
     )
     reg.add_argument(
+        "--metric",
+        choices=("ncc", "mi"),
+        default="ncc",
+        help="ncc (default): intensities related linearly; mi: by any function (two stains, an inverted "
+        "scan; mutual information search, slower)",
+    )
+    reg.add_argument(
         "--strict", action="store_true", help=f"exit with status 3 when the score is below {TRUST}"
     )
     stack = commands.add_parser(
@@ -389,6 +398,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     stack.add_argument(
         "--smooth", type=float, default=1.0, help="Gaussian blur (pixels) before estimating (default 1)"
+    )
+    stack.add_argument(
+        "--metric",
+        choices=("ncc", "mi"),
+        default="ncc",
+        help="ncc (default): intensities related linearly; mi: by any function (two stains, an inverted "
+        "scan; mutual information search, slower)",
     )
     zarr = stack.add_argument_group("Zarr and OME-Zarr input")
     zarr.add_argument("--level", type=int, default=None, help="OME-Zarr resolution level (default 0, full)")

@@ -138,3 +138,15 @@ def test_strict_exit_status_on_an_unrelated_pair(tmp_path, capsys):
     assert main(["register", *files]) == 0
     assert "do not trust this result" in capsys.readouterr().out
     assert main(["register", *files, "--strict"]) == 3
+
+
+def test_metric_mi_registers_a_negative(tmp_path, capsys):
+    fixed, moving = scipy_pair(False, 63.0)
+    Image.fromarray(fixed).save(tmp_path / "f.png")
+    Image.fromarray(255 - moving).save(tmp_path / "m.png")  # the negative: NCC has no peak at the truth
+    files = [str(tmp_path / n) for n in ("f.png", "m.png")]
+    assert main(["register", *files, "--metric", "mi"]) == 0
+    out = capsys.readouterr().out
+    angle = float(re.search(r"angle: (\S+) deg", out).group(1))
+    assert abs(angle - 63.0) < 0.2, out
+    assert "do not trust" not in out

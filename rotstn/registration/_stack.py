@@ -596,8 +596,13 @@ def _settings(
     """The rigid options tracking honours, validated as :func:`register` does; None for any other option."""
     from . import _check_int, _check_number, register
 
-    if not set(options) <= {*_TRACKED, "model"} or options.get("model", "rigid") != "rigid":
-        return None  # init, model="rotation", unknown names: register() itself, batch by batch
+    if (
+        not set(options) <= {*_TRACKED, "model", "metric"}
+        or options.get("model", "rigid") != "rigid"
+        or options.get("metric", "ncc") != "ncc"
+    ):
+        # init, model="rotation", metric="mi", unknown names: register() itself, batch by batch
+        return None
     params = inspect.signature(register).parameters
     s = {name: options.get(name, params[name].default) for name in _TRACKED}
     s["smooth"] = _check_number(s["smooth"], "smooth")

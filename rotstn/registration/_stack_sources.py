@@ -32,6 +32,7 @@ def read_frames(read: Any, start: int, stop: int, failure: str) -> Tensor:
         raise
     return torch.from_numpy(data.astype(np.float32))
 
+
 __all__ = ["DaskFrames", "FrameSource", "TensorFrames", "as_source", "part_source"]
 
 
