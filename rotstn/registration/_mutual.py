@@ -159,7 +159,9 @@ def search(
         gb = indicators(turned[:, :1], content, g_thresholds.repeat_interleave(kt, 0))
         fb = torch.fft.rfft2(gb, s=p).view(b, kt, 1, k, p[0], -1)
         cross = conj_fa.view(b, 1, k, 1, p[0], -1) * fb  # (B, kt, K, K, p0, p1r)
-        counts = torch.fft.irfft2(cross, s=p)[..., : length[0], : length[1]]
+        # The inverse transform of the rows that hold the shifts kept only (a quarter less work).
+        rows = torch.fft.ifft(cross, dim=-2)[..., : length[0], :]
+        counts = torch.fft.irfft(rows, n=p[1], dim=-1)[..., : length[1]]
         mi, n = _information(counts)  # (B, kt, L0, L1)
         share = n / area.view(-1, 1, 1, 1)
         value = (mi - bias / n.clamp_min(1)) * share
