@@ -512,23 +512,84 @@ def _rigid_mi(
         Level(fixed, pf.levels[0].mask, 1, pf.levels[0].margin),
         Level(moving, pm.levels[0].mask, 1, pm.levels[0].margin),
     )
+    # The map goes either way: fixed's intensities onto moving's, or back. Which one a refinement
+    # follows best depends on the pair (a three-level lookup of a picture: mapping the picture onto
+    # the three levels; the picture's negative: either), so both are refined and the one whose
+    # images agree better is kept.
+    args = (
+        fixed,
+        fixed_mask,
+        moving,
+        moving_mask,
+        pf,
+        pm,
+        (pf.levels[-1], pm.levels[-1]),
+        raw,
+        angle,
+        t,
+        runner,
+    )
+    fit, qf, qm = _mi_rounds(*args, True, smooth, n_levels, options)
+    back, bf, bm = _mi_rounds(*args, False, smooth, n_levels, options)
+    take = back.agreement > fit.agreement
+    fit.update(torch.arange(b, device=device), take, back)
+    # The polish refines each pair on the mapped images of the direction it kept.
+    qf, qm = _where_prepared(take, bf, qf), _where_prepared(take, bm, qm)
+    _polish(qf, qm, fit, *options)
+    fit.error = fit.error.clamp_min(MI_ERROR_FLOOR)
+    return fit
+
+
+def _mi_rounds(
+    fixed: Tensor,
+    fixed_mask: Tensor | None,
+    moving: Tensor,
+    moving_mask: Tensor | None,
+    pf: _Prepared,
+    pm: _Prepared,
+    coarse: tuple[Level, Level],
+    raw: tuple[Level, Level],
+    angle: Tensor,
+    t: Tensor,
+    runner: tuple[Tensor, Tensor, Tensor],
+    on: bool,
+    smooth: float,
+    n_levels: int,
+    options: tuple[int, float, int],
+) -> tuple[_Fit, _Prepared, _Prepared]:
+    """Map one way (``on``: fixed onto moving) with the coarse levels' map, refine coarse to fine; then
+    map again from the result (estimated on ``raw``) and refine at full resolution, until the map stops
+    moving the result (each round about halves what is left: a map estimated a little off the truth
+    pulls towards it). Returns the result and the mapped pyramids it was scored on."""
+    size, moving_size = pf.size, pm.size
+    iterations, min_overlap, max_points = options
     fit = None
-    for sides in ((pf.levels[-1], pm.levels[-1]), *[raw] * MI_ROUNDS):
-        grid, means, on_fixed = _mutual.intensity_map(*sides, size, moving_size, angle, t)
+    for sides in (coarse, *[raw] * MI_ROUNDS):
+        grid, means, on_fixed = _mutual.intensity_map(*sides, size, moving_size, angle, t, on)
         qf = _prepare(_mapped(fixed, grid, means, on_fixed), fixed_mask, smooth, n_levels)
         qm = _prepare(_mapped(moving, grid, means, ~on_fixed), moving_mask, smooth, n_levels)
         if fit is None:
             fit, _ = _finish(qf, qm, angle, t, runner, *options)
         else:
-            a2, t2 = _refine.refine(qf.levels[:1], qm.levels[:1], size, moving_size, angle, t, *options[::2])
+            a2, t2 = _refine.refine(
+                qf.levels[:1], qm.levels[:1], size, moving_size, angle, t, iterations, max_points
+            )
             moved = _displacement(size, moving_size, angle, t, a2, t2)
             fit, _ = _scored(qf, qm, a2, t2, max_points, min_overlap, runner)
             if bool((moved < MI_SETTLED).all()):
                 break
         angle, t = fit.angle, fit.translation
-    _polish(qf, qm, fit, *options)
-    fit.error = fit.error.clamp_min(MI_ERROR_FLOOR)
-    return fit
+    return fit, qf, qm
+
+
+def _where_prepared(take: Tensor, a: _Prepared, b: _Prepared) -> _Prepared:
+    """``a`` in the rows ``take``, ``b`` elsewhere (the same images mapped two ways: same masks)."""
+    rows = take.view(-1, 1, 1, 1)
+    levels = [
+        Level(torch.where(rows, x.image, y.image), x.mask, x.scale, x.margin)
+        for x, y in zip(a.levels, b.levels, strict=True)
+    ]
+    return _Prepared(levels, torch.where(take, a.noise, b.noise), a.size)
 
 
 def _mapped(image: Tensor, grid: Tensor, means: Tensor, where: Tensor) -> Tensor:

@@ -304,18 +304,24 @@ def apply(values: Tensor, grid: Tensor, means: Tensor) -> Tensor:
 
 
 def intensity_map(
-    fixed: Level, moving: Level, size: tuple[int, int], moving_size: tuple[int, int], angle: Tensor, t: Tensor
+    fixed: Level,
+    moving: Level,
+    size: tuple[int, int],
+    moving_size: tuple[int, int],
+    angle: Tensor,
+    t: Tensor,
+    on: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The map that makes the pair linearly related under (angle, t), per pair.
 
     Returns ``(grid, means, on_fixed)``: the (B, P) tabulated map, and (B,) bool, True where it
-    maps fixed's intensities onto moving's (moving is the better function of fixed), False where
-    it maps moving's onto fixed's.
+    maps fixed's intensities onto moving's, False where it maps moving's onto fixed's: ``on``, or
+    by default the direction whose map explains more of the other image's variance.
     """
     f, g, w = sampled(fixed, moving, size, moving_size, angle, t)
     grid_f, means_f, share_f = regression(f, g, w)  # E[g | f]
     grid_g, means_g, share_g = regression(g, f, w)  # E[f | g]
-    on_fixed = share_f >= share_g
+    on_fixed = share_f >= share_g if on is None else torch.full_like(share_f, on, dtype=torch.bool)
     grid = torch.where(on_fixed.unsqueeze(1), grid_f, grid_g)
     means = torch.where(on_fixed.unsqueeze(1), means_f, means_g)
     return grid, means, on_fixed
