@@ -301,15 +301,22 @@ def peer_pystackreg(fixed: np.ndarray, moving: np.ndarray) -> PeerResult:
     return PeerResult(lambda: matrix, lambda image: reg.transform(image, tmat))
 
 
-def peer_simpleitk(fixed: np.ndarray, moving: np.ndarray) -> PeerResult:
+def peer_simpleitk(fixed: np.ndarray, moving: np.ndarray, multimodal: bool = False) -> PeerResult:
+    """SimpleITK's large-rotation recipe (module docstring).
+
+    ``multimodal``: for intensities related by an unknown function (benchmarks/multimodal.py), the
+    transform starts at the images' geometric centres (their intensity moments do not correspond)
+    and every stage compares by Mattes mutual information (no correlation polish).
+    """
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(THREADS)
     # Spacing 1 and origin 0: physical (x, y) = (column, row).
     f_img = sitk.GetImageFromArray(fixed.astype(np.float32))
     m_img = sitk.GetImageFromArray(moving.astype(np.float32))
+    start = sitk.CenteredTransformInitializerFilter
     transform = sitk.CenteredTransformInitializer(
-        f_img, m_img, sitk.Euler2DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
+        f_img, m_img, sitk.Euler2DTransform(), start.GEOMETRY if multimodal else start.MOMENTS
     )
     side = max(fixed.shape)
     # The search: every 10° over the circle, translation held at the initializer's.
@@ -330,7 +337,8 @@ def peer_simpleitk(fixed: np.ndarray, moving: np.ndarray) -> PeerResult:
     # at random, 2^16 points a level, as the documentation suggests.
     sampling = min(1.0, 2**16 / fixed.size)
     levels = [4 * shrink, 2 * shrink, shrink] if shrink > 1 else [4, 2, 1]
-    for metric, shrinks in (("mattes", levels), ("correlation", [1])):
+    stages = [("mattes", levels)] if multimodal else [("mattes", levels), ("correlation", [1])]
+    for metric, shrinks in stages:
         refine = sitk.ImageRegistrationMethod()
         if metric == "mattes":
             refine.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)

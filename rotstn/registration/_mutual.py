@@ -205,11 +205,15 @@ def sweep_angles(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def search_level(level: Level, moving: Level) -> tuple[Level, Level]:
-    """The levels the mutual information is searched on: halved down to about ``SEARCH_SIDE``."""
+    """The levels the mutual information is searched on: halved down to about ``SEARCH_SIDE``.
+
+    The larger image's geometric-mean side ends between 0.6 and 1.25 times ``SEARCH_SIDE`` (the
+    search's cost grows with its square), never a side under 24 pixels.
+    """
     while True:
         sides = (*level.image.shape[-2:], *moving.image.shape[-2:])
         mean_side = math.sqrt(max(sides[0] * sides[1], sides[2] * sides[3]))
-        if mean_side < 1.5 * SEARCH_SIDE or min(sides) < 32:
+        if mean_side < 1.25 * SEARCH_SIDE or min(sides) < 48:
             return level, moving
         level, moving = level.halve(), moving.halve()
 
