@@ -124,14 +124,19 @@ def _stains() -> tuple[np.ndarray, np.ndarray]:
     return unit(hed[..., 0]), unit(hed[..., 1])
 
 
-def ihc_pairs(g: Group):
-    """Fixed: a hematoxylin crop; moving: the eosin channel under a rigid map drawn like rigid_pairs'."""
+def ihc_pairs(g: Group, same: bool = False):
+    """Fixed: a hematoxylin crop; moving: the eosin channel under a rigid map drawn like rigid_pairs'.
+
+    ``same``: moving shows the hematoxylin channel too (a check of the geometry).
+    """
     from registration import matrix_from
     from scipy import ndimage
 
     from rotstn.data import RigidPairs
 
     hema, eosin = _stains()
+    if same:
+        eosin = hema
     rng = np.random.default_rng(g.seed)
     h, w = g.size
     side = hema.shape[0]

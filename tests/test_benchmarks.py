@@ -131,3 +131,28 @@ def test_stcnn_tables_read_back_the_per_seed_lines(tmp_path, capsys):
     out = capsys.readouterr().out
     # median 5.00 / 9.00 = 0.56×, worst 6.00 / 10.00 = 0.60×; angle median of 9.5 and 12.5
     assert "| 12 | ST-CNN | 4.00, 6.00 | 5.00 | 6.00 | 0.56× | 0.60× | 9.5, 12.5 | 11.0 |" in out
+
+
+def test_multimodal_pairs_keep_the_truth_and_a_quick_run_prints_the_table():
+    """benchmarks/multimodal.py: the stain pairs' geometry (checked on one stain by NCC), a quick run."""
+    pytest.importorskip("SimpleITK")
+    from test_rigid import max_displacement
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import multimodal
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    g = multimodal.Group("ihc", "immunohistochemistry", 0.0, (96, 128), 5, 3)
+    pairs = multimodal.ihc_pairs(g, same=True)
+    result = rotstn.register(pairs.fixed, pairs.moving)
+    d = max_displacement(result.matrix, pairs.matrix, g.size)
+    assert float(d.max()) < 0.1, d
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "multimodal.py"), "--seed", "3", "--pairs", "1",
+         "--pictures", "1", "--noise", "0", "--sitk-every", "4", "--threads", "1"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "CPU:" in done.stdout.splitlines()[0]
+    assert "| inverted σ 0 | 1 |" in done.stdout and "| ihc σ 0 |" in done.stdout

@@ -180,3 +180,19 @@ def test_intensity_map_recovers_a_lookup():
     _, _, back = _mutual.regression(y, x, torch.ones_like(x))
     assert float(back) < 0.1
     assert np.isfinite(float(back))
+
+
+def test_a_square_mapped_retina_pair_that_was_trusted_and_wrong_is_not():
+    # benchmarks/multimodal.py --seed 41, square σ 0: 1.65 px off, score 0.972, predicted 0.45 px;
+    # both intensity-map directions agreed on it (0.3 px apart), which now widens the predicted error.
+    pairs = rigid_pairs(4, (192, 192), max_shift=0.2, pivot=0.5, min_overlap=0.5, images=("retina",),
+                        min_std=0.04, seed=1563098253)  # fmt: skip
+    lo, hi = pairs.fixed.amin((1, 2, 3), keepdim=True), pairs.fixed.amax((1, 2, 3), keepdim=True)
+    fixed = (pairs.fixed - lo) / (hi - lo)
+    moving = MAPS["square"](((pairs.moving - lo) / (hi - lo)).clamp(0, 1))
+    result = rotstn.register(fixed, moving, metric="mi")
+    d = max_displacement(result.matrix, pairs.matrix, (192, 192))
+    wrong = d >= 1
+    assert bool(wrong[1]), d  # still wrong: the pair is hard, but it must say so
+    assert not bool((result.score[wrong] >= TRUST).any()), (d, result.score)
+    assert bool((result.error_px[1] > 0.5)), result.error_px

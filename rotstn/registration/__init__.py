@@ -64,6 +64,7 @@ MI_ROUNDS = 4  # at most, of full-resolution intensity map and refinement after 
 # The intensity map, estimated from the images themselves, leaves a few hundredths of a pixel even on
 # clean pairs (0.01-0.05 px on tests/test_mutual.py's inverted pairs, 0.005-0.02 for the same by NCC).
 MI_ERROR_FLOOR = 0.05
+MI_APART = 2.0  # times the distance between the two directions' results, a floor of an MI result's error
 MI_SETTLED = 0.01  # pixels: a round that moves no pair further ends them
 POLISH = 4  # times max_points that a result too uncertain to trust is refined on again (_polish)
 
@@ -532,12 +533,30 @@ def _rigid_mi(
     fit, qf, qm = _mi_rounds(*args, True, smooth, n_levels, options)
     back, bf, bm = _mi_rounds(*args, False, smooth, n_levels, options)
     take = back.agreement > fit.agreement
+    # The two directions are two estimates under two intensity models: how far apart they end is an
+    # error the noise does not show (a map that fits a slightly wrong alignment as well as the right
+    # one: the rim of the retina's field of view under 1 - 4(x - 0.5)², 1.3-1.7 px off, both ways
+    # within 0.5 px of each other, predicted 0.45 px and trusted before this).
+    # Only where both directions make the images agree: a map that cannot hold (a non-monotonic map
+    # inverted) ends anywhere and says nothing about the other.
+    apart = _displacement(size, moving_size, fit.angle, fit.translation, back.angle, back.translation)
+    apart = torch.where(torch.minimum(fit.agreement, back.agreement) >= TRUST, apart, torch.zeros_like(apart))
     fit.update(torch.arange(b, device=device), take, back)
     # The polish refines each pair on the mapped images of the direction it kept.
     qf, qm = _where_prepared(take, bf, qf), _where_prepared(take, bm, qm)
     _polish(qf, qm, fit, *options)
-    fit.error = fit.error.clamp_min(MI_ERROR_FLOOR)
+    _widened(fit, MI_APART * apart)
     return fit
+
+
+def _widened(fit: _Fit, error: Tensor) -> None:
+    """The predicted error at least ``error`` and ``MI_ERROR_FLOOR``, the score lowered to match."""
+    wider = torch.maximum(fit.error, error).clamp_min(MI_ERROR_FLOOR)
+    # The score's error factor (ERROR_TRUST / error)², as in _judge, for the wider error.
+    before = (ERROR_TRUST / fit.error).square().clamp(max=1.0)
+    after = (ERROR_TRUST / wider).square().clamp(max=1.0)
+    fit.score = fit.score * after / before.clamp_min(1e-12)
+    fit.error = wider
 
 
 def _mi_rounds(
