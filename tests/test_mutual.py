@@ -195,4 +195,4 @@ def test_a_square_mapped_retina_pair_that_was_trusted_and_wrong_is_not():
     wrong = d >= 1
     assert bool(wrong[1]), d  # still wrong: the pair is hard, but it must say so
     assert not bool((result.score[wrong] >= TRUST).any()), (d, result.score)
-    assert bool((result.error_px[1] > 0.5)), result.error_px
+    assert bool(result.error_px[1] > 0.5), result.error_px
