@@ -47,6 +47,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from trust import pct, true_errors
+
 import rotstn
 
 MAPS = ("inverted", "square", "lookup")
@@ -197,14 +199,6 @@ def make_pairs(g: Group):
     return pairs, fixed, moving
 
 
-def true_errors(matrix, pairs) -> np.ndarray:
-    from registration import max_displacement
-
-    est, truth = np.asarray(matrix, dtype=np.float64), pairs.matrix.numpy()
-    shape_f, shape_m = pairs.fixed.shape[-2:], pairs.moving.shape[-2:]
-    return np.array([max_displacement(est[i], truth[i], shape_f, shape_m) for i in range(len(est))])
-
-
 def run(groups: list[Group], sitk_every: int) -> list[Outcome]:
     from registration import peer_simpleitk
 
@@ -232,10 +226,6 @@ def run(groups: list[Group], sitk_every: int) -> list[Outcome]:
             o.errors["sitk"] = true_errors(matrices, pairs)
         out.append(o)
     return out
-
-
-def pct(x: float) -> str:
-    return "–" if not math.isfinite(x) else f"{100 * x:.1f} %"
 
 
 def row(label: str, outs: list[Outcome]) -> str:

@@ -483,25 +483,8 @@ def _rigid_mi(
     a, tt = _refine.refine([mf], [mm], size, moving_size, a, tt, min(iterations, 6), max_points // 2)
     mf, mm = _mapped_levels(lf, lm, size, moving_size, a, tt)
     z = _refine.significance(mf, mm, size, moving_size, a[:, None], tt[:, None], max_points, min_overlap)
-    z, a, tt = z.view(b, k), a.view(b, k), tt.view(b, k, 2)
-    best = z.argmax(1)
-    pick = torch.arange(b, device=device)
-    angle, t = a[pick, best], tt[pick, best]
-    apart = _displacement(
-        size,
-        moving_size,
-        angle.repeat_interleave(k),
-        t.repeat_interleave(k, 0),
-        a.reshape(-1),
-        tt.reshape(-1, 2),
-    ).view(b, k)
-    others = torch.where(apart >= DISTINCT, z, torch.full_like(z, -math.inf))
-    second = others.argmax(1)
-    z_best, z_second = z[pick, best], others[pick, second]
-    ratio = torch.where(
-        torch.isfinite(z_second) & (z_best > 0), z_second / z_best.clamp_min(1e-6), torch.zeros_like(z_best)
-    )
-    runner = (a[pick, second], tt[pick, second], ratio)
+    found = _best_and_runner(size, moving_size, a.view(b, k), tt.view(b, k, 2), z.view(b, k))
+    angle, t, runner = found.angle, found.translation, found.runner()
     options = (iterations, min_overlap, max_points)
     # Map the full-resolution image with the search level's map and refine coarse to fine; then map
     # again from the result and refine at full resolution, until the map stops moving the result
@@ -1036,6 +1019,15 @@ def _hypotheses(
     )
     angle, shifts = angle.view(b, k), shifts.view(b, k, 2)
     z = _refine.significance(fixed, moving, size, moving_size, angle, shifts, max_points, min_overlap)
+    return _best_and_runner(size, moving_size, angle, shifts, z)
+
+
+def _best_and_runner(
+    size: tuple[int, int], moving_size: tuple[int, int], angle: Tensor, shifts: Tensor, z: Tensor
+) -> _Found:
+    """The most significant of (B, K) hypotheses, and the most significant of the others that lies
+    ``DISTINCT`` pixels or more from it somewhere in fixed's frame (significance -inf where none does)."""
+    b, k = z.shape
     best = z.argmax(1)
     pick = torch.arange(b, device=best.device)
     a, t = angle[pick, best], shifts[pick, best]

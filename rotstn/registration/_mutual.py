@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .. import _kernels
 from ._images import Level, centre
-from ._search import _fft_size
+from ._search import _fft_size, canvas_side, canvas_translation, turn_onto_canvas
 
 LEVELS = 6  # intensity levels of the mutual-information search
 SEARCH_SIDE = 40  # the search level's geometric-mean side is halved down to about this (pixels)
@@ -112,7 +112,7 @@ def search(
     h, w = f.shape[-2:]
     hm, wm = g.shape[-2:]
     scale = fixed.scale
-    d = math.ceil(math.hypot(hm, wm)) + 2
+    d = canvas_side(hm, wm)
     c_d = (d - 1) / 2
     c_f, c_m = centre(*size, scale, f), centre(*moving_size, scale, f)
     k = LEVELS
@@ -136,8 +136,7 @@ def search(
     # conj(FA)·e^{2πi(first·k)}: correlation index 0 is shift ``first``.
     ramp = torch.polar(torch.ones_like(ky * kx), 2 * math.pi * (first[0] * ky + first[1] * kx))
     conj_fa = torch.fft.rfft2(fa, s=p).conj() * ramp  # (B, K, p0, p1r)
-    top, left = (d - hm) // 2, (d - wm) // 2
-    planes = F.pad(torch.cat((g, g_weight.expand_as(g)), 1), (left, d - wm - left, top, d - hm - top))
+    planes = torch.cat((g, g_weight.expand_as(g)), 1)
     best_value = torch.full((b, n_angles), -math.inf, dtype=dtype, device=device)
     best_index = torch.zeros((b, n_angles), dtype=torch.long, device=device)
     bias = (k - 1) ** 2 / 2
@@ -145,16 +144,7 @@ def search(
     for a0 in range(0, n_angles, chunk):
         turn = angles[:, a0 : a0 + chunk]
         kt = turn.shape[1]
-        m = 2 * b * kt
-        turned = _kernels.warp(
-            planes.repeat_interleave(kt, 0).view(m, 1, d, d),
-            turn.reshape(-1).repeat_interleave(2),
-            torch.full((m, 2), c_d, dtype=dtype, device=device),
-            (c_m + c_m.new_tensor([[left, top]])).expand(m, 2),
-            "bilinear",
-            "zeros",
-            False,
-        ).view(b * kt, 2, d, d)
+        turned = turn_onto_canvas(planes, c_m, turn, d)
         content = (turned[:, 1:] > 0.999).to(dtype)
         gb = indicators(turned[:, :1], content, g_thresholds.repeat_interleave(kt, 0))
         fb = torch.fft.rfft2(gb, s=p).view(b, kt, 1, k, p[0], -1)
@@ -185,8 +175,7 @@ def search(
     index = best_index.gather(1, pick)
     sy = (index // length[1] + first[0]).to(dtype)
     sx = (index % length[1] + first[1]).to(dtype)
-    # F(p) ≈ canvas(p + s) = G(c_m + A(p + s - c_d)), so t = c_d - s - c_f (level pixels).
-    t = torch.stack(((c_d - sx - c_f[0, 0]) * scale, (c_d - sy - c_f[0, 1]) * scale), -1)
+    t = canvas_translation(sx, sy, c_d, c_f, scale)
     return angles.gather(1, pick), t, value
 
 

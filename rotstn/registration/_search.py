@@ -209,7 +209,7 @@ def phase_correlation(
     h, w = f.shape[-2:]
     hm, wm = g.shape[-2:]
     scale = fixed.scale
-    d = math.ceil(math.hypot(hm, wm)) + 2
+    d = canvas_side(hm, wm)
     c_d = (d - 1) / 2
     c_f = centre(*size, scale, f)
     c_m = centre(*moving_size, scale, f)
@@ -221,19 +221,8 @@ def phase_correlation(
     # per image) by each candidate onto a d×d canvas whose centre shows moving's centre. Moving is
     # zero-padded to the canvas first (a same-size warp runs on the fast kernels), and the two planes
     # go as two one-channel images.
-    top, left = (d - hm) // 2, (d - wm) // 2
     taper = _taper(moving.content()).expand_as(g)
-    planes = F.pad(torch.cat((g, taper), 1), (left, d - wm - left, top, d - hm - top))
-    n = 2 * b * kt
-    turned = _kernels.warp(
-        planes.repeat_interleave(kt, 0).view(n, 1, d, d),
-        turn.reshape(-1).repeat_interleave(2),
-        torch.full((n, 2), c_d, dtype=dtype, device=device),
-        (c_m + c_m.new_tensor([[left, top]])).expand(n, 2),
-        "bilinear",
-        "zeros",
-        False,
-    ).view(b * kt, 2, d, d)
+    turned = turn_onto_canvas(torch.cat((g, taper), 1), c_m, turn, d)
 
     p = (_fft_size(max(h, d)), _fft_size(max(w, d)))
     ff = torch.fft.rfft2(_prepare(f, _taper(fixed.content()).expand_as(f))[:, 0], s=p)  # shared by the angles
@@ -281,11 +270,45 @@ def phase_correlation(
     ranked = torch.stack(found, 1)
     sy = (ranked // length[1] + first[0]).to(dtype)
     sx = (ranked % length[1] + first[1]).to(dtype)
-    # F(p) ≈ canvas(p + s) = G(c_m + A(p + s - c_d)), so t = c_d - s - c_f (level pixels).
-    tx = (c_d - sx - c_f[0, 0]) * scale
-    ty = (c_d - sy - c_f[0, 1]) * scale
-    shifts = torch.stack((tx, ty), -1).view(b, k * peaks, 2)
+    shifts = canvas_translation(sx, sy, c_d, c_f, scale).view(b, k * peaks, 2)
     return angles.repeat_interleave(peaks, 1), shifts
+
+
+def canvas_side(hm: int, wm: int) -> int:
+    """Side of the square canvas that holds an hm × wm image turned by any angle."""
+    return math.ceil(math.hypot(hm, wm)) + 2
+
+
+def turn_onto_canvas(planes: Tensor, c_m: Tensor, angles: Tensor, d: int) -> Tensor:
+    """(B·K, C, d, d): the (B, C, hm, wm) planes turned by each of (B, K) angles onto a d×d canvas.
+
+    The canvas's centre shows ``c_m`` (moving's centre in the planes' pixels, (1, 2)). The planes are
+    zero-padded to the canvas first (a same-size warp runs on the fast kernels) and turned as one-channel
+    images.
+    """
+    b, c, hm, wm = planes.shape
+    k = angles.shape[1]
+    c_d = (d - 1) / 2
+    top, left = (d - hm) // 2, (d - wm) // 2
+    padded = F.pad(planes, (left, d - wm - left, top, d - hm - top))
+    n = c * b * k
+    return _kernels.warp(
+        padded.repeat_interleave(k, 0).view(n, 1, d, d),
+        angles.reshape(-1).repeat_interleave(c),
+        torch.full((n, 2), c_d, dtype=planes.dtype, device=planes.device),
+        (c_m + c_m.new_tensor([[left, top]])).expand(n, 2),
+        "bilinear",
+        "zeros",
+        False,
+    ).view(b * k, c, d, d)
+
+
+def canvas_translation(sx: Tensor, sy: Tensor, c_d: float, c_f: Tensor, scale: int) -> Tensor:
+    """(..., 2) level-0 translations of canvas shifts (sx, sy) of a level of ``scale``.
+
+    Fixed p shows canvas p + s = moving c_m + A(p + s - c_d), so t = c_d - s - c_f (level pixels).
+    """
+    return torch.stack(((c_d - sx - c_f[0, 0]) * scale, (c_d - sy - c_f[0, 1]) * scale), -1)
 
 
 def sweep_angles(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
