@@ -170,6 +170,11 @@ def register(
             of view may lie inside the larger), batch 1 or B (each side broadcasts).
         model: ``"rigid"`` (angle and translation) or ``"rotation"`` (about the image
             centre, no translation: for pairs cut that way; same size, no masks).
+        metric: ``"ncc"`` (intensities related by a gain and an offset) or ``"mi"`` (related by
+            any function: two stains, a negative, a non-monotonic lookup). ``"mi"`` searches by
+            mutual information over 6 intensity levels for every angle (5° apart) and translation,
+            then refines and scores the pair with one image's intensities mapped onto the other's
+            (docs/registration.md, "Multimodal pairs"); several times slower; rigid model only.
         fixed_mask, moving_mask: where each image has content to compare, ``(H, W)``,
             ``(1 or B, H, W)`` or ``(1 or B, 1, H, W)``, bool or float (> 0.5 counts).
             Leave out labels, rulers, zero borders.
@@ -229,6 +234,9 @@ def register(
         True
         >>> result.aligned.shape, result.matrix.shape
         (torch.Size([2, 1, 64, 96]), torch.Size([2, 2, 3]))
+        >>> negative = register(pairs.fixed, 1 - shifted, metric="mi")  # NCC has no peak here
+        >>> bool((negative.angle - pairs.angle).abs().max() < math.radians(0.1))
+        True
     """
     f = _check_image(fixed, "fixed")
     m = _check_image(moving, "moving")
