@@ -56,6 +56,11 @@ ERROR_TRUST = 0.5
 # DISTINCT pixels or more away from the result somewhere in the fixed frame, makes the result ambiguous.
 AMBIGUOUS = 0.85
 DISTINCT = 3.0
+MATCHED = 0.02  # agreement with a runner-up this close to the pick's (both trusted): ambiguous (_settled)
+NEAR_ANGLE = math.radians(4.0)  # search hypotheses this close in angle ...
+NEAR_SHIFT = 6.0  # ... and in search-level pixels are near misses of each other (_diverse)
+EXACT = 1e-3  # misfits (1 - NCC) this small tell two alignments of a clean pair no further apart (_settled)
+SETTLE = 0.3  # a runner-up this significant next to the pick is refined as far and compared again (_settled)
 # Shares of the overlap between which a region only one image shows is masked out (_without_unmatched).
 UNMATCHED = (0.02, 0.25)
 UNMATCHED_PIXELS = 128 * 128
@@ -663,8 +668,18 @@ def _without_unmatched(
     sf = _prepare(fixed[rows], mask, smooth, n_levels)
     sm = pm.select(rows)
     runner = (fit.runner_angle[rows], fit.runner_translation[rows], fit.runner_ratio[rows])
+    # The runner-up stays as the first pass left it: masking may lift the agreement of a wrong result
+    # (the part that shows it is wrong is what gets masked), which must not drop a runner-up.
     new, _ = _finish(
-        sf, sm, fit.angle[rows], fit.translation[rows], runner, iterations, min_overlap, max_points
+        sf,
+        sm,
+        fit.angle[rows],
+        fit.translation[rows],
+        runner,
+        iterations,
+        min_overlap,
+        max_points,
+        settle=False,
     )
     fit.update(rows, new.agreement > fit.agreement[rows], new)
 
@@ -695,7 +710,9 @@ def _register_prepared(
     options = (iterations, min_overlap, max_points)
     fine = {"fine_points": fine_points, "fine_iterations": fine_iterations}
     found = _search_rigid(pf, pm, guess, window, *options)
-    fit, textured = _finish(pf, pm, found.angle, found.translation, found.runner(), *options, **fine)
+    fit, textured = _finish(
+        pf, pm, found.angle, found.translation, found.runner(), *options, **fine, spare=found.spare()
+    )
     # A result held under TRUST only by the images' lack of texture (it agrees in every textured block,
     # and there are fewer than MIN_BLOCKS of them) is not searched again: the score is measured at full
     # resolution whatever level the search ran on, and a finer level has no more texture.
@@ -707,7 +724,9 @@ def _register_prepared(
         levels, sweep = (slice(0, -1), False) if finer else (slice(None), True)
         sf, sm = pf.select(retry, levels), pm.select(retry, levels)
         found2 = _search_rigid(sf, sm, None if guess is None else guess[retry], window, *options, sweep=sweep)
-        fit2, _ = _finish(sf, sm, found2.angle, found2.translation, found2.runner(), *options, **fine)
+        fit2, _ = _finish(
+            sf, sm, found2.angle, found2.translation, found2.runner(), *options, **fine, spare=found2.spare()
+        )
         z = _refine.significance(
             sf.levels[0],
             sm.levels[0],
@@ -761,13 +780,22 @@ class _Found:
     runner_angle: Tensor
     runner_translation: Tensor
     runner_z: Tensor
+    spare_angle: Tensor | None = None  # the next distinct hypothesis after the runner-up
+    spare_translation: Tensor | None = None
+    spare_z: Tensor | None = None
 
     def runner(self) -> tuple[Tensor, Tensor, Tensor]:
         """The runner-up's angle, translation and significance over the pick's (0 where none)."""
-        ratio = torch.where(
-            torch.isfinite(self.runner_z), self.runner_z / self.z.clamp_min(1e-6), torch.zeros_like(self.z)
-        )
-        return self.runner_angle, self.runner_translation, ratio
+        return self.runner_angle, self.runner_translation, self._ratio(self.runner_z)
+
+    def spare(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The same for the next most significant distinct hypothesis (None where the search kept none)."""
+        if self.spare_z is None:
+            return None
+        return self.spare_angle, self.spare_translation, self._ratio(self.spare_z)
+
+    def _ratio(self, z: Tensor) -> Tensor:
+        return torch.where(torch.isfinite(z), z / self.z.clamp_min(1e-6), torch.zeros_like(self.z))
 
 
 def _displacement(
@@ -848,11 +876,15 @@ def _finish(
     max_points: int,
     fine_points: int | None = None,
     fine_iterations: int | None = None,
+    settle: bool = True,
+    spare: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[_Fit, Tensor]:
     """Gauss–Newton coarse to fine from (angle, t), the search level included, then the score.
 
     Returns the result and its textured blocks (:func:`_refine.score`); ``runner`` (the search's
-    runner-up, :meth:`_Found.runner`, if a search gave the start) says whether it is ambiguous.
+    runner-up, :meth:`_Found.runner`, if a search gave the start) says whether it is ambiguous,
+    after :func:`_settled` has refined it as far as the pick (unless ``settle`` is False); where it
+    lands on the pick, the search's next distinct hypothesis (``spare``) is tried the same way.
 
     ``fine_points`` (default ``max_points``) is the number of fixed pixels compared at full
     resolution: more pins the answer down more precisely on large images. ``fine_iterations``
@@ -874,7 +906,123 @@ def _finish(
         iterations if fine_iterations is None or not coarser else fine_iterations,
         max_points if fine_points is None else fine_points,
     )
-    return _scored(pf, pm, angle, t, max_points, min_overlap, runner)
+    merged = None
+    if runner is not None and settle:
+        settled = _settled(pf, pm, angle, t, runner, iterations, min_overlap, max_points)
+        angle, t, runner, merged = settled
+        if spare is not None and bool(merged.any()):
+            # The runner-up was a near miss of the pick: the next distinct hypothesis may be a real second.
+            tried = (spare[0], spare[1], torch.where(merged, spare[2], torch.zeros_like(spare[2])))
+            a2, t2, r2, merged2 = _settled(pf, pm, angle, t, tried, iterations, min_overlap, max_points)
+            apart = _displacement(pf.size, pm.size, angle, t, tried[0], tried[1])
+            took = merged & (tried[2] >= SETTLE) & (apart >= DISTINCT) & ~merged2
+            angle, t = torch.where(took, a2, angle), torch.where(took.unsqueeze(1), t2, t)
+            runner = tuple(
+                torch.where(took.view(-1, *[1] * (x.dim() - 1)), y, x)
+                for x, y in zip(runner, r2, strict=True)
+            )
+            merged = merged & ~took
+    return _scored(pf, pm, angle, t, max_points, min_overlap, runner, merged)
+
+
+def _settled(
+    pf: _Prepared,
+    pm: _Prepared,
+    angle: Tensor,
+    t: Tensor,
+    runner: tuple[Tensor, Tensor, Tensor],
+    iterations: int,
+    min_overlap: float,
+    max_points: int,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
+    """The refined pick and its runner-up, refined as far and compared again at full resolution.
+
+    The search compares hypotheses on its coarse level after a few steps each. There a near miss of
+    the right answer (1° and a few pixels off) is still "distinct" and nearly as significant; refined
+    like the pick, it lands on the pick. Such a runner-up is kept as it was, and the (B,) ``merged``
+    returned says where: :func:`_scored` drops it only where the images then agree with the pick (two
+    hypotheses that land on an alignment the images do not support say nothing about each other).
+    There, too, a second exact alignment of a periodic or symmetric picture (a checkerboard a half
+    turn and a period away) can look less significant than it is: unrefined, or on a smaller overlap.
+    A runner-up at ``SETTLE`` of the pick's significance or more that stays distinct is compared with
+    the pick at full resolution: the better-correlated of the two becomes the pick (the one the
+    images agree with, where only one of them does), and the ratio of their significances names an
+    ambiguity, as does a runner-up that the images agree with as well as with the pick (within
+    ``MATCHED``, and at ``TRUST`` or more) and that leaves at most twice its misfit (plus ``EXACT``).
+    """
+    r_angle, r_t, ratio = runner
+    size, moving_size = pf.size, pm.size
+    apart = _displacement(size, moving_size, angle, t, r_angle, r_t)
+    rows = ((ratio >= SETTLE) & (apart >= DISTINCT)).nonzero()[:, 0]
+    merged = torch.zeros_like(ratio, dtype=torch.bool)
+    if rows.numel() == 0:
+        return angle, t, runner, merged
+    b, k = angle.shape[0], rows.numel()
+    sf, sm = pf.expand(b).select(rows), pm.expand(b).select(rows)
+    ra, rt = _refine.refine(
+        sf.levels[1:],
+        sm.levels[1:],
+        size,
+        moving_size,
+        r_angle[rows],
+        r_t[rows],
+        min(iterations, 6),
+        max_points,
+    )
+    ra, rt = _refine.refine(sf.levels[:1], sm.levels[:1], size, moving_size, ra, rt, iterations, max_points)
+    both_a, both_t = torch.stack((angle[rows], ra), 1), torch.stack((t[rows], rt), 1)  # (k, 2): pick, runner
+    z, ncc = _refine.significance(
+        sf.levels[0], sm.levels[0], size, moving_size, both_a, both_t, max_points, min_overlap, with_ncc=True
+    )
+    pair_f, pair_m = sf.cat(sf), sm.cat(sm)
+    agreement = (
+        _refine.score(
+            pair_f.levels[0],
+            pair_m.levels[0],
+            size,
+            moving_size,
+            both_a.T.reshape(-1),
+            both_t.transpose(0, 1).reshape(-1, 2),
+            max_points,
+            min_overlap,
+            (pair_f.noise, pair_m.noise),
+        )[0]
+        .view(2, k)
+        .T
+    )
+    agrees = agreement >= TRUST
+    swap = torch.where(agrees[:, 0] ^ agrees[:, 1], agrees[:, 1], ncc[:, 1] > ncc[:, 0])
+    best, second = torch.where(swap, z[:, 1], z[:, 0]), torch.where(swap, z[:, 0], z[:, 1])
+    new_ratio = torch.where(
+        torch.isfinite(second), (second / best.clamp_min(1e-6)).clamp(max=1.0), torch.zeros_like(best)
+    )
+    # The images agree with both, the runner-up about as well as with the pick, and it leaves no more
+    # than twice the pick's misfit (1 - NCC), give or take EXACT: two exact alignments. (The block
+    # agreement alone cannot see one small feature that only one of them lines up.)
+    misfit = 1 - ncc.clamp(max=1.0)
+    twins = (
+        agrees.all(1)
+        & (agreement[:, 1] >= agreement[:, 0] - MATCHED)
+        & (misfit[:, 1] <= 2 * misfit[:, 0] + EXACT)
+    )
+    new_ratio = torch.where(twins, torch.ones_like(new_ratio), new_ratio)
+    distinct = _displacement(size, moving_size, angle[rows], t[rows], ra, rt) >= DISTINCT
+    merged[rows] = ~distinct
+    # Where they stayed apart: the pick and the runner-up in their new order.
+    swap, rows, ra, rt, new_ratio = (
+        swap[distinct],
+        rows[distinct],
+        ra[distinct],
+        rt[distinct],
+        new_ratio[distinct],
+    )
+    angle, t, r_angle, r_t, ratio = angle.clone(), t.clone(), r_angle.clone(), r_t.clone(), ratio.clone()
+    pick_a, pick_t = torch.where(swap, ra, angle[rows]), torch.where(swap.unsqueeze(1), rt, t[rows])
+    r_angle[rows] = torch.where(swap, angle[rows], ra)
+    r_t[rows] = torch.where(swap.unsqueeze(1), t[rows], rt)
+    angle[rows], t[rows] = pick_a, pick_t
+    ratio[rows] = new_ratio
+    return angle, t, (r_angle, r_t, ratio), merged
 
 
 def _scored(
@@ -885,16 +1033,21 @@ def _scored(
     points: int,
     min_overlap: float,
     runner: tuple[Tensor, Tensor, Tensor] | None,
+    merged: Tensor | None = None,
 ) -> tuple[_Fit, Tensor]:
     """Refined results scored at full resolution on ``points`` fixed pixels and judged (:func:`_judge`).
 
-    Returns the result and its textured blocks (:func:`_refine.score`).
+    Returns the result and its textured blocks (:func:`_refine.score`). Where ``merged`` (B,) is set
+    (:func:`_settled`) and the images agree with the result, the runner-up is dropped.
     """
     # The score compares block by block per pair: it needs the fixed side per pair.
     pf = pf.expand(angle.shape[0])
     agreement, overlap, textured, spread = _refine.score(
         pf.levels[0], pm.levels[0], pf.size, pm.size, angle, t, points, min_overlap, (pf.noise, pm.noise)
     )
+    if runner is not None and merged is not None:
+        drop = merged & (agreement >= TRUST)
+        runner = (runner[0], runner[1], torch.where(drop, torch.zeros_like(runner[2]), runner[2]))
     return _judge(pf.size, pm.size, angle, t, agreement, overlap, spread, runner), textured
 
 
@@ -1008,7 +1161,7 @@ def _hypotheses(
     # A first ranking on a quarter of the points is enough to pick which hypotheses to refine.
     z = _refine.significance(fixed, moving, size, moving_size, angle, shifts, max_points // 4, min_overlap)
     b = angle.shape[0]
-    top = z.topk(min(keep, z.shape[1]), dim=1).indices
+    top = _diverse(angle, shifts, z, min(keep, z.shape[1]), fixed.scale)
     k = top.shape[1]
     angle = angle.gather(1, top).reshape(-1)
     shifts = shifts.gather(1, top.unsqueeze(-1).expand(-1, -1, 2)).reshape(-1, 2)
@@ -1030,8 +1183,36 @@ def _hypotheses(
     return _best_and_runner(size, moving_size, angle, shifts, z)
 
 
+def _diverse(angle: Tensor, shifts: Tensor, z: Tensor, keep: int, scale: int) -> Tensor:
+    """(B, keep) indices of the most significant of (B, K) hypotheses, near misses of each other left out.
+
+    Greedy: the most significant first, then each time the most significant of those not within
+    ``NEAR_ANGLE`` and ``NEAR_SHIFT`` search-level pixels of one already kept (the same peak found
+    from two angle candidates, or its neighbour), so that a second alignment (a symmetric or periodic
+    picture's) is refined and can be named; where too few are left, the next most significant.
+    """
+    rows = torch.arange(z.shape[0], device=z.device)
+    unused = torch.ones_like(z, dtype=torch.bool)
+    available = unused.clone()
+    chosen = []
+    for _ in range(keep):
+        pool = torch.where(available.any(1, keepdim=True), available, unused)
+        idx = torch.where(pool, z, torch.full_like(z, -math.inf)).argmax(1)
+        chosen.append(idx)
+        turn = wrap_angle(angle - angle[rows, idx].unsqueeze(1)).abs()
+        moved = (shifts - shifts[rows, idx].unsqueeze(1)).norm(dim=-1)
+        near = (turn < NEAR_ANGLE) & (moved < NEAR_SHIFT * scale)
+        unused[rows, idx] = False
+        available = available & unused & ~near
+    return torch.stack(chosen, 1)
+
+
 def _best_and_runner(
-    size: tuple[int, int], moving_size: tuple[int, int], angle: Tensor, shifts: Tensor, z: Tensor
+    size: tuple[int, int],
+    moving_size: tuple[int, int],
+    angle: Tensor,
+    shifts: Tensor,
+    z: Tensor,
 ) -> _Found:
     """The most significant of (B, K) hypotheses, and the most significant of the others that lies
     ``DISTINCT`` pixels or more from it somewhere in fixed's frame (significance -inf where none does)."""
@@ -1049,7 +1230,20 @@ def _best_and_runner(
     ).view(b, k)
     others = torch.where(apart >= DISTINCT, z, torch.full_like(z, -math.inf))
     second = others.argmax(1)
-    return _Found(a, t, z[pick, best], angle[pick, second], shifts[pick, second], others[pick, second])
+    rest = others.clone()
+    rest[pick, second] = -math.inf
+    third = rest.argmax(1)
+    return _Found(
+        a,
+        t,
+        z[pick, best],
+        angle[pick, second],
+        shifts[pick, second],
+        others[pick, second],
+        angle[pick, third],
+        shifts[pick, third],
+        rest[pick, third],
+    )
 
 
 def _grey(x: Tensor, channel: int | None, dtype: torch.dtype, b: int, name: str) -> Tensor:

@@ -434,16 +434,23 @@ def significance(
     translation: Tensor,
     max_points: int,
     min_overlap: float,
-) -> Tensor:
+    with_ncc: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """(B, M) Fisher z of the overlap NCC times √overlap, for (B, M) angles and (B, M, 2) translations.
 
-    Hypotheses overlapping less than ``min_overlap`` of the smaller image get -inf.
+    Hypotheses overlapping less than ``min_overlap`` of the smaller image get -inf. With
+    ``with_ncc``, also the (B, M) NCC itself (-inf where z is): z saturates at NCC 0.999, where
+    only the NCC still tells two close alignments of a clean pair apart.
     """
     pts = _Points(fixed, max_points)
     frame = _Frame(size, moving_size, fixed.scale, angle)
     ncc, n, area = _ncc_over_overlap(pts, moving, frame, angle, translation)
     z = torch.atanh(ncc.clamp(-0.999, 0.999)) * (n / area).sqrt()
-    return torch.where(n >= min_overlap * area, z, torch.full_like(z, -math.inf))
+    enough = n >= min_overlap * area
+    z = torch.where(enough, z, torch.full_like(z, -math.inf))
+    if with_ncc:
+        return z, torch.where(enough, ncc, torch.full_like(ncc, -math.inf))
+    return z
 
 
 def _block_ncc(pts: _Points, g: Tensor, w: Tensor, blocks: int, noise: tuple[Tensor, Tensor]) -> Tensor:
@@ -560,7 +567,25 @@ def unmatched(fixed: Level, moving: Level, matrix: Tensor) -> tuple[Tensor, Tens
     return region, fraction
 
 
-def _spread(pts: _Points, frame: _Frame, g: Tensor, w: Tensor, noise: Tensor) -> Tensor:
+def _moving_gradient(pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tensor) -> Tensor:
+    """(B, 2, N) the gradient of moving mapped onto fixed's frame, at the fixed points, along fixed's x, y.
+
+    Central differences of moving, sampled where the points land and turned back by the map's
+    rotation: ``∇_p G(W(p)) = Aᵀ (∇G)(W(p))``.
+    """
+    img = F.pad(moving.image, (1, 1, 1, 1), mode="replicate")
+    gx = (img[..., 1:-1, 2:] - img[..., 1:-1, :-2]) / 2
+    gy = (img[..., 2:, 1:-1] - img[..., :-2, 1:-1]) / 2
+    grid = frame.grid(pts, angle.unsqueeze(1), t.unsqueeze(1), tuple(moving.image.shape[-2:]))
+    sampled = F.grid_sample(torch.cat((gx, gy), 1), grid, mode="bilinear", align_corners=False)[:, :, 0]
+    cos, sin = torch.cos(angle).unsqueeze(1), torch.sin(angle).unsqueeze(1)
+    mx, my = sampled[:, 0], sampled[:, 1]
+    return torch.stack((cos * mx + sin * my, -sin * mx + cos * my), 1)
+
+
+def _spread(
+    pts: _Points, frame: _Frame, g: Tensor, w: Tensor, noise: Tensor, moving_gradient: Tensor
+) -> Tensor:
     """(B, 2) how far the result may be from the truth, in pixels, where the overlap makes it largest.
 
     Column 0 is the standard deviation of the motion, column 1 the motion of the step still left.
@@ -575,10 +600,18 @@ def _spread(pts: _Points, frame: _Frame, g: Tensor, w: Tensor, noise: Tensor) ->
     textbook ``σ² H⁻¹`` would miss. ``H`` is read off the noisy fixed image: the (B,)
     ``noise`` variance's share of its gradients is taken out (it carries no information
     about the motion, and left in, it would make a faint texture under strong noise look
-    well pinned down), down to a tenth of ``H``. A turn δθ with a shift δt moves point ``p`` by
-    ``(δtx - δθ·v, δty + δθ·u)`` (``(u, v) = p - c_f``): the standard deviation of that
-    motion is taken at the overlap's point where it is largest, as is the motion of the
-    Gauss–Newton step still left at the result (non-zero where it stopped short).
+    well pinned down), down to a tenth of ``H``. That needs a noise estimate and a model of
+    the blur, and where the noise carries nearly all of the gradients (a smooth picture under
+    strong noise) what is left of ``H`` is a small difference of two large numbers. So ``H`` is
+    also taken as the cross product of fixed's derivatives with those of moving mapped onto
+    fixed's frame (``moving_gradient``, (B, 2, N)): the two images' noise is independent, so
+    its share averages out of that product without an estimate of it (its symmetric part,
+    eigenvalues kept above 1e-6 of the largest: a direction the product does not pin down
+    gets a large variance). Each point's variance is the larger of the two. A turn δθ with a
+    shift δt moves point ``p`` by ``(δtx - δθ·v, δty + δθ·u)`` (``(u, v) = p - c_f``): the
+    standard deviation of that motion is taken at the overlap's point where it is largest, as
+    is the motion of the Gauss–Newton step still left at the result (non-zero where it
+    stopped short).
     """
     f = pts.values.expand_as(g)
     b = g.shape[0]
@@ -606,6 +639,15 @@ def _spread(pts: _Points, frame: _Frame, g: Tensor, w: Tensor, noise: Tensor) ->
     hess = hess - torch.diag_embed(torch.minimum(floor, 0.9 * diagonal))
     hess = hess + torch.diag_embed(hess.diagonal(dim1=1, dim2=2) * 1e-9 + 1e-30)
     inv = torch.linalg.inv(hess)
+    gxm, gym = moving_gradient[:, 0], moving_gradient[:, 1]
+    jm = centred(torch.stack((-v * gxm + u * gym, gxm, gym), 1), w.unsqueeze(1))
+    jm = jm - (w.unsqueeze(1) * jm * fc.unsqueeze(1)).sum(2, keepdim=True) / var_f.view(
+        -1, 1, 1
+    ) * fc.unsqueeze(1)
+    cross = (jac * wd.unsqueeze(1)) @ jm.double().transpose(1, 2)
+    values, vectors = torch.linalg.eigh((cross + cross.transpose(1, 2)) / 2)
+    values = values.clamp_min(1e-6 * values.amax(1, keepdim=True).clamp_min(1e-30))
+    inv_cross = vectors @ torch.diag_embed(1 / values) @ vectors.transpose(1, 2)
     nr, nc = pts.shape
     rows = torch.arange(nr, device=g.device) * CLUSTERS // nr
     cols = torch.arange(nc, device=g.device) * CLUSTERS // nc
@@ -615,15 +657,19 @@ def _spread(pts: _Points, frame: _Frame, g: Tensor, w: Tensor, noise: Tensor) ->
     used = torch.zeros(b, CLUSTERS * CLUSTERS, dtype=wd.dtype, device=g.device).index_add_(1, cluster, wd)
     clusters = (used > 0).sum(1).to(wd.dtype)
     meat = sums @ sums.transpose(1, 2) * (clusters / (clusters - 1).clamp_min(1)).view(-1, 1, 1)
-    cov = inv @ meat @ inv
     step = (inv @ sums.sum(2, keepdim=True))[..., 0]  # (B, 3)
     uu, vv = u.double().unsqueeze(0), v.double().unsqueeze(0)
-    var = (
-        cov[:, :1, 0] * (uu.square() + vv.square())
-        + cov[:, 1:2, 1]
-        + cov[:, 2:3, 2]
-        + 2 * (uu * cov[:, 0:1, 2] - vv * cov[:, 0:1, 1])
-    )
+
+    def motion_variance(inverse: Tensor) -> Tensor:
+        cov = inverse @ meat @ inverse
+        return (
+            cov[:, :1, 0] * (uu.square() + vv.square())
+            + cov[:, 1:2, 1]
+            + cov[:, 2:3, 2]
+            + 2 * (uu * cov[:, 0:1, 2] - vv * cov[:, 0:1, 1])
+        )
+
+    var = torch.maximum(motion_variance(inv), motion_variance(inv_cross))
     moved = torch.hypot(step[:, 1:2] - step[:, :1] * vv, step[:, 2:3] + step[:, :1] * uu)
     inside = w > 0
     spread = torch.where(inside, var, torch.zeros_like(var)).amax(1).clamp_min(0).sqrt()
@@ -672,5 +718,5 @@ def score(
     trust = trust * (localisation / LOCALISED).clamp(max=1.0)
     textured = torch.isfinite(local).sum(1).to(trust.dtype)
     trust = trust * (textured / MIN_BLOCKS).clamp(max=1.0)
-    spread = _spread(pts, frame, g, w, noise[0])
+    spread = _spread(pts, frame, g, w, noise[0], _moving_gradient(pts, moving, frame, angle, translation))
     return trust * (overlap / (2 * min_overlap)).clamp(max=1.0), overlap, textured, spread
