@@ -957,7 +957,7 @@ def _settled(
     merged = torch.zeros_like(ratio, dtype=torch.bool)
     if rows.numel() == 0:
         return angle, t, runner, merged
-    b, k = angle.shape[0], rows.numel()
+    b = angle.shape[0]
     sf, sm = pf.expand(b).select(rows), pm.expand(b).select(rows)
     ra, rt = _refine.refine(
         sf.levels[1:],
@@ -970,6 +970,14 @@ def _settled(
         max_points,
     )
     ra, rt = _refine.refine(sf.levels[:1], sm.levels[:1], size, moving_size, ra, rt, iterations, max_points)
+    distinct = _displacement(size, moving_size, angle[rows], t[rows], ra, rt) >= DISTINCT
+    merged[rows] = ~distinct
+    # Where they stayed apart, compare the pick and the runner-up.
+    keep = distinct.nonzero()[:, 0]
+    if keep.numel() == 0:
+        return angle, t, runner, merged
+    rows, ra, rt, k = rows[keep], ra[keep], rt[keep], keep.numel()
+    sf, sm = sf.select(keep), sm.select(keep)
     both_a, both_t = torch.stack((angle[rows], ra), 1), torch.stack((t[rows], rt), 1)  # (k, 2): pick, runner
     z, ncc = _refine.significance(
         sf.levels[0], sm.levels[0], size, moving_size, both_a, both_t, max_points, min_overlap, with_ncc=True
@@ -1006,16 +1014,7 @@ def _settled(
         & (misfit[:, 1] <= 2 * misfit[:, 0] + EXACT)
     )
     new_ratio = torch.where(twins, torch.ones_like(new_ratio), new_ratio)
-    distinct = _displacement(size, moving_size, angle[rows], t[rows], ra, rt) >= DISTINCT
-    merged[rows] = ~distinct
-    # Where they stayed apart: the pick and the runner-up in their new order.
-    swap, rows, ra, rt, new_ratio = (
-        swap[distinct],
-        rows[distinct],
-        ra[distinct],
-        rt[distinct],
-        new_ratio[distinct],
-    )
+    # The pick and the runner-up in their new order.
     angle, t, r_angle, r_t, ratio = angle.clone(), t.clone(), r_angle.clone(), r_t.clone(), ratio.clone()
     pick_a, pick_t = torch.where(swap, ra, angle[rows]), torch.where(swap.unsqueeze(1), rt, t[rows])
     r_angle[rows] = torch.where(swap, angle[rows], ra)

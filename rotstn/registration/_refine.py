@@ -570,16 +570,17 @@ def unmatched(fixed: Level, moving: Level, matrix: Tensor) -> tuple[Tensor, Tens
 def _moving_gradient(pts: _Points, moving: Level, frame: _Frame, angle: Tensor, t: Tensor) -> Tensor:
     """(B, 2, N) the gradient of moving mapped onto fixed's frame, at the fixed points, along fixed's x, y.
 
-    Central differences of moving, sampled where the points land and turned back by the map's
+    Central differences of moving where the points land (moving's bilinear samples a pixel either
+    side, which is the bilinear sample of its central-difference image), turned back by the map's
     rotation: ``∇_p G(W(p)) = Aᵀ (∇G)(W(p))``.
     """
-    img = F.pad(moving.image, (1, 1, 1, 1), mode="replicate")
-    gx = (img[..., 1:-1, 2:] - img[..., 1:-1, :-2]) / 2
-    gy = (img[..., 2:, 1:-1] - img[..., :-2, 1:-1]) / 2
-    grid = frame.grid(pts, angle.unsqueeze(1), t.unsqueeze(1), tuple(moving.image.shape[-2:]))
-    sampled = F.grid_sample(torch.cat((gx, gy), 1), grid, mode="bilinear", align_corners=False)[:, :, 0]
+    h, w = moving.image.shape[-2:]
+    grid = frame.grid(pts, angle.unsqueeze(1), t.unsqueeze(1), (h, w))  # (B, 1, N, 2)
+    step = grid.new_tensor([[2 / w, 0.0], [-2 / w, 0.0], [0.0, 2 / h], [0.0, -2 / h]])
+    sides = (grid.unsqueeze(2) + step.view(1, 1, 4, 1, 2)).flatten(1, 2)  # (B, 4, N, 2)
+    g = F.grid_sample(moving.image, sides, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
+    mx, my = (g[:, 0] - g[:, 1]) / 2, (g[:, 2] - g[:, 3]) / 2
     cos, sin = torch.cos(angle).unsqueeze(1), torch.sin(angle).unsqueeze(1)
-    mx, my = sampled[:, 0], sampled[:, 1]
     return torch.stack((cos * mx + sin * my, -sin * mx + cos * my), 1)
 
 
