@@ -855,6 +855,17 @@ def _search_rigid(
                 sub_f, sub_m, size, moving_size, a2[:, None], t2[:, None], max_points, min_overlap
             )[:, 0]
         better = z2 > found.z[weak]
+        if found.spare_z is not None:
+            # Where the sweep's pick wins, its runner-up is the spare (compared on the search level).
+            ra2, rt2, rz2 = swept.runner_angle, swept.runner_translation, swept.runner_z
+            if coarser:
+                zr = _refine.significance(
+                    sub_f, sub_m, size, moving_size, ra2[:, None], rt2[:, None], max_points, min_overlap
+                )[:, 0]
+                rz2 = torch.where(torch.isfinite(rz2), zr, rz2)
+            for name, new in (("angle", ra2), ("translation", rt2), ("z", rz2)):
+                old = getattr(found, "spare_" + name)[weak]
+                getattr(found, "spare_" + name)[weak] = torch.where(_rows(better, new), new, old)
         # The one that loses becomes the runner-up where it beats the winner's own runner-up.
         for name, new in (("angle", a2), ("translation", t2), ("z", z2)):
             old, runner = getattr(found, name)[weak], getattr(found, "runner_" + name)[weak]
@@ -884,7 +895,8 @@ def _finish(
     Returns the result and its textured blocks (:func:`_refine.score`); ``runner`` (the search's
     runner-up, :meth:`_Found.runner`, if a search gave the start) says whether it is ambiguous,
     after :func:`_settled` has refined it as far as the pick (unless ``settle`` is False); where it
-    lands on the pick, the search's next distinct hypothesis (``spare``) is tried the same way.
+    lands on the pick or is too weak to try, the search's next distinct hypothesis (``spare``) is
+    tried the same way.
 
     ``fine_points`` (default ``max_points``) is the number of fixed pixels compared at full
     resolution: more pins the answer down more precisely on large images. ``fine_iterations``
@@ -908,14 +920,18 @@ def _finish(
     )
     merged = None
     if runner is not None and settle:
+        apart = _displacement(pf.size, pm.size, angle, t, runner[0], runner[1])
+        untried = (runner[2] < SETTLE) | (apart < DISTINCT)
         settled = _settled(pf, pm, angle, t, runner, iterations, min_overlap, max_points)
         angle, t, runner, merged = settled
-        if spare is not None and bool(merged.any()):
-            # The runner-up was a near miss of the pick: the next distinct hypothesis may be a real second.
-            tried = (spare[0], spare[1], torch.where(merged, spare[2], torch.zeros_like(spare[2])))
+        open_ = merged | untried
+        if spare is not None and bool(open_.any()):
+            # The runner-up was a near miss of the pick, or too weak to try: the next distinct
+            # hypothesis may be a real second alignment.
+            tried = (spare[0], spare[1], torch.where(open_, spare[2], torch.zeros_like(spare[2])))
             a2, t2, r2, merged2 = _settled(pf, pm, angle, t, tried, iterations, min_overlap, max_points)
             apart = _displacement(pf.size, pm.size, angle, t, tried[0], tried[1])
-            took = merged & (tried[2] >= SETTLE) & (apart >= DISTINCT) & ~merged2
+            took = open_ & (tried[2] >= SETTLE) & (apart >= DISTINCT) & ~merged2
             angle, t = torch.where(took, a2, angle), torch.where(took.unsqueeze(1), t2, t)
             runner = tuple(
                 torch.where(took.view(-1, *[1] * (x.dim() - 1)), y, x)
@@ -1180,6 +1196,11 @@ def _hypotheses(
     angle, shifts = angle.view(b, k), shifts.view(b, k, 2)
     z = _refine.significance(fixed, moving, size, moving_size, angle, shifts, max_points, min_overlap)
     return _best_and_runner(size, moving_size, angle, shifts, z)
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    """A (B,) mask shaped to broadcast over ``like`` (B, ...)."""
+    return mask.view(-1, *[1] * (like.dim() - 1))
 
 
 def _diverse(angle: Tensor, shifts: Tensor, z: Tensor, keep: int, scale: int) -> Tensor:
