@@ -160,7 +160,13 @@ class PolarCorrelationEncoder(nn.Module):
     grow smoothly from 0 as the template does. The template is divided by its
     norm only once that norm exceeds 1 (the input's features always are), so
     a small template gives small, smooth scores instead of a random template's
-    arbitrary angles. ``identity_start=False`` starts from a random template
+    arbitrary angles. Two more pieces keep that start smooth (``docs/learning.md``,
+    issue 22): the template is used as ``template_scale · template`` (``8 / sqrt(N)``
+    for N entries), so Adam's per-entry steps grow its norm by about ``8 · lr`` per
+    step instead of reaching full strength from the first steps' noise, and
+    ``turn_cost`` (2) times a cosine peaked at bin 0 is added to the scores, so a
+    small template turns an image by a little, not to the argmax of a tiny score.
+    ``identity_start=False`` starts from a random template
     (PyTorch-style noise); a random template gives each image a fixed but
     arbitrary canonical pose, and a downstream loss has to undo that first.
 
