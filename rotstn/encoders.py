@@ -25,6 +25,15 @@ from . import _validate
 
 __all__ = ["ConcatEncoder", "ConvEncoder", "PolarCorrelationEncoder", "polar_grid"]
 
+# Unpaired identity start. Adam moves every template entry by about its learning rate per
+# step, whatever the gradient's size, so a template of N entries stored as is would reach
+# norm 1 (full-strength scores) in a few steps, long before a downstream loss says anything
+# but noise: it is stored as template / scale, scale = _TEMPLATE_STEP / sqrt(N), and its norm
+# grows by at most about _TEMPLATE_STEP · lr per step. _TURN_COST is the height of the cosine
+# added to the scores, the cost of turning: a small template turns an image by a little.
+_TEMPLATE_STEP = 8.0
+_TURN_COST = 2.0
+
 
 class ConvEncoder(nn.Module):
     """A small CNN: three strided 3×3 conv blocks, adaptive pooling to 4×4, a linear layer.
@@ -223,6 +232,13 @@ class PolarCorrelationEncoder(nn.Module):
             raise TypeError(f"identity_start must be a bool, got {identity_start!r}")
         self.identity_start = identity_start
         self.template = None
+        # Unpaired identity start: the template's step and the turning cost (see the class docstring).
+        slow = not paired and identity_start
+        self.template_scale = _TEMPLATE_STEP / math.sqrt(width * radii * bins) if slow else 1.0
+        self.turn_cost = _TURN_COST if slow else 0.0
+        self.register_buffer(
+            "cost", self.turn_cost * torch.cos(torch.arange(bins) * (2 * math.pi / bins)), persistent=False
+        )
         if not paired:
             start = torch.zeros if identity_start else lambda *s: torch.randn(*s) * 0.1
             self.template = nn.Parameter(start(width, radii, bins))
@@ -246,7 +262,7 @@ class PolarCorrelationEncoder(nn.Module):
             if fixed is not None:
                 raise ValueError("this encoder has paired=False: call forward(x) with one image")
             fm = self.polar_features(moving)
-            ff = self.template.unsqueeze(0).to(fm.dtype)
+            ff = (self.template_scale * self.template).unsqueeze(0).to(fm.dtype)
         fm = fm - fm.mean(dim=-1, keepdim=True)
         ff = ff - ff.mean(dim=-1, keepdim=True)
         fm = fm / (fm.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-6)
@@ -255,7 +271,10 @@ class PolarCorrelationEncoder(nn.Module):
         else:
             # Not blown up while small: a zero template gives zero scores with a finite gradient.
             ff = ff / ff.flatten(1).norm(dim=1).clamp(min=1.0).view(-1, 1, 1, 1)
-        return torch.exp(self.log_gain) * _circular_correlation(fm, ff)
+        scores = torch.exp(self.log_gain) * _circular_correlation(fm, ff)
+        if self.turn_cost:
+            scores = scores + self.cost.to(scores.dtype)
+        return scores
 
     def extra_repr(self) -> str:
         return f"paired={self.paired}, bins={self.bins}, radii={self.radii}"
