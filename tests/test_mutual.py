@@ -196,3 +196,20 @@ def test_a_square_mapped_retina_pair_that_was_trusted_and_wrong_is_not():
     assert bool(wrong[1]), d  # still wrong: the pair is hard, but it must say so
     assert not bool((result.score[wrong] >= TRUST).any()), (d, result.score)
     assert bool(result.error_px[1] > 0.5), result.error_px
+
+
+def test_a_checkerboard_under_a_lookup_is_not_trusted_at_another_repeat():
+    # A 128² checkerboard under 1 - 4(x - 0.5)² (benchmarks/multimodal.py, seed 41): with the NCC
+    # path's runner-up check run again on the pair mapped for the pick, MI swapped to a repeat of the
+    # board 153 px off and trusted it (score 1.000); the runner-up was verified with its own map.
+    pairs = rigid_pairs(
+        4, (128, 128), max_shift=0.2, pivot=0.5, min_overlap=0.5, images=("checkerboard",), min_std=0.04,
+        seed=1821408451,
+    )  # fmt: skip
+    lo = pairs.fixed.amin((1, 2, 3), keepdim=True)
+    hi = pairs.fixed.amax((1, 2, 3), keepdim=True)
+    fixed = (pairs.fixed - lo) / (hi - lo)
+    moving = 1 - 4 * (((pairs.moving - lo) / (hi - lo)).clamp(0, 1) - 0.5) ** 2
+    result = rotstn.register(fixed[:1], moving[:1], metric="mi")
+    d = max_displacement(result.matrix, pairs.matrix[:1], (128, 128))
+    assert not (float(result.score) >= TRUST and float(d[0]) >= 1), (d, result.score)

@@ -584,7 +584,9 @@ def _mi_rounds(
         qf = _prepare(_mapped(fixed, grid, means, on_fixed), fixed_mask, smooth, n_levels)
         qm = _prepare(_mapped(moving, grid, means, ~on_fixed), moving_mask, smooth, n_levels)
         if fit is None:
-            fit, _ = _finish(qf, qm, angle, t, runner, *options)
+            # The runner-up is not refined again here (_settled): it was verified with its own map,
+            # which this pair, mapped for the pick, does not carry.
+            fit, _ = _finish(qf, qm, angle, t, runner, *options, settle=False)
         else:
             a2, t2 = _refine.refine(
                 qf.levels[:1], qm.levels[:1], size, moving_size, angle, t, iterations, max_points
