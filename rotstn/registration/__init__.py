@@ -362,7 +362,7 @@ class _Fit:
         """Where ``take`` (over ``rows``) is set, this batch's rows ``rows`` become ``other``'s."""
         for name in self.FIELDS:
             current, new = getattr(self, name), getattr(other, name)
-            current[rows] = torch.where(take.view(-1, *[1] * (new.dim() - 1)), new, current[rows])
+            current[rows] = torch.where(_rows(take, new), new, current[rows])
 
 
 @dataclass(frozen=True)
@@ -871,7 +871,7 @@ def _search_rigid(
         # The one that loses becomes the runner-up where it beats the winner's own runner-up.
         for name, new in (("angle", a2), ("translation", t2), ("z", z2)):
             old, runner = getattr(found, name)[weak], getattr(found, "runner_" + name)[weak]
-            keep = better.view(-1, *[1] * (new.dim() - 1))
+            keep = _rows(better, new)
             swap = keep & (found.z[weak] > found.runner_z[weak]).view_as(keep)
             getattr(found, "runner_" + name)[weak] = torch.where(swap, old, runner)
             getattr(found, name)[weak] = torch.where(keep, new, old)
@@ -922,23 +922,20 @@ def _finish(
     )
     merged = None
     if runner is not None and settle:
-        apart = _displacement(pf.size, pm.size, angle, t, runner[0], runner[1])
-        untried = (runner[2] < SETTLE) | (apart < DISTINCT)
-        settled = _settled(pf, pm, angle, t, runner, iterations, min_overlap, max_points)
-        angle, t, runner, merged = settled
-        open_ = merged | untried
+        angle, t, runner, merged, tried = _settled(
+            pf, pm, angle, t, runner, iterations, min_overlap, max_points
+        )
+        open_ = merged | ~tried
         if spare is not None and bool(open_.any()):
             # The runner-up was a near miss of the pick, or too weak to try: the next distinct
             # hypothesis may be a real second alignment.
-            tried = (spare[0], spare[1], torch.where(open_, spare[2], torch.zeros_like(spare[2])))
-            a2, t2, r2, merged2 = _settled(pf, pm, angle, t, tried, iterations, min_overlap, max_points)
-            apart = _displacement(pf.size, pm.size, angle, t, tried[0], tried[1])
-            took = open_ & (tried[2] >= SETTLE) & (apart >= DISTINCT) & ~merged2
-            angle, t = torch.where(took, a2, angle), torch.where(took.unsqueeze(1), t2, t)
-            runner = tuple(
-                torch.where(took.view(-1, *[1] * (x.dim() - 1)), y, x)
-                for x, y in zip(runner, r2, strict=True)
+            second = (spare[0], spare[1], torch.where(open_, spare[2], torch.zeros_like(spare[2])))
+            a2, t2, r2, merged2, tried2 = _settled(
+                pf, pm, angle, t, second, iterations, min_overlap, max_points
             )
+            took = open_ & tried2 & ~merged2
+            angle, t = torch.where(took, a2, angle), torch.where(_rows(took, t), t2, t)
+            runner = tuple(torch.where(_rows(took, x), y, x) for x, y in zip(runner, r2, strict=True))
             merged = merged & ~took
     return _scored(pf, pm, angle, t, max_points, min_overlap, runner, merged)
 
@@ -952,8 +949,11 @@ def _settled(
     iterations: int,
     min_overlap: float,
     max_points: int,
-) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor], Tensor, Tensor]:
     """The refined pick and its runner-up, refined as far and compared again at full resolution.
+
+    Returns the pick, the runner-up, and two (B,) masks: ``merged`` (the runner-up landed on the
+    pick) and ``tried`` (the runner-up was refined: at ``SETTLE`` or more, ``DISTINCT`` or further).
 
     The search compares hypotheses on its coarse level after a few steps each. There a near miss of
     the right answer (1° and a few pixels off) is still "distinct" and nearly as significant; refined
@@ -971,10 +971,11 @@ def _settled(
     r_angle, r_t, ratio = runner
     size, moving_size = pf.size, pm.size
     apart = _displacement(size, moving_size, angle, t, r_angle, r_t)
-    rows = ((ratio >= SETTLE) & (apart >= DISTINCT)).nonzero()[:, 0]
-    merged = torch.zeros_like(ratio, dtype=torch.bool)
+    tried = (ratio >= SETTLE) & (apart >= DISTINCT)
+    rows = tried.nonzero()[:, 0]
+    merged = torch.zeros_like(tried)
     if rows.numel() == 0:
-        return angle, t, runner, merged
+        return angle, t, runner, merged, tried
     b = angle.shape[0]
     sf, sm = pf.expand(b).select(rows), pm.expand(b).select(rows)
     ra, rt = _refine.refine(
@@ -993,7 +994,7 @@ def _settled(
     # Where they stayed apart, compare the pick and the runner-up.
     keep = distinct.nonzero()[:, 0]
     if keep.numel() == 0:
-        return angle, t, runner, merged
+        return angle, t, runner, merged, tried
     rows, ra, rt, k = rows[keep], ra[keep], rt[keep], keep.numel()
     sf, sm = sf.select(keep), sm.select(keep)
     both_a, both_t = torch.stack((angle[rows], ra), 1), torch.stack((t[rows], rt), 1)  # (k, 2): pick, runner
@@ -1039,7 +1040,7 @@ def _settled(
     r_t[rows] = torch.where(swap.unsqueeze(1), t[rows], rt)
     angle[rows], t[rows] = pick_a, pick_t
     ratio[rows] = new_ratio
-    return angle, t, (r_angle, r_t, ratio), merged
+    return angle, t, (r_angle, r_t, ratio), merged, tried
 
 
 def _scored(

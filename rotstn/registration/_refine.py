@@ -626,11 +626,16 @@ def _spread(
     gain = (w * fc * gc).sum(1) / var_f
     residual = gc - gain.unsqueeze(1) * fc
     u, v = pts.x - frame.c_f[0, 0], pts.y - frame.c_f[0, 1]
-    jac = torch.stack((-v * pts.gx + u * pts.gy, pts.gx, pts.gy), 1).expand(b, 3, -1)
-    jac = gain.view(-1, 1, 1) * centred(jac, w.unsqueeze(1))
-    # The part of each motion derivative that a change of gain explains is no motion either.
-    along = (w.unsqueeze(1) * jac * fc.unsqueeze(1)).sum(2, keepdim=True) / var_f.view(-1, 1, 1)
-    jac = (jac - along * fc.unsqueeze(1)).double()
+
+    def motions(gx: Tensor, gy: Tensor, scale: Tensor | float) -> Tensor:
+        """(B, 3, N) derivatives by (θ, tx, ty) of an image with gradient (gx, gy), centred."""
+        x = torch.stack((-v * gx + u * gy, gx, gy), 1).expand(b, 3, -1)
+        x = scale * centred(x, w.unsqueeze(1))
+        # The part of each motion derivative that a change of gain explains is no motion either.
+        along = (w.unsqueeze(1) * x * fc.unsqueeze(1)).sum(2, keepdim=True) / var_f.view(-1, 1, 1)
+        return (x - along * fc.unsqueeze(1)).double()
+
+    jac = motions(pts.gx, pts.gy, gain.view(-1, 1, 1))
     wd = w.double()
     hess = (jac * wd.unsqueeze(1)) @ jac.transpose(1, 2)
     # A central difference of blurred white noise keeps about a third of its variance (σ = 1 blur).
@@ -640,12 +645,8 @@ def _spread(
     hess = hess - torch.diag_embed(torch.minimum(floor, 0.9 * diagonal))
     hess = hess + torch.diag_embed(hess.diagonal(dim1=1, dim2=2) * 1e-9 + 1e-30)
     inv = torch.linalg.inv(hess)
-    gxm, gym = moving_gradient[:, 0], moving_gradient[:, 1]
-    jm = centred(torch.stack((-v * gxm + u * gym, gxm, gym), 1), w.unsqueeze(1))
-    jm = jm - (w.unsqueeze(1) * jm * fc.unsqueeze(1)).sum(2, keepdim=True) / var_f.view(
-        -1, 1, 1
-    ) * fc.unsqueeze(1)
-    cross = (jac * wd.unsqueeze(1)) @ jm.double().transpose(1, 2)
+    jm = motions(moving_gradient[:, 0], moving_gradient[:, 1], 1.0)
+    cross = (jac * wd.unsqueeze(1)) @ jm.transpose(1, 2)
     values, vectors = torch.linalg.eigh((cross + cross.transpose(1, 2)) / 2)
     values = values.clamp_min(1e-6 * values.amax(1, keepdim=True).clamp_min(1e-30))
     inv_cross = vectors @ torch.diag_embed(1 / values) @ vectors.transpose(1, 2)
