@@ -433,6 +433,28 @@ def test_overlap_sums_kernel_survives_nan_and_far_points():
     assert sums[2, 0, 2] > 100  # the plain hypothesis keeps its points
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_gauss_newton_travels_further_than_a_pixel_a_step(monkeypatch, kernel):
+    # One level, 20 steps, a start 27 px from the truth: a step moves no point more than the step limit,
+    # and with the limit held at one pixel these pairs stopped 15-45 px short (scipy-warped astronaut
+    # crops). Steps cut to the limit that keep their direction now lengthen it (_refine.REACH).
+    from rotstn.registration import _displacement, _prepare, _refine
+    from rotstn.registration._stack import matrix_parameters
+
+    if kernel and rotstn._kernels.compiled.library() is None:
+        pytest.skip("no C compiler here (or ROTSTN_NO_COMPILE=1)")
+    if not kernel:
+        monkeypatch.setattr(_refine, "_kernel_serves", lambda *args: False)
+    size = (128, 128)
+    pairs = rigid_pairs(4, size, max_shift=0.2, pivot=0.5, min_overlap=0.6, images=("astronaut",), seed=3)
+    angle, t = matrix_parameters(pairs.matrix.to(pairs.fixed.dtype), size, size)
+    pf, pm = (_prepare(x.mean(1, keepdim=True), None, 1.0, 1) for x in (pairs.fixed, pairs.moving))
+    start = t + t.new_tensor([24.0, -12.0])
+    a, t2 = _refine.refine(pf.levels, pm.levels, size, size, angle.clone(), start, 20, 8192)
+    d = _displacement(size, size, a, t2, angle, t)
+    assert bool((d[[0, 1, 3]] < 0.1).all()), d
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compiled_gauss_newton_matches_torch_loop(monkeypatch, dtype):

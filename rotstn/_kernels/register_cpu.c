@@ -218,8 +218,8 @@ static int GLUE(solve5, SUMS_SUFFIX)(double a[5][5], double b[5], double x[5]) {
 /* Gauss–Newton on one level for B pairs, each on its own until it stops (the loop of
  * rotstn/registration/_refine.py's refine(), step for step; read the comments there). The fixed
  * points' data (f, pw, jt, gx, gy) and the moving level are laid out as for the sums above, with
- * per_pair 1. frame: (c_f x, c_f y, c_m x, c_m y, scale) in level pixels; radius, tolerance and
- * iterations as in refine(). angle (B) and t (B, 2, level-0 pixels) are read and written in place. */
+ * per_pair 1. frame: (c_f x, c_f y, c_m x, c_m y, scale) in level pixels, then the step limit REACH;
+ * radius, tolerance and iterations as in refine(). angle (B) and t (B, 2, level-0 pixels) are read and written in place. */
 int GLUE(rotstn_refine, SUMS_SUFFIX)(const T *x, const T *y, int64_t n, const T *f, const T *pw, const T *jt,
                                      const T *gx, const T *gy, int64_t fixed_bstride, const T *img,
                                      const T *mask, int64_t moving_bstride, int64_t H, int64_t W, double margin,
@@ -229,11 +229,13 @@ int GLUE(rotstn_refine, SUMS_SUFFIX)(const T *x, const T *y, int64_t n, const T 
         return -1;
     (void)nthreads;
     const double cfx = frame[0], cfy = frame[1], cmx = frame[2], cmy = frame[3], scale = frame[4];
+    const double reach_max = frame[5];
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && B > 1)
     for (int64_t p = 0; p < B; p++) {
         const int64_t fo = p * fixed_bstride, mo = p * moving_bstride;
         double th = angle[p], tx = t[2 * p], ty = t[2 * p + 1];
         double previous[3] = {0, 0, 0};
+        double limit = 1.0; /* the step limit, pixels of the level (REACH in _refine.py) */
         for (int64_t it = 0; it < iterations; it++) {
             const double c = cos(th), s = sin(th), ox = cfx + tx / scale, oy = cfy + ty / scale;
             const double affine[6] = {c, -s, cmx - c * ox + s * oy, s, c, cmy - s * ox - c * oy};
@@ -279,9 +281,10 @@ int GLUE(rotstn_refine, SUMS_SUFFIX)(const T *x, const T *y, int64_t n, const T 
                 delta[i] *= boost;
             }
             const double reach = fabs(delta[0]) * radius + sqrt(delta[1] * delta[1] + delta[2] * delta[2]);
-            const double shrink = 1.0 / (reach > 1.0 ? reach : 1.0);
+            const double shrink = limit / (reach > limit ? reach : limit);
             for (int i = 0; i < 3; i++)
                 delta[i] *= shrink;
+            limit = aligned && reach > limit ? (2 * limit < reach_max ? 2 * limit : reach_max) : 1.0;
             const double dc = cos(delta[0]), ds = sin(delta[0]), lx = tx / scale, ly = ty / scale;
             tx = (delta[1] + dc * lx - ds * ly) * scale;
             ty = (delta[2] + ds * lx + dc * ly) * scale;

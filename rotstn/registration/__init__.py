@@ -60,6 +60,7 @@ MATCHED = 0.02  # agreement with a runner-up this close to the pick's (both trus
 NEAR_ANGLE = math.radians(4.0)  # search hypotheses this close in angle ...
 NEAR_SHIFT = 6.0  # ... and in search-level pixels are near misses of each other (_diverse)
 EXACT = 1e-3  # misfits (1 - NCC) this small tell two alignments of a clean pair no further apart (_settled)
+TIED = 1e-4  # misfits within 2× of each other and this much: the NCC cannot choose between two (_settled)
 SETTLE = 0.3  # a runner-up this significant next to the pick is refined as far and compared again (_settled)
 # Shares of the overlap between which a region only one image shows is masked out (_without_unmatched).
 UNMATCHED = (0.02, 0.25)
@@ -1018,7 +1019,13 @@ def _settled(
         .T
     )
     agrees = agreement >= TRUST
-    swap = torch.where(agrees[:, 0] ^ agrees[:, 1], agrees[:, 1], ncc[:, 1] > ncc[:, 0])
+    # Misfits (1 - NCC) within a factor two of each other, give or take TIED, are a tie, which the
+    # significance breaks: a straight edge slid along itself on a flat background correlates as well as
+    # the right alignment of a silhouette (1.0000 against 0.9999) on a smaller overlap.
+    misfit = 1 - ncc.clamp(max=1.0)
+    low, high = misfit.amin(1), misfit.amax(1)
+    better = torch.where(high <= 2 * low + TIED, z[:, 1] > z[:, 0], ncc[:, 1] > ncc[:, 0])
+    swap = torch.where(agrees[:, 0] ^ agrees[:, 1], agrees[:, 1], better)
     best, second = torch.where(swap, z[:, 1], z[:, 0]), torch.where(swap, z[:, 0], z[:, 1])
     new_ratio = torch.where(
         torch.isfinite(second), (second / best.clamp_min(1e-6)).clamp(max=1.0), torch.zeros_like(best)
@@ -1026,7 +1033,6 @@ def _settled(
     # The images agree with both, the runner-up about as well as with the pick, and it leaves no more
     # than twice the pick's misfit (1 - NCC), give or take EXACT: two exact alignments. (The block
     # agreement alone cannot see one small feature that only one of them lines up.)
-    misfit = 1 - ncc.clamp(max=1.0)
     twins = (
         agrees.all(1)
         & (agreement[:, 1] >= agreement[:, 0] - MATCHED)

@@ -57,6 +57,11 @@ CLUSTERS = 8
 # Textured blocks a result must agree in to be trusted fully: a wrong result that lines up one structure
 # (a crater, the rim of a round field of view) rests on one or two (examples/register.py).
 MIN_BLOCKS = 3
+# Longest step of refine(), in pixels of the level: a step first moves no point more than one pixel (the
+# linearisation holds that far); each step that is cut to the limit and points the way the one before it
+# did doubles it, up to REACH (a start 30 px off on one level crawled a pixel a step and ran out of
+# iterations short of the optimum); any other step sets it back to one pixel.
+REACH = 8.0
 
 
 class _Points:
@@ -251,6 +256,7 @@ def _refine_kernel(
             float(frame.c_m[0, 0]),
             float(frame.c_m[0, 1]),
             frame.scale,
+            REACH,
         ],
         dtype=torch.float64,
     )
@@ -338,7 +344,9 @@ def refine(
     On each level a pair is done once its step moves no point by more than
     ``1e-3`` pixels (``2e-2`` on coarser levels, which only hand the next one a
     start) and then stays where it is: a pair's result does not depend on the
-    others in the batch. The pairs still moving go on as a smaller batch.
+    others in the batch. The pairs still moving go on as a smaller batch. A step
+    moves no point further than a limit that starts at one pixel of the level and
+    doubles, up to ``REACH``, while the steps keep being cut to it in one direction.
     """
     angle, t = angle.clone(), translation.clone()
     for lf, lm in zip(reversed(fixed), reversed(moving), strict=True):
@@ -358,6 +366,7 @@ def refine(
         rows = torch.arange(angle.shape[0], device=angle.device)
         live = torch.ones_like(rows, dtype=torch.bool)  # a finished pair stays where it is
         previous = torch.zeros_like(t[:, :1].expand(-1, 3))
+        limit = torch.ones_like(t[:, 0])
         for _ in range(iterations):
             a, tr = angle[rows], t[rows]
             tl = tr / lf.scale
@@ -385,10 +394,12 @@ def refine(
             boost = torch.where(aligned & (ratio >= 0.9) & (ratio < 1.25), torch.full_like(ratio, 2.0), boost)
             previous = moves
             delta = delta * boost.unsqueeze(1)
-            # A step never moves a point more than a pixel of this level: the linearisation holds that far.
+            # A step moves no point more than `limit` pixels of this level (REACH).
             reach = delta[:, 0].abs() * radius + delta[:, 1:3].norm(dim=1)
-            shrink = 1.0 / reach.clamp_min(1.0)
+            shrink = limit / torch.maximum(reach, limit)
             delta = delta * shrink.unsqueeze(1)
+            longer = aligned & (reach > limit)
+            limit = torch.where(longer, (2 * limit).clamp(max=REACH), torch.ones_like(limit))
             # W ← W ∘ R_δ⁻¹: θ - δθ, and t ← δt + A(δθ)·t (in level pixels).
             cos, sin = torch.cos(delta[:, 0]), torch.sin(delta[:, 0])
             t[rows] = (
@@ -408,7 +419,7 @@ def refine(
             # Pairs that are done leave the batch once they are half of it (each copy costs a step).
             if 2 * int(live.sum()) <= live.numel():
                 keep = live.nonzero()[:, 0]
-                rows, previous, live = rows[keep], previous[keep], live[keep]
+                rows, previous, live, limit = rows[keep], previous[keep], live[keep], limit[keep]
                 pts, lm = pts.select(keep), lm.select(keep)
     return angle, t
 
