@@ -178,6 +178,36 @@ def test_smooth_pictures_under_noise_are_not_trusted_when_wrong(picture, seed):
     assert float(result.error_px) >= float(d[0]), (d, result.error_px)
 
 
+@pytest.mark.parametrize(
+    ("picture", "size", "seed", "row"),
+    [("cell", (192, 192), 1068977854, 0), ("moon", (384, 384), 176787976, 3)],
+)
+def test_noisy_results_off_by_a_pixel_are_refined_on_more_points(picture, size, seed, row):
+    # σ 0.05 with a gamma: on 8192 points these ended 1.5 and 1.2 px off (error_px 3.4 and 2.1), and only
+    # results predicted within 1 px were refined on four times as many; every agreeing one now is.
+    pairs, fixed, moving = _benchmark_pair(picture, size, 0.05, seed, row)
+    result = rotstn.register(fixed, moving)
+    d = max_displacement(result.matrix, pairs.matrix[row : row + 1], size)
+    assert float(d[0]) < 1, (d, result.error_px)
+    assert float(result.error_px) >= float(d[0]), (d, result.error_px)
+
+
+def test_a_result_predicted_over_half_a_pixel_off_is_not_trusted():
+    # A 512² pair at σ 0.02 predicted 0.51 px off (1.006 px in truth) scored 0.962: the score fell as
+    # (0.5 / error_px)² beyond ERROR_TRUST, which an agreement of 1.0 kept over TRUST up to 0.527 px.
+    pairs, fixed, moving = _benchmark_pair(
+        "matplotlib/Minduka_Present_Blue_Pack", (512, 512), 0.02, 2068964282, 3
+    )
+    result = rotstn.register(fixed, moving)
+    assert float(result.error_px) > rotstn.registration.ERROR_TRUST, result.error_px
+    assert float(result.score) < TRUST, result.score
+    # And no result of a batch is trusted with a predicted error over ERROR_TRUST.
+    pairs = rigid_pairs(8, (160, 160), noise=0.03, photometric=True, min_overlap=0.5, seed=8)
+    result = rotstn.register(pairs.fixed, pairs.moving)
+    over = result.error_px > rotstn.registration.ERROR_TRUST
+    assert not bool((result.score[over] >= TRUST).any()), (result.score, result.error_px)
+
+
 def test_masking_a_tiny_region_does_not_make_a_wrong_repeat_trusted():
     # A 384×96 strip of a lattice tower lines up at a translation 92 px along it. Masking the 1.4 % of
     # the overlap that disagreed there (as if only one image showed it) made that wrong result score
