@@ -110,6 +110,14 @@ def _benchmark_pair(picture: str, size: tuple[int, int], noise: float, seed: int
     return pairs, pairs.fixed[row : row + 1], pairs.moving[row : row + 1]
 
 
+def _registered(picture: str, size: tuple[int, int], noise: float, seed: int, row: int):
+    """register() on that pair (:func:`_benchmark_pair`): the result, and its largest displacement
+    error against the truth over the true overlap, in pixels."""
+    pairs, fixed, moving = _benchmark_pair(picture, size, noise, seed, row)
+    result = rotstn.register(fixed, moving)
+    return result, float(max_displacement(result.matrix, pairs.matrix[row : row + 1], size)[0])
+
+
 @pytest.mark.parametrize(
     ("picture", "size", "seed", "row"),
     [("astronaut", (192, 192), 452343252, 1), ("horse", (384, 384), 1668895481, 3)],
@@ -118,10 +126,8 @@ def test_a_near_miss_of_the_answer_is_no_second_alignment(picture, size, seed, r
     # Clean pairs, right to 0.06 px: the search's runner-up was the same alignment 1° and a few
     # pixels off (still "distinct" on the coarse search level), so the result was called ambiguous
     # and scored 0.002-0.01. Refined as far as the pick, the runner-up lands on it.
-    pairs, fixed, moving = _benchmark_pair(picture, size, 0.0, seed, row)
-    result = rotstn.register(fixed, moving)
-    d = max_displacement(result.matrix, pairs.matrix[row : row + 1], size)
-    assert float(d[0]) < 0.1, d
+    result, d = _registered(picture, size, 0.0, seed, row)
+    assert d < 0.1, d
     assert float(result.score) >= TRUST and not bool(result.ambiguous), result
 
 
@@ -132,10 +138,8 @@ def test_a_near_miss_of_the_answer_is_no_second_alignment(picture, size, seed, r
 def test_a_search_that_lands_far_off_is_refined_all_the_way(picture, size, seed, row):
     # Clean pairs whose search pick was 40-150 px off: each Gauss-Newton step moved a point at most a
     # pixel of its level, so 20 steps a level ended 7-35 px short of the optimum (not trusted, wrong).
-    pairs, fixed, moving = _benchmark_pair(picture, size, 0.0, seed, row)
-    result = rotstn.register(fixed, moving)
-    d = max_displacement(result.matrix, pairs.matrix[row : row + 1], size)
-    assert float(d[0]) < 0.1 and float(result.score) >= TRUST, (d, result)
+    result, d = _registered(picture, size, 0.0, seed, row)
+    assert d < 0.1 and float(result.score) >= TRUST, (d, result)
 
 
 def test_a_silhouette_is_not_swapped_for_an_edge_slid_along_itself():
@@ -143,10 +147,8 @@ def test_a_silhouette_is_not_swapped_for_an_edge_slid_along_itself():
     # edge slid along itself on the flat background (NCC 1.0000 against 0.9999, significance 2.7
     # against 3.3 on half the overlap), took its place, 313 px off. NCCs that close are now a tie that
     # the significance breaks. (The result stays untrusted: it has one textured block.)
-    pairs, fixed, moving = _benchmark_pair("horse", (256, 96), 0.0, 1697844960, 2)
-    result = rotstn.register(fixed, moving)
-    d = max_displacement(result.matrix, pairs.matrix[2:3], (256, 96))
-    assert float(d[0]) < 1, (d, result)
+    result, d = _registered("horse", (256, 96), 0.0, 1697844960, 2)
+    assert d < 1, (d, result)
 
 
 @pytest.mark.parametrize(
@@ -158,10 +160,8 @@ def test_a_checkerboard_a_half_turn_away_is_named_ambiguous(size, noise, seed, r
     # off and trusted (0.97-1.00), the other exact alignment having been left out of the search's
     # hypotheses (all three near misses of one peak), ranked low on a smaller overlap, or found by the
     # sweep over the circle as its runner-up and dropped when the two searches' picks were merged.
-    pairs, fixed, moving = _benchmark_pair("checkerboard", size, noise, seed, row)
-    result = rotstn.register(fixed, moving)
-    d = max_displacement(result.matrix, pairs.matrix[row : row + 1], size)
-    if float(d[0]) >= 1:
+    result, d = _registered("checkerboard", size, noise, seed, row)
+    if d >= 1:
         assert float(result.score) < TRUST and float(result.error_px) >= 1, (d, result)
     assert bool(result.ambiguous), result
 
@@ -171,11 +171,9 @@ def test_smooth_pictures_under_noise_are_not_trusted_when_wrong(picture, seed):
     # σ 0.05 with a gamma on smooth 384² pictures: the noise carries most of the gradients, and these
     # results, 1.1 and 2.4 px off, were trusted with error_px 0.39-0.49 (the noise-corrected
     # Gauss-Newton matrix is a small difference of two large numbers there).
-    pairs, fixed, moving = _benchmark_pair(picture, (384, 384), 0.05, seed, 1)
-    result = rotstn.register(fixed, moving)
-    d = max_displacement(result.matrix, pairs.matrix[1:2], (384, 384))
-    assert not (float(result.score) >= TRUST and float(d[0]) >= 1), (d, result.score, result.error_px)
-    assert float(result.error_px) >= float(d[0]), (d, result.error_px)
+    result, d = _registered(picture, (384, 384), 0.05, seed, 1)
+    assert not (float(result.score) >= TRUST and d >= 1), (d, result.score, result.error_px)
+    assert float(result.error_px) >= d, (d, result.error_px)
 
 
 @pytest.mark.parametrize(
@@ -185,11 +183,9 @@ def test_smooth_pictures_under_noise_are_not_trusted_when_wrong(picture, seed):
 def test_noisy_results_off_by_a_pixel_are_refined_on_more_points(picture, size, seed, row):
     # σ 0.05 with a gamma: on 8192 points these ended 1.5 and 1.2 px off (error_px 3.4 and 2.1), and only
     # results predicted within 1 px were refined on four times as many; every agreeing one now is.
-    pairs, fixed, moving = _benchmark_pair(picture, size, 0.05, seed, row)
-    result = rotstn.register(fixed, moving)
-    d = max_displacement(result.matrix, pairs.matrix[row : row + 1], size)
-    assert float(d[0]) < 1, (d, result.error_px)
-    assert float(result.error_px) >= float(d[0]), (d, result.error_px)
+    result, d = _registered(picture, size, 0.05, seed, row)
+    assert d < 1, (d, result.error_px)
+    assert float(result.error_px) >= d, (d, result.error_px)
 
 
 def test_a_result_predicted_over_half_a_pixel_off_is_not_trusted():

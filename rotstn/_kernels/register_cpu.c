@@ -219,7 +219,8 @@ static int GLUE(solve5, SUMS_SUFFIX)(double a[5][5], double b[5], double x[5]) {
  * rotstn/registration/_refine.py's refine(), step for step; read the comments there). The fixed
  * points' data (f, pw, jt, gx, gy) and the moving level are laid out as for the sums above, with
  * per_pair 1. frame: (c_f x, c_f y, c_m x, c_m y, scale) in level pixels, then the step limit REACH;
- * radius, tolerance and iterations as in refine(). angle (B) and t (B, 2, level-0 pixels) are read and written in place. */
+ * radius, tolerance and iterations as in refine(). angle (B) and t (B, 2, level-0 pixels) are read and
+ * written in place. */
 int GLUE(rotstn_refine, SUMS_SUFFIX)(const T *x, const T *y, int64_t n, const T *f, const T *pw, const T *jt,
                                      const T *gx, const T *gy, int64_t fixed_bstride, const T *img,
                                      const T *mask, int64_t moving_bstride, int64_t H, int64_t W, double margin,

@@ -1096,18 +1096,8 @@ def _judge(
     error = torch.where(ambiguous, torch.maximum(error, apart), error)
     diagonal = math.hypot(*max(size, moving_size, key=lambda s: s[0] * s[1]))
     error = torch.where(agreement >= TRUST, error, torch.full_like(error, diagonal))
-    return _Fit(
-        angle,
-        t,
-        _trust(agreement, error, ambiguous),
-        overlap,
-        error,
-        agreement,
-        ambiguous,
-        r_angle,
-        r_t,
-        ratio,
-    )
+    score = _trust(agreement, error, ambiguous)
+    return _Fit(angle, t, score, overlap, error, agreement, ambiguous, r_angle, r_t, ratio)
 
 
 def _trust(agreement: Tensor, error: Tensor, ambiguous: Tensor) -> Tensor:
