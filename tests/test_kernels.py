@@ -555,9 +555,16 @@ def test_cache_sizes_are_read_from_sysfs_and_set_the_limits(tmp_path, monkeypatc
         for field, value in [("level", level), ("type", kind), ("size", size), ("shared_cpu_list", cpus)]:
             (tmp_path / name / field).write_text(f"{value}\n")
     found = machine.from_sysfs(tmp_path)
-    assert found == machine.Caches(24 * 2**10, 2**20, 105 * 2**20, "sysfs")
+    assert found == machine.Caches(24 * 2**10, 2**20, 105 * 2**20, "sysfs", 16)
     chosen = machine.limits_for(found)
     assert chosen.prefetch_max_bytes == 2**19 and chosen.derivatives_max_bytes == 3 * 105 * 2**20 // 4
+    # A guest that reports its host's L3 (480 MiB for its 2 CPUs, as an Intel Xeon VM did): it
+    # counts 16 MiB a CPU, so 24 MiB of derivatives are kept, not 360 MiB (slower there).
+    (tmp_path / "index3" / "size").write_text("491520K\n")
+    (tmp_path / "index3" / "shared_cpu_list").write_text("0-1\n")
+    guest = machine.from_sysfs(tmp_path)
+    assert guest.l3 == 480 * 2**20 and guest.l3_cpus == 2
+    assert machine.limits_for(guest).derivatives_max_bytes == 24 * 2**20
     # No L3: the derivatives are kept only while they fit the L2.
     assert machine.limits_for(machine.Caches(2**15, 2**20, 0, "x")).derivatives_max_bytes == 3 * 2**18
     assert machine.from_sysfs(tmp_path / "missing") is None

@@ -11,7 +11,10 @@ machine") depend on cache sizes, and were constants measured on one CPU before:
   fits three quarters of the last-level cache (it is written by the forward and read back by the
   backward; beyond the L3 it goes through memory both ways and costs more than reading the image's
   corners again). On the EPYC's 32 MiB L3 this is the 24 MiB measured there (20-30 % faster at
-  24 MiB, 20-27 % slower at 32 MiB).
+  24 MiB, 20-27 % slower at 32 MiB). The L3 counts at most ``L3_PER_CPU_MAX`` for each CPU that
+  sysfs says shares it: a virtual machine may report its host's whole L3 (an Intel Xeon guest with
+  2 CPUs reports 480 MiB) of which its CPUs hold a small part; there, saving 96 MiB of derivatives
+  made forward + backward 15-25 % slower, 24 MiB 25 % faster (docs/speed.md, fifth round).
 
 The sizes come from Linux's ``/sys/devices/system/cpu/cpu0/cache`` (each cache's level, type,
 size and the CPUs that share it), else from ``sysconf`` (glibc), else assumed (32 KiB, 1 MiB,
@@ -28,6 +31,9 @@ from pathlib import Path
 
 SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
 ASSUMED = (32 * 2**10, 2**20, 8 * 2**20)
+# More L3 per CPU sharing it than any server core has (Zen 4 4 MiB, V-Cache parts 12 MiB, Xeons
+# 1.5-5 MiB a core): a larger figure is a host's cache seen from a guest.
+L3_PER_CPU_MAX = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class Caches:
     l2: int
     l3: int
     source: str  # "sysfs", "sysconf", "ROTSTN_CPU_CACHES" or "assumed"
+    l3_cpus: int = 0  # the CPUs sharing the L3 (sysfs ``shared_cpu_list``); 0 where unknown
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ def _cpu_count(cpu_list: str) -> int:
 def from_sysfs(root: Path = SYSFS) -> Caches | None:
     """The caches cpu0 reports under ``root``; L1D and L2 divided among the CPUs sharing them."""
     found: dict[int, int] = {}
+    l3_cpus = 0
     for index in sorted(root.glob("index*")):
         try:
             kind = (index / "type").read_text().strip()
@@ -80,9 +88,11 @@ def from_sysfs(root: Path = SYSFS) -> Caches | None:
         if kind == "Instruction" or size <= 0:
             continue
         found[level] = size if level >= 3 else size // sharing
+        if level == 3:
+            l3_cpus = sharing
     if 1 not in found or 2 not in found:
         return None
-    return Caches(found[1], found[2], found.get(3, 0), "sysfs")
+    return Caches(found[1], found[2], found.get(3, 0), "sysfs", l3_cpus if 3 in found else 0)
 
 
 def from_sysconf() -> Caches | None:
@@ -111,10 +121,15 @@ def caches() -> Caches:
     return from_sysfs() or from_sysconf() or Caches(*ASSUMED, "assumed")
 
 
+def usable_l3(found: Caches) -> int:
+    """The L3 the kernel counts on: at most ``L3_PER_CPU_MAX`` for each CPU known to share it."""
+    return min(found.l3, L3_PER_CPU_MAX * found.l3_cpus) if found.l3_cpus else found.l3
+
+
 def limits_for(found: Caches) -> Limits:
     """The kernel's limits for these caches."""
     # No L3 reported: the L2 is the last level the derivatives can stay in.
-    last = found.l3 or found.l2
+    last = usable_l3(found) or found.l2
     return Limits(prefetch_max_bytes=found.l2 // 2, derivatives_max_bytes=3 * last // 4)
 
 
@@ -130,7 +145,15 @@ def describe() -> str:
     mib = 2**20
     return (
         f"caches ({found.source}): L1D {found.l1d // 1024} KiB, L2 {found.l2 / mib:g} MiB per thread, "
-        f"L3 {found.l3 / mib:g} MiB; kernel limits: prefetch images up to "
+        f"L3 {found.l3 / mib:g} MiB{_l3_share(found)}; kernel limits: prefetch images up to "
         f"{chosen.prefetch_max_bytes // 1024} KiB, keep derivatives up to "
         f"{chosen.derivatives_max_bytes / mib:g} MiB"
     )
+
+
+def _l3_share(found: Caches) -> str:
+    if not found.l3_cpus:
+        return ""
+    usable = usable_l3(found)
+    counted = f", counted as {usable / 2**20:g} MiB" if usable < found.l3 else ""
+    return f" for {found.l3_cpus} CPU{'s' if found.l3_cpus > 1 else ''}{counted}"
