@@ -92,7 +92,7 @@ def from_sysfs(root: Path = SYSFS) -> Caches | None:
             l3_cpus = sharing
     if 1 not in found or 2 not in found:
         return None
-    return Caches(found[1], found[2], found.get(3, 0), "sysfs", l3_cpus if 3 in found else 0)
+    return Caches(found[1], found[2], found.get(3, 0), "sysfs", l3_cpus)
 
 
 def from_sysconf() -> Caches | None:
