@@ -415,3 +415,18 @@ def test_the_noise_share_of_gradients_matches_scipy_blurred_noise(sigma):
     difference = (blurred[:, 2:] - blurred[:, :-2]) / 2
     measured = difference.var() / blurred.var()
     assert gradient_share(sigma) == pytest.approx(measured, rel=0.04), measured
+
+
+def test_a_strip_of_a_repeating_picture_lined_up_a_repeat_off_is_not_trusted(monkeypatch):
+    # benchmarks/trust.py --seed 73: a 512×64 strip of the checkerboard at σ 0.02, lined up 330 px off
+    # (one repeat of the board, 0.3° off), scored 0.999 with no runner-up: the search's hypotheses
+    # never held the truth, and nothing tested whether fixed repeats itself (registration._repeats).
+    result, error = _registered("checkerboard", (512, 64), 0.02, 1235591510, 1)
+    assert error >= 1 or float(result.score) >= TRUST, (error, result.score)  # the case still arises
+    assert not (error >= 1 and float(result.score) >= TRUST), (error, result.score)
+    if error >= 1:
+        assert bool(result.ambiguous[0]), result
+        assert float(result.error_px) >= 1, result.error_px
+    monkeypatch.setattr(rotstn.registration, "_repeats", lambda *args: None)
+    before, error_before = _registered("checkerboard", (512, 64), 0.02, 1235591510, 1)
+    assert error_before >= 1 and float(before.score) >= TRUST, (error_before, before.score)

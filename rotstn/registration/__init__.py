@@ -74,6 +74,9 @@ MI_ROUNDS = 4  # at most, of full-resolution intensity map and refinement after 
 MI_ERROR_FLOOR = 0.05
 MI_APART = 2.0  # times the distance between the two directions' results, a floor of an MI result's error
 MI_SETTLED = 0.01  # pixels: a round that moves no pair further ends them
+# A fixed image that matches itself this well a shift away (normalised autocorrelation) is checked for a
+# second alignment one repeat away (_repeats).
+PERIODIC = 0.7
 SMOOTHER = 2.0  # times smooth: the blur of the last refinement of a result not yet precise (_smoother)
 POLISH = 4  # times max_points that a result too uncertain to trust is refined on again (_polish)
 
@@ -459,7 +462,78 @@ def _rigid(
     _smoother(
         fixed, fixed_mask, moving, moving_mask, pf, pm, fit, smooth, iterations, min_overlap, max_points
     )
+    _repeats(pf, pm, fit, iterations, min_overlap, max_points)
     return fit
+
+
+def _self_lag(level: Level, least: float) -> tuple[Tensor, Tensor]:
+    """(B, 2) the shift (x, y, level-0 pixels) at which an image best matches itself, and (B,) that NCC.
+
+    The normalised autocorrelation over the image's content (by FFT, on overlaps of at least ``least``
+    of it), at its highest local maximum (5×5) two or more level pixels from zero: 1 for a picture that
+    repeats exactly (a checkerboard a period away), well under ``PERIODIC`` for one that does not (a
+    smooth picture falls off from zero without a second peak).
+    """
+    wgt = level.content().expand_as(level.image)
+    f = level.image
+    n = wgt.sum((2, 3), keepdim=True).clamp_min(1)
+    g = (f - (f * wgt).sum((2, 3), keepdim=True) / n) * wgt
+    h, w = f.shape[-2:]
+    size = (2 * h, 2 * w)
+
+    def corr(a: Tensor, b: Tensor) -> Tensor:
+        return torch.fft.irfft2(torch.fft.rfft2(a, s=size).conj() * torch.fft.rfft2(b, s=size), s=size)
+
+    num, e1, e2, count = corr(g, g), corr(g * g, wgt), corr(wgt, g * g), corr(wgt, wgt)
+    ncc = num / (e1 * e2).clamp_min(1e-30).sqrt()
+    ncc = torch.where(count >= least * n, ncc, torch.full_like(ncc, -1.0))
+    ncc = torch.fft.fftshift(ncc, dim=(-2, -1))  # lag 0 at (h, w)
+    ly = torch.arange(2 * h, device=f.device).view(-1, 1) - h
+    lx = torch.arange(2 * w, device=f.device).view(1, -1) - w
+    far = (lx.square() + ly.square()) >= 4
+    peak = (ncc == F.max_pool2d(ncc, 5, stride=1, padding=2)) & far
+    ncc = torch.where(peak, ncc, torch.full_like(ncc, -1.0)).flatten(1)
+    best, at = ncc.max(1)
+    lag = torch.stack((at % (2 * w) - w, at // (2 * w) - h), 1).to(f.dtype) * level.scale
+    return lag, best
+
+
+def _repeats(
+    pf: _Prepared, pm: _Prepared, fit: _Fit, iterations: int, min_overlap: float, max_points: int
+) -> None:
+    """Name a trusted result ambiguous where fixed repeats itself and the repeat aligns as well.
+
+    Where fixed matches itself ``PERIODIC`` or better a shift ``s`` away (:func:`_self_lag`), the map
+    taken from fixed pixel ``x + s`` instead of ``x`` (translation ``t - s``) is a second alignment
+    of a periodic picture that the search's few hypotheses can miss: a 512×64 strip of the
+    checkerboard lined up 330 px off (several periods) scored 0.999 with no runner-up. That map is
+    refined and compared as the search's runner-up is (:func:`_settled`): where the images agree with
+    it as well as with the pick, the result is ambiguous (its estimate is left as it was).
+    """
+    rows = ((fit.score >= TRUST) & ~fit.ambiguous).nonzero()[:, 0]
+    if rows.numel() == 0:
+        return
+    k = next((i for i, lv in enumerate(pf.levels) if lv.image[0, 0].numel() <= UNMATCHED_PIXELS), -1)
+    sf = pf.expand(fit.angle.shape[0]).select(rows)
+    lag, best = _self_lag(sf.levels[k], 2 * min_overlap)
+    periodic = best >= PERIODIC
+    rows, lag = rows[periodic], lag[periodic]
+    if rows.numel() == 0:
+        return
+    sf, sm = pf.expand(fit.angle.shape[0]).select(rows), pm.expand(fit.angle.shape[0]).select(rows)
+    angle, t = fit.angle[rows], fit.translation[rows]
+    runner = (angle.clone(), t - lag, torch.ones_like(angle))
+    pick_a, pick_t, runner, _, tried = _settled(sf, sm, angle, t, runner, iterations, min_overlap, max_points)
+    # Only the ambiguity is taken: where the repeat became the pick, the result stays and the repeat is
+    # its runner-up (a 64-px strip of the colour wheel was swapped for an alignment 6.9 px off).
+    swapped = (pick_a != angle) | (pick_t != t).any(1)
+    runner = (
+        torch.where(swapped, pick_a, runner[0]),
+        torch.where(swapped.unsqueeze(1), pick_t, runner[1]),
+        runner[2],
+    )
+    new, _ = _scored(sf, sm, angle, t, max_points, min_overlap, runner)
+    fit.update(rows, new.ambiguous & tried, new)
 
 
 def _smoother(
